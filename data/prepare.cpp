@@ -1,0 +1,258 @@
+#include "data/prepare.h"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <iomanip>
+#include <sstream>
+#include <nlohmann/json.hpp>
+#include <ostream>
+#include <unistd.h>
+
+#include "core/errors.h"
+#include "core/fs.h"
+#include "data/shards.h"
+
+namespace mixdiff {
+
+namespace fs = std::filesystem;
+
+CorpusRegistry& corpora_registry() {
+  static CorpusRegistry r("corpora", "plain-text document sources for `mixdiff data prepare`");
+  return r;
+}
+
+TokenizerBuilderRegistry& tokenizer_builders() {
+  static TokenizerBuilderRegistry r("tokenizers", "how `mixdiff data prepare` makes a tokenizer");
+  return r;
+}
+
+namespace {
+
+// Shards hold at most this many tokens so that one file stays well below any size limit.
+constexpr int64_t kShardTokens = int64_t(1) << 26;
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+struct PreparedSpec {
+  std::string path;
+  std::string spec_yaml;
+  std::vector<std::unique_ptr<Corpus>> corpora;
+  std::unique_ptr<TokenizerBuilder> tokenizer;
+  double val_fraction = 0.01;
+  int64_t seed = 0;
+};
+
+PreparedSpec read_spec(const ConfigNode& data_cfg) {
+  PreparedSpec s;
+  s.path = data_cfg.get<std::string>("path");
+  ConfigNode prep = data_cfg.at("prepare");
+  ConfigNode corpora = prep.at("corpora");
+  if (!corpora.is_sequence() || corpora.size() == 0) {
+    prep.fail("corpora", "expected a non-empty list of {kind: ...} entries");
+  }
+  for (size_t i = 0; i < corpora.size(); ++i) {
+    ConfigNode c = corpora[i];
+    s.corpora.push_back(corpora_registry().create(c.get<std::string>("kind"),
+                                                  c.path() + ".kind", c));
+  }
+  ConfigNode tok = prep.at("tokenizer");
+  s.tokenizer = tokenizer_builders().create(tok.get<std::string>("kind"), tok.path() + ".kind", tok);
+  s.val_fraction = prep.get<double>("val_fraction", 0.01);
+  if (!(s.val_fraction > 0 && s.val_fraction < 0.5)) {
+    prep.fail("val_fraction", str("expected a fraction in (0, 0.5), got ", s.val_fraction));
+  }
+  s.seed = prep.get<int64_t>("seed", 0);
+  s.spec_yaml = prep.to_yaml();
+  return s;
+}
+
+void write_shards(const std::string& dir, const std::string& stem,
+                  const std::vector<uint32_t>& tokens, const ShardHeader& base,
+                  std::vector<std::string>* names) {
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  int64_t n_shards = std::max<int64_t>(1, (n + kShardTokens - 1) / kShardTokens);
+  for (int64_t s = 0; s < n_shards; ++s) {
+    const int64_t b = s * kShardTokens, e = std::min(n, b + kShardTokens);
+    std::vector<uint32_t> part(tokens.begin() + b, tokens.begin() + e);
+    std::ostringstream name;
+    name << stem << "_" << std::setw(3) << std::setfill('0') << s << ".bin";
+    write_shard(dir + "/" + name.str(), part, base);
+    names->push_back(name.str());
+  }
+}
+
+}  // namespace
+
+double unigram_entropy(const std::vector<int64_t>& counts) {
+  double total = 0;
+  for (int64_t c : counts) total += static_cast<double>(c);
+  if (total <= 0) return 0;
+  double h = 0;
+  for (int64_t c : counts) {
+    if (c > 0) {
+      const double p = static_cast<double>(c) / total;
+      h -= p * std::log(p);
+    }
+  }
+  return h;
+}
+
+std::string resolve_prepare_spec(const ConfigNode& data_cfg) { return read_spec(data_cfg).spec_yaml; }
+
+DatasetInfo read_dataset_info(const std::string& path) {
+  const std::string meta = path + "/meta.json";
+  if (!fs::exists(meta)) {
+    throw DataError(str("data.path: '", path,
+                        "' holds no prepared dataset (no meta.json); expected a folder made by "
+                        "`mixdiff data prepare RECIPE`"));
+  }
+  DatasetInfo d;
+  d.path = path;
+  try {
+    auto j = nlohmann::json::parse(read_file(meta, "dataset meta.json"));
+    d.spec_yaml = j.at("spec").get<std::string>();
+    d.tokenizer_kind = j.at("tokenizer").get<std::string>();
+    d.tokenizer_fingerprint = j.at("tokenizer_fingerprint").get<std::string>();
+    d.vocab_size = j.at("vocab_size").get<int64_t>();
+    d.eos_id = j.at("eos_id").get<int64_t>();
+    d.train_tokens = j.at("train_tokens").get<int64_t>();
+    d.val_tokens = j.at("val_tokens").get<int64_t>();
+    d.train_docs = j.at("train_docs").get<int64_t>();
+    d.val_docs = j.at("val_docs").get<int64_t>();
+    d.val_unigram_entropy = j.at("val_unigram_entropy_nats").get<double>();
+    d.train_shards = j.at("train_shards").get<std::vector<std::string>>();
+    d.val_shards = j.at("val_shards").get<std::vector<std::string>>();
+  } catch (const nlohmann::json::exception& e) {
+    throw DataError(str(meta, ": malformed dataset metadata: ", e.what()));
+  }
+  return d;
+}
+
+DatasetInfo prepare_dataset(const ConfigNode& data_cfg, bool force, std::ostream& log) {
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  PreparedSpec spec = read_spec(data_cfg);
+  if (fs::exists(spec.path + "/meta.json") && !force) {
+    DatasetInfo existing = read_dataset_info(spec.path);
+    if (existing.spec_yaml == spec.spec_yaml) {
+      log << "data: " << spec.path << " is already prepared from this spec ("
+          << existing.train_tokens << " train tokens); use --force to rebuild\n";
+      return existing;
+    }
+    throw DataError(str("data.path: '", spec.path,
+                        "' was prepared from a different data.prepare spec; use --force to "
+                        "rebuild it or choose another data.path"));
+  }
+
+  // 1. Documents, split into train and validation by a seeded hash of their index.
+  std::vector<std::string> docs;
+  std::vector<char> is_val;
+  int64_t doc_index = 0, bytes = 0;
+  for (size_t c = 0; c < spec.corpora.size(); ++c) {
+    spec.corpora[c]->for_each_document([&](std::string_view d) {
+      if (d.empty()) return;
+      const uint64_t h = splitmix64(static_cast<uint64_t>(spec.seed) * 0x632be59bd9b4e019ULL ^
+                                    static_cast<uint64_t>(doc_index++));
+      is_val.push_back(static_cast<double>(h >> 11) * 0x1.0p-53 < spec.val_fraction);
+      docs.emplace_back(d);
+      bytes += static_cast<int64_t>(d.size());
+    });
+  }
+  if (docs.empty()) throw DataError("data.prepare.corpora: the corpora yielded no documents");
+  log << "data: " << docs.size() << " documents, " << std::fixed << std::setprecision(1)
+      << bytes / 1e6 << " MB of text\n";
+
+  // 2. Tokenizer (trained on the training documents only, when it is trained at all).
+  if (spec.tokenizer->wants_text()) {
+    for (size_t i = 0; i < docs.size(); ++i) {
+      if (!is_val[i]) spec.tokenizer->add_text(docs[i]);
+    }
+  }
+  Tokenizer tok = spec.tokenizer->build();
+  const auto t1 = clock::now();
+  log << "data: tokenizer " << tok.kind() << " with " << tok.vocab_size() << " tokens ("
+      << std::setprecision(1) << std::chrono::duration<double>(t1 - t0).count() << " s)\n";
+
+  // 3. Encode; every document ends with EOS.
+  std::vector<uint32_t> train, val;
+  std::vector<int64_t> val_counts(static_cast<size_t>(tok.vocab_size()), 0);
+  int64_t train_docs = 0, val_docs = 0;
+  for (size_t i = 0; i < docs.size(); ++i) {
+    std::vector<int32_t> ids = tok.encode(docs[i]);
+    ids.push_back(tok.eos_id());
+    auto& dst = is_val[i] ? val : train;
+    for (int32_t id : ids) dst.push_back(static_cast<uint32_t>(id));
+    if (is_val[i]) {
+      ++val_docs;
+      for (int32_t id : ids) ++val_counts[static_cast<size_t>(id)];
+    } else {
+      ++train_docs;
+    }
+    std::string().swap(docs[i]);
+  }
+  if (val.empty() || train.empty()) {
+    throw DataError(str("data.prepare: split gave ", train.size(), " train and ", val.size(),
+                        " validation tokens; both must be non-empty (adjust val_fraction)"));
+  }
+
+  // 4. Write everything into a temporary folder, then move it into place.
+  const std::string tmp = spec.path + ".tmp-" + std::to_string(::getpid());
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  tok.save(tmp + "/tokenizer");
+  ShardHeader base;
+  base.vocab_size = tok.vocab_size();
+  base.tokenizer = tok.kind();
+  base.tokenizer_fingerprint = tok.fingerprint();
+  DatasetInfo info;
+  info.path = spec.path;
+  info.spec_yaml = spec.spec_yaml;
+  info.tokenizer_kind = tok.kind();
+  info.tokenizer_fingerprint = tok.fingerprint();
+  info.vocab_size = tok.vocab_size();
+  info.eos_id = tok.eos_id();
+  info.train_tokens = static_cast<int64_t>(train.size());
+  info.val_tokens = static_cast<int64_t>(val.size());
+  info.train_docs = train_docs;
+  info.val_docs = val_docs;
+  info.val_unigram_entropy = unigram_entropy(val_counts);
+  base.split = "train";
+  write_shards(tmp, "train", train, base, &info.train_shards);
+  base.split = "val";
+  write_shards(tmp, "val", val, base, &info.val_shards);
+  nlohmann::json j = {{"format_version", 1},
+                      {"spec", info.spec_yaml},
+                      {"tokenizer", info.tokenizer_kind},
+                      {"tokenizer_fingerprint", info.tokenizer_fingerprint},
+                      {"vocab_size", info.vocab_size},
+                      {"eos_id", info.eos_id},
+                      {"train_tokens", info.train_tokens},
+                      {"val_tokens", info.val_tokens},
+                      {"train_docs", info.train_docs},
+                      {"val_docs", info.val_docs},
+                      {"text_bytes", bytes},
+                      {"val_unigram_entropy_nats", info.val_unigram_entropy},
+                      {"train_shards", info.train_shards},
+                      {"val_shards", info.val_shards}};
+  write_file_atomic(tmp + "/meta.json", j.dump(2) + "\n");
+  if (fs::exists(spec.path)) fs::remove_all(spec.path);
+  if (!fs::path(spec.path).parent_path().empty()) {
+    fs::create_directories(fs::path(spec.path).parent_path());
+  }
+  fs::rename(tmp, spec.path);
+  const auto t2 = clock::now();
+  log << "data: wrote " << spec.path << ": " << info.train_tokens << " train tokens ("
+      << train_docs << " docs), " << info.val_tokens << " validation tokens (" << val_docs
+      << " docs), validation unigram entropy " << std::setprecision(3)
+      << info.val_unigram_entropy << " nats/token (" << std::setprecision(1)
+      << std::chrono::duration<double>(t2 - t0).count() << " s)\n";
+  return info;
+}
+
+}  // namespace mixdiff

@@ -1,0 +1,244 @@
+#include "app/app.h"
+
+#include <malloc.h>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <filesystem>
+#include <iomanip>
+#include <iostream>
+
+#include "core/compat.h"
+#include "core/errors.h"
+#include "core/fs.h"
+#include "core/safetensors.h"
+#include "data/prepare.h"
+#include "data/tokenizer.h"
+#include "infer/sampler.h"
+#include "moe/router.h"
+#include "train/checkpoint.h"
+#include "train/trainer.h"
+
+namespace mixdiff {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+ConfigNode load_recipe(const std::string& path, const std::vector<std::string>& overrides) {
+  ConfigNode r = ConfigNode::from_file(path);
+  for (const auto& o : overrides) r.apply_override(o);
+  return r;
+}
+
+void set_threads(const ConfigNode& recipe) {
+  const int64_t threads = recipe.section("runtime").get<int64_t>("threads", 1);
+  if (threads <= 0) recipe.at("runtime").fail("threads", "expected a positive integer");
+  torch::set_num_threads(static_cast<int>(threads));
+}
+
+// Model of a checkpoint, rebuilt from the checkpoint's own recipe, with its weights.
+std::shared_ptr<ModelBase> load_checkpoint_model(const std::string& ckpt, const ConfigNode& recipe) {
+  set_threads(recipe);
+  auto model = build_model(recipe.at("model"));
+  load_model_weights(*model, ckpt + "/model.safetensors");
+  model->eval();
+  return model;
+}
+
+std::string text_until_eos(const Tokenizer& tok, const at::Tensor& ids_L) {
+  std::vector<int32_t> ids;
+  for (int64_t i = 0; i < ids_L.size(0); ++i) {
+    const auto id = static_cast<int32_t>(ids_L[i].item<int64_t>());
+    if (id == tok.eos_id()) break;
+    ids.push_back(id);
+  }
+  return tok.decode(ids);
+}
+
+}  // namespace
+
+int cmd_train(const TrainArgs& a) {
+  std::string ckpt;
+  if (!a.resume.empty()) {
+    ckpt = resolve_checkpoint(a.resume);
+    verify_checkpoint(ckpt);
+  }
+  if (a.recipe.empty() && ckpt.empty()) {
+    throw ConfigError("train: expected a RECIPE file or --resume RUN_OR_CHECKPOINT");
+  }
+  ConfigNode recipe = load_recipe(a.recipe.empty() ? ckpt + "/recipe.yaml" : a.recipe, a.overrides);
+  TrainerParts parts = build_trainer_parts(recipe);
+  const std::string name = parts.name;
+  GenerateSettings::from(recipe);  // validated now so a bad sampler fails before training
+  recipe.check_unknown_keys();
+  const std::string resolved = recipe.to_yaml();
+
+  std::string run_dir = a.out;
+  if (run_dir.empty()) {
+    run_dir = ckpt.empty() ? "runs/" + name : fs::path(ckpt).parent_path().parent_path().string();
+  }
+  if (ckpt.empty() && fs::exists(run_dir + "/checkpoints")) {
+    throw ConfigError(str("run folder '", run_dir, "' already holds checkpoints; continue it with "
+                          "--resume ", run_dir, ", or choose another folder with --out"));
+  }
+  fs::create_directories(run_dir);
+  if (ckpt.empty()) {
+    for (const char* f : {"metrics.jsonl", "train.log"}) fs::remove(run_dir + "/" + f);
+  }
+  write_file_atomic(run_dir + "/recipe.yaml", resolved);
+  Trainer trainer(std::move(parts), run_dir, resolved);
+  if (!ckpt.empty()) {
+    trainer.restore(ckpt);
+    std::cout << "resumed from " << ckpt << " at step " << trainer.state().step << std::endl;
+  }
+  install_stop_handlers();
+  return trainer.fit();
+}
+
+int cmd_generate(const GenerateArgs& a) {
+  const std::string ckpt = resolve_checkpoint(a.ckpt);
+  verify_checkpoint(ckpt);
+  ConfigNode recipe = load_recipe(ckpt + "/recipe.yaml", a.overrides);
+  auto model = load_checkpoint_model(ckpt, recipe);
+  GenerateSettings g = GenerateSettings::from(recipe);
+  recipe.at("model").check_unknown_keys();
+  recipe.at("generate").check_unknown_keys();
+  recipe.check_overrides_used();
+  Tokenizer tok = Tokenizer::load(ckpt + "/tokenizer");
+  if (tok.vocab_size() != model->vocab_size()) {
+    throw CheckpointError(str(ckpt, "/tokenizer: ", tok.vocab_size(), " tokens, the model has ",
+                              model->vocab_size()));
+  }
+  std::vector<std::string> prompts = a.prompts.empty() ? std::vector<std::string>{g.prompt}
+                                                       : a.prompts;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(g.seed));
+  for (const auto& prompt : prompts) {
+    std::vector<int32_t> ids = tok.encode(prompt);
+    auto p = torch::empty({g.num_samples, static_cast<int64_t>(ids.size())}, torch::kLong);
+    for (int64_t r = 0; r < g.num_samples; ++r) {
+      for (size_t i = 0; i < ids.size(); ++i) p[r][static_cast<int64_t>(i)] = ids[i];
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    SampleResult res = g.sampler->generate(*model, p, gen);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    for (int64_t r = 0; r < g.num_samples; ++r) {
+      auto gen_ids = res.tokens_BL[r].narrow(0, static_cast<int64_t>(ids.size()),
+                                             g.sampler->gen_length());
+      std::cout << "prompt: " << prompt << "\n"
+                << "sample: " << prompt << text_until_eos(tok, gen_ids) << "\n";
+    }
+    const double toks = static_cast<double>(g.num_samples * g.sampler->gen_length());
+    std::cout << std::fixed << std::setprecision(2) << "generated " << g.num_samples << " x "
+              << g.sampler->gen_length() << " tokens in " << secs << " s (" << toks / secs
+              << " tokens/s, " << res.forwards << " forwards, "
+              << toks / static_cast<double>(std::max<int64_t>(1, res.forwards))
+              << " tokens per forward)" << std::endl;
+  }
+  return 0;
+}
+
+int cmd_eval(const EvalArgs& a) {
+  const std::string ckpt = resolve_checkpoint(a.ckpt);
+  nlohmann::json state = verify_checkpoint(ckpt);
+  ConfigNode recipe = load_recipe(ckpt + "/recipe.yaml", a.overrides);
+  auto model = load_checkpoint_model(ckpt, recipe);
+  auto data = build_data_source(recipe.at("data"));
+  TrainOptions o = TrainOptions::from(recipe);
+  recipe.at("eval").check_unknown_keys();
+  recipe.check_overrides_used();
+  if (data->vocab_size() != model->vocab_size()) {
+    throw DataError(str("data.path: the dataset's tokenizer has ", data->vocab_size(),
+                        " tokens, the checkpoint's model ", model->vocab_size()));
+  }
+  auto val = data->val_sequences(o.eval_sequences);
+  const auto t0 = std::chrono::steady_clock::now();
+  NelboResult r = validation_nelbo(*model, val, o.eval_batch_size, static_cast<uint64_t>(o.eval_seed));
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::cout << std::fixed << std::setprecision(4) << "eval " << ckpt << " (step "
+            << state.at("step").get<int64_t>() << "): val nelbo " << r.nelbo
+            << " nats/token | ppl <= " << std::setprecision(2) << r.ppl_bound
+            << " | unigram entropy " << std::setprecision(4) << r.unigram_entropy << " | "
+            << r.tokens << " tokens | " << std::setprecision(1) << secs << " s\n";
+  nlohmann::json j = {{"checkpoint", ckpt},
+                      {"step", state.at("step")},
+                      {"val_nelbo", r.nelbo},
+                      {"val_ppl_bound", r.ppl_bound},
+                      {"val_unigram_entropy", r.unigram_entropy},
+                      {"tokens", r.tokens}};
+  std::cout << j.dump() << std::endl;
+  return 0;
+}
+
+void configure_process() {
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+}
+
+std::vector<RegistryListing> list_registries() {
+  return {models_registry().listing(),      routers_registry().listing(),
+          samplers_registry().listing(),
+          losses_registry().listing(),      schedules_registry().listing(),
+          data_sources_registry().listing(), optimizers_registry().listing(),
+          lr_schedules_registry().listing(), corpora_registry().listing(),
+          tokenizer_builders().listing()};
+}
+
+int cmd_inspect(const InspectArgs& a) {
+  if (!a.recipe.empty()) {
+    ConfigNode recipe = load_recipe(a.recipe, a.overrides);
+    TrainerParts parts = build_trainer_parts(recipe);
+    GenerateSettings::from(recipe);
+    recipe.check_unknown_keys();
+    std::cout << "# resolved recipe: " << a.recipe << " (" << parts.model->num_parameters()
+              << " parameters)\n"
+              << recipe.to_yaml();
+    return 0;
+  }
+  if (!a.ckpt.empty()) {
+    const std::string ckpt = resolve_checkpoint(a.ckpt);
+    nlohmann::json state = verify_checkpoint(ckpt);
+    std::map<std::string, std::string> meta;
+    TensorMap t = load_safetensors(ckpt + "/model.safetensors", &meta);
+    int64_t n = 0;
+    for (const auto& kv : t) n += kv.second.numel();
+    std::cout << "checkpoint " << ckpt << " (verified)\n"
+              << "  step " << state.at("step") << ", tokens " << state.at("tokens")
+              << ", data cursor " << state.at("data_cursor") << ", seed " << state.at("seed")
+              << ", last val nelbo " << state.value("last_val_nelbo", -1.0) << "\n"
+              << "  model: " << meta["model"] << "\n"
+              << "  " << t.size() << " tensors, " << n << " parameters, written by LibTorch "
+              << state.value("torch_version", std::string("?")) << "\n";
+    for (const auto& kv : t) {
+      std::cout << "    " << kv.first << " " << kv.second.scalar_type() << " " << kv.second.sizes()
+                << "\n";
+    }
+    return 0;
+  }
+  std::cout << "MixDiff registries (built against LibTorch " << compat::torch_version() << ")\n";
+  for (const auto& r : list_registries()) {
+    std::cout << "\n" << r.kind << ": " << r.help << "\n";
+    if (r.entries.empty()) std::cout << "  (none registered)\n";
+    for (const auto& [name, help] : r.entries) {
+      std::cout << "  " << std::left << std::setw(24) << name << help << "\n";
+    }
+  }
+  return 0;
+}
+
+int cmd_data_prepare(const PrepareArgs& a) {
+  ConfigNode recipe = load_recipe(a.recipe, a.overrides);
+  ConfigNode data = recipe.at("data");
+  const std::string kind = data.get<std::string>("kind");
+  if (kind != "token_shards") {
+    data.fail("kind", "data prepare writes token_shards; got '" + kind + "'");
+  }
+  // Validate everything `prepare` reads before the long part starts.
+  resolve_prepare_spec(data);
+  data.at("prepare").check_unknown_keys();
+  recipe.check_overrides_used();
+  prepare_dataset(data, a.force, std::cout);
+  return 0;
+}
+
+}  // namespace mixdiff

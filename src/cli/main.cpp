@@ -1,0 +1,107 @@
+// `mixdiff`: one binary, subcommands in the habit of git. This file only parses arguments; the
+// work is in src/app. Bad input ends with one line "error: ..." and exit status 2; an internal
+// failure with "internal error: ..." and exit status 1.
+#include <CLI/CLI.hpp>
+
+#include <cstdlib>
+#include <exception>
+#include <iostream>
+#include <string>
+
+#include "app/app.h"
+#include "core/errors.h"
+
+namespace {
+
+const char* kSetHelp =
+    "override a recipe value, e.g. --set train.steps=200 (repeatable; value parsed as YAML)";
+
+int run(int argc, char** argv) {
+  CLI::App app{
+      "MixDiff: train and study Mixture-of-Experts diffusion language models.\n"
+      "Typical session:\n"
+      "  mixdiff data prepare recipes/quickstart.yaml     # corpus -> tokenizer -> token shards\n"
+      "  mixdiff train recipes/quickstart.yaml            # -> runs/quickstart/\n"
+      "  mixdiff generate --ckpt runs/quickstart --prompt 'And God said'\n"
+      "  mixdiff eval --ckpt runs/quickstart              # validation NELBO\n"
+      "  mixdiff inspect                                  # every registry and its entries",
+      "mixdiff"};
+  app.require_subcommand(1);
+  app.set_help_all_flag("--help-all", "help for every subcommand");
+
+  mixdiff::TrainArgs train;
+  auto* t = app.add_subcommand("train", "train a model from a YAML recipe (or resume a run)");
+  t->add_option("recipe", train.recipe, "recipe file (optional with --resume: the checkpoint's)");
+  t->add_option("--set", train.overrides, kSetHelp)->allow_extra_args(false);
+  t->add_option("--out", train.out, "run folder (default runs/<name>)");
+  t->add_option("--resume", train.resume,
+                "continue from a run folder (its latest checkpoint) or a checkpoint folder");
+  t->footer(
+      "Writes <run>/recipe.yaml (resolved), metrics.jsonl, train.log and "
+      "checkpoints/step_<N>/.\nSIGINT/SIGTERM save a checkpoint and exit with 128+signal.");
+
+  mixdiff::GenerateArgs gen;
+  auto* g = app.add_subcommand("generate", "sample text from a checkpoint");
+  g->add_option("--ckpt", gen.ckpt, "run folder or checkpoint folder")->required();
+  g->add_option("--prompt", gen.prompts, "prompt text (repeatable; default generate.prompt)")
+      ->allow_extra_args(false);
+  g->add_option("--set", gen.overrides, kSetHelp + std::string(", e.g. generate.sampler.steps=32"))
+      ->allow_extra_args(false);
+  g->footer("The model, tokenizer and sampler settings come from the checkpoint's own recipe.");
+
+  mixdiff::EvalArgs ev;
+  auto* e = app.add_subcommand("eval", "validation NELBO of a checkpoint");
+  e->add_option("--ckpt", ev.ckpt, "run folder or checkpoint folder")->required();
+  e->add_option("--set", ev.overrides, kSetHelp + std::string(", e.g. eval.sequences=512"))
+      ->allow_extra_args(false);
+
+  mixdiff::InspectArgs in;
+  auto* i = app.add_subcommand(
+      "inspect", "list registries; print a resolved recipe (--recipe); describe a checkpoint");
+  i->add_option("--recipe", in.recipe, "print this recipe fully resolved (defaults filled in)");
+  i->add_option("--ckpt", in.ckpt, "verify and describe a checkpoint");
+  i->add_option("--set", in.overrides, kSetHelp)->allow_extra_args(false);
+
+  auto* d = app.add_subcommand("data", "data preparation");
+  d->require_subcommand(1);
+  mixdiff::PrepareArgs prep;
+  auto* dp = d->add_subcommand(
+      "prepare",
+      "read the recipe's data.prepare corpora, train or load its tokenizer, write token shards");
+  dp->add_option("recipe", prep.recipe, "recipe whose data section to prepare")->required();
+  dp->add_option("--set", prep.overrides, kSetHelp)->allow_extra_args(false);
+  dp->add_flag("--force", prep.force, "rebuild even if data.path already holds prepared data");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& err) {
+    return app.exit(err) == 0 ? 0 : 2;
+  }
+  if (t->parsed()) return mixdiff::cmd_train(train);
+  if (g->parsed()) return mixdiff::cmd_generate(gen);
+  if (e->parsed()) return mixdiff::cmd_eval(ev);
+  if (i->parsed()) return mixdiff::cmd_inspect(in);
+  if (dp->parsed()) return mixdiff::cmd_data_prepare(prep);
+  return 2;
+}
+
+// c10::Error messages carry a backtrace after the first line; keep the first line.
+std::string first_line(const std::string& s) {
+  const size_t nl = s.find('\n');
+  return nl == std::string::npos ? s : s.substr(0, nl);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  mixdiff::configure_process();
+  try {
+    return run(argc, argv);
+  } catch (const mixdiff::InputError& e) {
+    std::cerr << "error: " << first_line(e.what()) << std::endl;
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "internal error: " << first_line(e.what()) << std::endl;
+    return 1;
+  }
+}

@@ -1,0 +1,86 @@
+#include "diffusion/diffusion.h"
+
+#include <torch/torch.h>
+
+#include <cmath>
+
+namespace mixdiff {
+
+ScheduleRegistry& schedules_registry() {
+  static ScheduleRegistry r("schedules", "masked-diffusion noise schedules (diffusion.schedule)");
+  return r;
+}
+
+LossRegistry& losses_registry() {
+  static LossRegistry r("losses", "training loss terms (losses[].kind)");
+  return r;
+}
+
+at::Tensor sample_t(int64_t B, const NoiseSchedule& s, at::Generator& gen) {
+  return torch::rand({B}, gen) * (s.t_max - s.t_min) + s.t_min;
+}
+
+DiffusionBatch corrupt(const at::Tensor& x0_BL, const at::Tensor& t_B, const NoiseSchedule& s,
+                       int64_t mask_id, at::Generator& gen) {
+  TORCH_CHECK(x0_BL.dim() == 2 && t_B.dim() == 1 && t_B.size(0) == x0_BL.size(0),
+              "[corrupt] expected x0_BL [B, L] and t_B [B], got ", x0_BL.sizes(), " and ",
+              t_B.sizes());
+  const int64_t B = x0_BL.size(0), L = x0_BL.size(1);
+  DiffusionBatch b;
+  b.x0_BL = x0_BL;
+  b.t_B = t_B;
+  b.p_B = s.mask_prob(t_B);
+  auto u = torch::rand({B, L}, gen);
+  b.masked_BL = u < b.p_B.unsqueeze(1);
+  b.xt_BL = x0_BL.masked_fill(b.masked_BL, mask_id);
+  b.index_M = b.masked_BL.reshape({-1}).nonzero().squeeze(1);
+  b.target_M = x0_BL.reshape({-1}).index_select(0, b.index_M);
+  auto w_B = s.elbo_weight(t_B);
+  b.weight_M = w_B.index_select(0, b.index_M.div(L, "floor"));
+  b.n_slots = B * L;
+  return b;
+}
+
+at::Tensor masked_cross_entropy(const at::Tensor& logits_MV, const at::Tensor& target_M) {
+  return torch::nn::functional::cross_entropy(
+      logits_MV.to(torch::kFloat32), target_M,
+      torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
+}
+
+NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t batch_size,
+                             uint64_t seed) {
+  torch::NoGradGuard ng;
+  const bool was_training = model.is_training();
+  model.eval();
+  const int64_t N = x0_NL.size(0), L = x0_NL.size(1);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  // Stratified t in (0, 1]: one draw per stratum [i/N, (i+1)/N).
+  auto u = 1.0 - torch::rand({N}, gen).to(torch::kFloat64);  // (0, 1]
+  auto t_N = (torch::arange(N, torch::kFloat64) + u) / static_cast<double>(N);
+  auto uu = torch::rand({N, L}, gen);
+  double total = 0;
+  for (int64_t s = 0; s < N; s += batch_size) {
+    const int64_t n = std::min(batch_size, N - s);
+    auto x0 = x0_NL.narrow(0, s, n);
+    auto t = t_N.narrow(0, s, n);
+    auto masked = uu.narrow(0, s, n).to(torch::kFloat64) < t.unsqueeze(1);
+    auto idx = masked.reshape({-1}).nonzero().squeeze(1);
+    if (idx.numel() == 0) continue;
+    auto out = model.forward({x0.masked_fill(masked, model.mask_id()), idx});
+    auto ce = masked_cross_entropy(out.logits, x0.reshape({-1}).index_select(0, idx));
+    auto w = (1.0 / t).index_select(0, idx.div(L, "floor"));
+    total += (ce.to(torch::kFloat64) * w).sum().item<double>();
+  }
+  // Unigram entropy of exactly these tokens: the NELBO of the best context-free predictor.
+  auto counts = torch::bincount(x0_NL.reshape({-1})).to(torch::kFloat64);
+  auto p = counts.masked_select(counts > 0) / static_cast<double>(N * L);
+  NelboResult r;
+  r.tokens = N * L;
+  r.nelbo = total / static_cast<double>(N * L);
+  r.ppl_bound = std::exp(r.nelbo);
+  r.unigram_entropy = -(p * p.log()).sum().item<double>();
+  if (was_training) model.train();
+  return r;
+}
+
+}  // namespace mixdiff

@@ -1,0 +1,87 @@
+// Masked diffusion: noise schedules, the forward (masking) process, loss terms and the
+// validation NELBO (LLaDA, arXiv 2502.09992; MDLM; algorithms.md sections 1.2 and 1.11).
+//
+// Forward process: per sequence b draw t_b ~ U[t_min, t_max], mask each token independently with
+// probability p_b = schedule.mask_prob(t_b) (LLaDA's linear schedule: p = (1 - eps) t + eps).
+// A loss term sees the masked positions only: their indices into the flattened [B*L] tokens, the
+// clean targets, and the per-position ELBO weight of their sequence.
+#pragma once
+
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <string>
+
+#include "core/config.h"
+#include "core/registry.h"
+#include "model/model.h"
+
+namespace mixdiff {
+
+/// Mask probability p(t) and ELBO weight w(t) of a masked-diffusion noise schedule.
+class NoiseSchedule {
+ public:
+  virtual ~NoiseSchedule() = default;
+  /// p(t) = 1 - alpha_t: probability that a token is masked at time t. t_B in [0, 1], fp32.
+  virtual at::Tensor mask_prob(const at::Tensor& t_B) const = 0;
+  /// Per-token weight of the masked cross-entropy in the ELBO (1/t for LLaDA's linear schedule).
+  virtual at::Tensor elbo_weight(const at::Tensor& t_B) const = 0;
+  /// Range of t drawn in training (clipped schedules draw from a sub-interval of [0, 1]).
+  double t_min = 0.0, t_max = 1.0;
+};
+
+using ScheduleRegistry = Registry<std::shared_ptr<NoiseSchedule>, const ConfigNode&>;
+ScheduleRegistry& schedules_registry();
+
+/// A corrupted batch and everything the loss terms need.
+struct DiffusionBatch {
+  at::Tensor x0_BL;       ///< int64 clean tokens
+  at::Tensor xt_BL;       ///< int64 tokens with [MASK] at masked positions
+  at::Tensor masked_BL;   ///< bool
+  at::Tensor t_B;         ///< fp32 diffusion time per sequence
+  at::Tensor p_B;         ///< fp32 mask probability per sequence
+  at::Tensor index_M;     ///< int64 flattened positions (b * L + i) of masked tokens
+  at::Tensor target_M;    ///< int64 clean tokens at those positions
+  at::Tensor weight_M;    ///< fp32 ELBO weight of each masked position's sequence
+  int64_t n_slots = 0;    ///< B * L, the normaliser of LLaDA's pre-training loss
+};
+
+/// Draws masks for `t_B` from `gen` (uniforms, one per token) and fills a DiffusionBatch.
+DiffusionBatch corrupt(const at::Tensor& x0_BL, const at::Tensor& t_B,
+                       const NoiseSchedule& schedule, int64_t mask_id, at::Generator& gen);
+
+/// t_B ~ U[t_min, t_max] from `gen`.
+at::Tensor sample_t(int64_t B, const NoiseSchedule& schedule, at::Generator& gen);
+
+/// A term of the training objective, computed from the logits at masked positions.
+class LossTerm {
+ public:
+  virtual ~LossTerm() = default;
+  /// Scalar loss. `out.logits` is [M, V] for the batch's masked positions.
+  virtual at::Tensor compute(const ModelOutput& out, const DiffusionBatch& batch) = 0;
+};
+
+using LossRegistry = Registry<std::shared_ptr<LossTerm>, const ConfigNode&>;
+LossRegistry& losses_registry();
+
+/// Result of the validation NELBO.
+struct NelboResult {
+  double nelbo = 0;            ///< nats per token (upper bound on -log p(x) / L)
+  double ppl_bound = 0;        ///< exp(nelbo)
+  double unigram_entropy = 0;  ///< nats per token of the same tokens (context-free baseline)
+  int64_t tokens = 0;
+};
+
+/// Masked-diffusion NELBO per token of `x0_NL` under the continuous-time linear schedule:
+/// t is stratified over the N sequences (t_i = (i + u_i) / N, u_i ~ U(0, 1] from `seed`),
+/// each token is masked with probability t_i and the masked cross-entropy is weighted by 1/t_i.
+/// Deterministic for a given seed; independent of the training schedule (the bound is
+/// schedule-invariant) so runs with different schedules stay comparable.
+NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t batch_size,
+                             uint64_t seed);
+
+/// Cross-entropy of `logits` [M, V] against `target` [M], per position (fp32).
+at::Tensor masked_cross_entropy(const at::Tensor& logits_MV, const at::Tensor& target_M);
+
+}  // namespace mixdiff

@@ -1,0 +1,28 @@
+#include "model/model.h"
+
+#include <torch/nn/module.h>
+
+#include <unordered_set>
+
+namespace mixdiff {
+
+ModelRegistry& models_registry() {
+  static ModelRegistry r("models", "model architectures (recipe key model.kind)");
+  return r;
+}
+
+std::shared_ptr<ModelBase> build_model(const ConfigNode& model_cfg) {
+  return models_registry().create(model_cfg.get<std::string>("kind"), model_cfg.path() + ".kind",
+                                  model_cfg);
+}
+
+int64_t ModelBase::num_parameters() const {
+  std::unordered_set<const void*> seen;
+  int64_t n = 0;
+  for (const auto& p : parameters(/*recurse=*/true)) {
+    if (seen.insert(p.unsafeGetTensorImpl()).second) n += p.numel();
+  }
+  return n;
+}
+
+}  // namespace mixdiff

@@ -1,0 +1,52 @@
+// The model contract: a diffusion LM maps (possibly masked) tokens to logits over the tokenizer's
+// vocabulary. Models are built by name from the `models` registry.
+//
+// Vocabulary convention: the tokenizer has V tokens (ids 0..V-1). The model's embedding has V+1
+// rows; row V is the reserved [MASK] token (`mask_id() == vocab_size()`). The output head
+// predicts the V real tokens only, so [MASK] can never be predicted or sampled.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+
+#include <memory>
+#include <string>
+
+#include "core/config.h"
+#include "core/registry.h"
+
+namespace mixdiff {
+
+struct ModelInput {
+  at::Tensor tokens_BL;     ///< int64 [B, L], may hold mask_id()
+  /// Optional int64 [M] indices into the flattened [B*L] positions. When defined, logits are
+  /// computed only there ([M, V]): a training step needs logits at masked positions only, and
+  /// the output projection is the largest matmul of a small model.
+  at::Tensor logits_index_M;
+};
+
+struct ModelOutput {
+  at::Tensor logits;  ///< fp32 [B, L, V], or [M, V] when logits_index_M was given
+};
+
+class ModelBase : public torch::nn::Module {
+ public:
+  virtual ModelOutput forward(const ModelInput& in) = 0;
+  /// Size V of the tokenizer vocabulary (output classes).
+  virtual int64_t vocab_size() const = 0;
+  int64_t mask_id() const { return vocab_size(); }
+  /// Longest sequence the positional tables cover.
+  virtual int64_t max_seq_len() const = 0;
+  /// One line: kind and sizes.
+  virtual std::string describe() const = 0;
+  /// Parameter count (unique tensors).
+  int64_t num_parameters() const;
+};
+
+using ModelRegistry = Registry<std::shared_ptr<ModelBase>, const ConfigNode&>;
+ModelRegistry& models_registry();
+
+/// Builds the model of `model_cfg` (the recipe's `model` section) by its `kind`.
+std::shared_ptr<ModelBase> build_model(const ConfigNode& model_cfg);
+
+}  // namespace mixdiff

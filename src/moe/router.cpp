@@ -1,0 +1,10 @@
+#include "moe/router.h"
+
+namespace mixdiff {
+
+RouterRegistry& routers_registry() {
+  static RouterRegistry r("routers", "MoE routers (model.moe.router.kind)");
+  return r;
+}
+
+}  // namespace mixdiff

@@ -1,0 +1,127 @@
+#include "nn/layers.h"
+
+#include <torch/torch.h>
+
+#include <cmath>
+
+#include "core/compat.h"
+
+namespace mixdiff {
+
+RMSNorm::RMSNorm(int64_t dim, double eps) : eps_(eps) {
+  weight_ = register_parameter("weight", torch::ones({dim}));
+}
+
+at::Tensor RMSNorm::forward(const at::Tensor& x) const {
+  return x * torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps_) * weight_;
+}
+
+RotaryTables RotaryTables::make(int64_t max_len, int64_t head_dim, double theta) {
+  TORCH_CHECK(head_dim % 2 == 0, "[RotaryTables] head_dim must be even, got ", head_dim);
+  auto opts = torch::TensorOptions().dtype(torch::kFloat64);
+  auto inv_freq = 1.0 / torch::pow(theta, torch::arange(0, head_dim, 2, opts) / head_dim);
+  auto angles = torch::outer(torch::arange(max_len, opts), inv_freq);  // [L, hd/2]
+  auto cos = angles.cos(), sin = angles.sin();
+  RotaryTables t;
+  t.cos_LH = torch::cat({cos, cos}, -1).to(torch::kFloat32);
+  // rotate_half(x) = [-x2, x1]; folding the sign into sin lets apply_rotary use one cat.
+  t.sin_LH = torch::cat({-sin, sin}, -1).to(torch::kFloat32);
+  return t;
+}
+
+at::Tensor apply_rotary(const at::Tensor& x, const RotaryTables& rope) {
+  const int64_t L = x.size(2), half = x.size(3) / 2;
+  TORCH_CHECK(L <= rope.cos_LH.size(0), "[apply_rotary] sequence of ", L,
+              " tokens exceeds the rotary table (model.max_seq_len = ", rope.cos_LH.size(0), ")");
+  auto cos = rope.cos_LH.narrow(0, 0, L);
+  auto sin = rope.sin_LH.narrow(0, 0, L);
+  auto swapped = torch::cat({x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return x * cos + swapped * sin;
+}
+
+at::Tensor block_causal_bias(int64_t L, int64_t block_size) {
+  TORCH_CHECK(block_size > 0, "[block_causal_bias] block_size must be positive");
+  auto blk = torch::arange(L, torch::kLong).div(block_size, "floor");
+  auto allowed = blk.unsqueeze(0) <= blk.unsqueeze(1);  // [Lq, Lk]: key block <= query block
+  return torch::zeros({L, L}).masked_fill(allowed.logical_not(),
+                                          -std::numeric_limits<float>::infinity());
+}
+
+Attention::Attention(const AttentionOptions& o) : o_(o) {
+  TORCH_CHECK(o.n_head > 0 && o.n_kv_head > 0 && o.n_head % o.n_kv_head == 0,
+              "[Attention] n_kv_head (", o.n_kv_head, ") must divide n_head (", o.n_head, ")");
+  wqkv_ = register_parameter("wqkv", torch::empty({(o.n_head + 2 * o.n_kv_head) * o.head_dim,
+                                                   o.d_model}));
+  wo_ = register_parameter("wo", torch::empty({o.d_model, o.n_head * o.head_dim}));
+  if (o.qk_norm) {
+    q_norm_ = register_module("q_norm", std::make_shared<RMSNorm>(o.head_dim, o.norm_eps));
+    k_norm_ = register_module("k_norm", std::make_shared<RMSNorm>(o.head_dim, o.norm_eps));
+  }
+}
+
+at::Tensor Attention::forward(const at::Tensor& x, const RotaryTables& rope,
+                              const at::Tensor& bias) {
+  const int64_t B = x.size(0), L = x.size(1), H = o_.n_head, Hk = o_.n_kv_head, hd = o_.head_dim;
+  auto qkv = torch::nn::functional::linear(x, wqkv_);  // [B, L, (H + 2Hk) hd]
+  auto q = qkv.narrow(-1, 0, H * hd).view({B, L, H, hd}).transpose(1, 2);  // [B, H, L, hd]
+  auto k = qkv.narrow(-1, H * hd, Hk * hd).view({B, L, Hk, hd}).transpose(1, 2);
+  auto v = qkv.narrow(-1, (H + Hk) * hd, Hk * hd).view({B, L, Hk, hd}).transpose(1, 2);
+  if (q_norm_) {
+    q = q_norm_->forward(q);
+    k = k_norm_->forward(k);
+  }
+  q = apply_rotary(q, rope);
+  k = apply_rotary(k, rope);
+  if (Hk != H) {  // grouped-query attention: each KV head serves H / Hk query heads
+    k = k.unsqueeze(2).expand({B, Hk, H / Hk, L, hd}).reshape({B, H, L, hd});
+    v = v.unsqueeze(2).expand({B, Hk, H / Hk, L, hd}).reshape({B, H, L, hd});
+  }
+  auto o = compat::attention(q, k, v, bias);                    // [B, H, L, hd]
+  o = o.transpose(1, 2).reshape({B, L, H * hd});                // [B, L, H hd]
+  return torch::nn::functional::linear(o, wo_);
+}
+
+SwiGLU::SwiGLU(int64_t d_model, int64_t d_ff) {
+  w_gate_ = register_parameter("w_gate", torch::empty({d_ff, d_model}));
+  w_up_ = register_parameter("w_up", torch::empty({d_ff, d_model}));
+  w_down_ = register_parameter("w_down", torch::empty({d_model, d_ff}));
+}
+
+at::Tensor SwiGLU::forward(const at::Tensor& x) {
+  namespace F = torch::nn::functional;
+  return F::linear(F::silu(F::linear(x, w_gate_)) * F::linear(x, w_up_), w_down_);
+}
+
+TransformerBlock::TransformerBlock(const AttentionOptions& a, std::shared_ptr<FeedForward> ffn) {
+  attn_norm_ = register_module("attn_norm", std::make_shared<RMSNorm>(a.d_model, a.norm_eps));
+  attn_ = register_module("attn", std::make_shared<Attention>(a));
+  ffn_norm_ = register_module("ffn_norm", std::make_shared<RMSNorm>(a.d_model, a.norm_eps));
+  ffn_ = register_module("ffn", std::move(ffn));
+}
+
+at::Tensor TransformerBlock::forward(const at::Tensor& x, const RotaryTables& rope,
+                                     const at::Tensor& bias) {
+  auto h = x + attn_->forward(attn_norm_->forward(x), rope, bias);
+  return h + ffn_->forward(ffn_norm_->forward(h));
+}
+
+void init_transformer_weights(torch::nn::Module& m, double std, int64_t n_layer) {
+  torch::NoGradGuard ng;
+  const double scaled = std / std::sqrt(2.0 * static_cast<double>(n_layer));
+  for (auto& kv : m.named_parameters(/*recurse=*/true)) {
+    const std::string& name = kv.key();
+    at::Tensor& p = kv.value();
+    if (p.dim() < 2) {
+      p.fill_(1.0);
+    } else {
+      auto ends_with = [&](const std::string& s) {
+        return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
+      };
+      // Residual-branch output projections are scaled down as in GPT-2 so that the residual
+      // stream's variance does not grow with depth.
+      p.normal_(0.0, ends_with(".wo") || ends_with(".w_down") ? scaled : std);
+    }
+  }
+}
+
+}  // namespace mixdiff

@@ -1,0 +1,96 @@
+// Shared transformer building blocks: RMSNorm, rotary positions, multi-head attention with
+// grouped KV heads and optional QK-norm, the SwiGLU feed-forward, and a pre-norm block whose
+// feed-forward is pluggable (dense SwiGLU here; MoE layers implement the same interface).
+//
+// Weights are plain parameters laid out [out, in] (as torch.nn.Linear) so that their names in
+// model.safetensors are short and stable: `layers.3.attn.wqkv`, `layers.3.ffn.w_down`, ...
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+
+#include <memory>
+
+namespace mixdiff {
+
+/// y = x / sqrt(mean(x^2) + eps) * weight, over the last dimension.
+class RMSNorm : public torch::nn::Module {
+ public:
+  RMSNorm(int64_t dim, double eps);
+  at::Tensor forward(const at::Tensor& x) const;
+
+ private:
+  at::Tensor weight_;
+  double eps_;
+};
+
+/// cos/sin tables of rotary embeddings (GPT-NeoX/LLaMA "rotate half" layout).
+struct RotaryTables {
+  at::Tensor cos_LH;  ///< [max_len, head_dim], fp32
+  at::Tensor sin_LH;  ///< [max_len, head_dim], fp32, sign folded in for the rotate-half form
+  static RotaryTables make(int64_t max_len, int64_t head_dim, double theta);
+};
+
+/// x [B, H, L, hd] rotated by positions 0..L-1 of the tables.
+at::Tensor apply_rotary(const at::Tensor& x_BHLd, const RotaryTables& rope);
+
+/// Additive attention bias [L, L]: 0 where query i may see key j, -inf elsewhere.
+/// block_causal: key block (j / block_size) <= query block (i / block_size).
+at::Tensor block_causal_bias(int64_t L, int64_t block_size);
+
+struct AttentionOptions {
+  int64_t d_model = 0;
+  int64_t n_head = 0;
+  int64_t n_kv_head = 0;  ///< divides n_head; < n_head gives grouped-query attention
+  int64_t head_dim = 0;
+  bool qk_norm = false;   ///< RMSNorm over head_dim on q and k before rotary
+  double norm_eps = 1e-6;
+};
+
+class Attention : public torch::nn::Module {
+ public:
+  explicit Attention(const AttentionOptions& o);
+  /// x_BLD [B, L, D]; bias undefined (full attention) or broadcastable to [B, H, L, L].
+  at::Tensor forward(const at::Tensor& x_BLD, const RotaryTables& rope, const at::Tensor& bias);
+
+ private:
+  AttentionOptions o_;
+  at::Tensor wqkv_;  ///< [(H + 2 Hkv) hd, D]
+  at::Tensor wo_;    ///< [D, H hd]
+  std::shared_ptr<RMSNorm> q_norm_, k_norm_;
+};
+
+/// A token-wise feed-forward: dense SwiGLU or an MoE layer.
+class FeedForward : public torch::nn::Module {
+ public:
+  virtual at::Tensor forward(const at::Tensor& x_BLD) = 0;
+};
+
+/// w_down (silu(w_gate x) * (w_up x)); w_gate, w_up [F, D], w_down [D, F].
+class SwiGLU : public FeedForward {
+ public:
+  SwiGLU(int64_t d_model, int64_t d_ff);
+  at::Tensor forward(const at::Tensor& x_BLD) override;
+
+ private:
+  at::Tensor w_gate_, w_up_, w_down_;
+};
+
+/// Pre-norm block: h = x + attn(norm(x)); y = h + ffn(norm(h)).
+class TransformerBlock : public torch::nn::Module {
+ public:
+  TransformerBlock(const AttentionOptions& attn, std::shared_ptr<FeedForward> ffn);
+  at::Tensor forward(const at::Tensor& x_BLD, const RotaryTables& rope, const at::Tensor& bias);
+
+ private:
+  std::shared_ptr<RMSNorm> attn_norm_, ffn_norm_;
+  std::shared_ptr<Attention> attn_;
+  std::shared_ptr<FeedForward> ffn_;
+};
+
+/// Initialises every parameter of `m`: matrices N(0, std), except the residual output
+/// projections (names ending in `.wo` or `.w_down`), which get std / sqrt(2 n_layer);
+/// 1-D parameters (norm gains) are set to 1.
+void init_transformer_weights(torch::nn::Module& m, double std, int64_t n_layer);
+
+}  // namespace mixdiff

@@ -1,0 +1,189 @@
+#include "train/checkpoint.h"
+
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <filesystem>
+
+#include "core/compat.h"
+#include "core/errors.h"
+#include "core/fs.h"
+#include "core/safetensors.h"
+#include "model/model.h"
+
+namespace mixdiff {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const char* const kFingerprinted[] = {"model.safetensors", "optimizer.pt", "recipe.yaml",
+                                      "tokenizer/tokenizer.json", "tokenizer/encoder.json",
+                                      "tokenizer/vocab.bpe"};
+
+int64_t step_of(const std::string& name) {
+  if (name.rfind("step_", 0) != 0) return -1;
+  const std::string num = name.substr(5);
+  if (num.empty() || num.find_first_not_of("0123456789") != std::string::npos) return -1;
+  return std::stoll(num);
+}
+
+}  // namespace
+
+std::string save_checkpoint(const std::string& run_dir, int64_t step, const CheckpointContent& c,
+                            int64_t keep_last) {
+  const std::string root = run_dir + "/checkpoints";
+  const std::string final_dir = root + "/step_" + std::to_string(step);
+  const std::string tmp = final_dir + ".tmp-" + std::to_string(::getpid());
+  try {
+    fs::create_directories(root);
+    fs::remove_all(tmp);
+    fs::create_directories(tmp + "/tokenizer");
+
+    TensorMap tensors;
+    for (const auto& kv : c.model->named_parameters(/*recurse=*/true)) {
+      tensors.emplace(kv.key(), kv.value());
+    }
+    save_safetensors(tmp + "/model.safetensors", tensors,
+                     {{"format", "pt"}, {"producer", "mixdiff"}, {"model", c.model->describe()}});
+    if (c.optimizer) {
+      torch::save(*c.optimizer, tmp + "/optimizer.pt");
+      fsync_path(tmp + "/optimizer.pt");
+    }
+    write_file_atomic(tmp + "/recipe.yaml", c.recipe_yaml);
+    for (const char* f : {"tokenizer.json", "encoder.json", "vocab.bpe"}) {
+      write_file_atomic(tmp + "/tokenizer/" + f,
+                        read_file(c.tokenizer_dir + "/" + f, "tokenizer file"));
+    }
+    nlohmann::json state = c.trainer_state;
+    state["format_version"] = kCheckpointFormatVersion;
+    state["step"] = step;
+    state["torch_version"] = compat::torch_version();
+    nlohmann::json files = nlohmann::json::object();
+    for (const char* f : kFingerprinted) {
+      const std::string p = tmp + "/" + f;
+      if (!fs::exists(p)) continue;
+      files[f] = {{"bytes", fs::file_size(p)}, {"fnv1a64", fnv1a64_file(p)}};
+    }
+    state["files"] = files;
+    write_file_atomic(tmp + "/trainer_state.json", state.dump(2) + "\n");
+    fsync_path(tmp + "/tokenizer");
+    fsync_path(tmp);
+    if (fs::exists(final_dir)) fs::remove_all(final_dir);  // re-saving the same step
+    fs::rename(tmp, final_dir);
+    fsync_path(root);
+    write_file_atomic(root + "/latest", "step_" + std::to_string(step) + "\n");
+  } catch (const fs::filesystem_error& e) {
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+    throw CheckpointError(str("writing checkpoint ", final_dir, " failed: ", e.what()));
+  } catch (const InputError& e) {
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+    throw CheckpointError(str("writing checkpoint ", final_dir, " failed: ", e.what()));
+  } catch (const c10::Error& e) {
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+    throw CheckpointError(str("writing checkpoint ", final_dir, " failed: ", e.what_without_backtrace()));
+  }
+
+  if (keep_last > 0) {
+    std::vector<std::pair<int64_t, std::string>> all;
+    for (const auto& e : fs::directory_iterator(root)) {
+      const int64_t s = step_of(e.path().filename().string());
+      if (s >= 0 && e.is_directory()) all.emplace_back(s, e.path().string());
+    }
+    std::sort(all.begin(), all.end());
+    for (size_t i = 0; i + static_cast<size_t>(keep_last) < all.size(); ++i) {
+      std::error_code ec;
+      fs::remove_all(all[i].second, ec);
+    }
+  }
+  return final_dir;
+}
+
+std::string resolve_checkpoint(const std::string& p) {
+  if (fs::exists(p + "/trainer_state.json")) return p;
+  for (const std::string& root : {p + "/checkpoints", p}) {
+    if (fs::exists(root + "/latest")) {
+      std::string name = read_file(root + "/latest", "checkpoint pointer");
+      while (!name.empty() && (name.back() == '\n' || name.back() == ' ')) name.pop_back();
+      if (step_of(name) < 0) {
+        throw CheckpointError(str(root, "/latest: expected 'step_<N>', got '", name, "'"));
+      }
+      return root + "/" + name;
+    }
+  }
+  throw CheckpointError(str(p, ": not a checkpoint (no trainer_state.json) nor a run folder (no "
+                            "checkpoints/latest)"));
+}
+
+nlohmann::json verify_checkpoint(const std::string& dir) {
+  const std::string sp = dir + "/trainer_state.json";
+  if (!fs::exists(sp)) throw CheckpointError(str(dir, ": missing trainer_state.json"));
+  nlohmann::json state;
+  try {
+    state = nlohmann::json::parse(read_file(sp, "trainer state"));
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(str(sp, ": corrupt trainer state: ", e.what()));
+  } catch (const DataError& e) {
+    throw CheckpointError(e.what());
+  }
+  try {
+    const int version = state.at("format_version").get<int>();
+    if (version != kCheckpointFormatVersion) {
+      throw CheckpointError(str(sp, ": checkpoint format version ", version, ", this build reads ",
+                                kCheckpointFormatVersion));
+    }
+    state.at("step").get<int64_t>();
+    for (auto it = state.at("files").begin(); it != state.at("files").end(); ++it) {
+      const std::string p = dir + "/" + it.key();
+      if (!fs::exists(p)) throw CheckpointError(str(p, ": missing from the checkpoint"));
+      const auto bytes = it.value().at("bytes").get<uintmax_t>();
+      if (fs::file_size(p) != bytes) {
+        throw CheckpointError(str(p, ": ", fs::file_size(p), " bytes, expected ", bytes,
+                                  " (truncated or corrupt checkpoint)"));
+      }
+      if (fnv1a64_file(p) != it.value().at("fnv1a64").get<std::string>()) {
+        throw CheckpointError(str(p, ": content fingerprint mismatch (corrupt checkpoint)"));
+      }
+    }
+    if (!state.at("files").contains("model.safetensors")) {
+      throw CheckpointError(str(sp, ": lists no model.safetensors"));
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(str(sp, ": malformed trainer state: ", e.what()));
+  }
+  return state;
+}
+
+void load_model_weights(ModelBase& model, const std::string& path) {
+  TensorMap t = load_safetensors(path);
+  torch::NoGradGuard ng;
+  for (auto& kv : model.named_parameters(/*recurse=*/true)) {
+    auto it = t.find(kv.key());
+    if (it == t.end()) throw CheckpointError(str(path, ": missing tensor '", kv.key(), "'"));
+    if (it->second.sizes() != kv.value().sizes()) {
+      throw CheckpointError(str(path, ": tensor '", kv.key(), "' has shape ", it->second.sizes(),
+                                ", the model expects ", kv.value().sizes()));
+    }
+    kv.value().copy_(it->second);
+    t.erase(it);
+  }
+  if (!t.empty()) {
+    throw CheckpointError(str(path, ": tensor '", t.begin()->first,
+                              "' is not a parameter of this model (recipe and checkpoint differ)"));
+  }
+}
+
+void load_optimizer_state(torch::optim::Optimizer& opt, const std::string& path) {
+  try {
+    torch::load(opt, path);
+  } catch (const c10::Error& e) {
+    throw CheckpointError(str(path, ": cannot load optimizer state: ",
+                              std::string(e.what_without_backtrace()).substr(0, 200)));
+  }
+}
+
+}  // namespace mixdiff

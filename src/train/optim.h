@@ -1,0 +1,30 @@
+// Optimizers and learning-rate schedules, built by name (registries `optimizers`,
+// `lr_schedules`; recipe keys optim.kind and lr_schedule.kind).
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/optim/optimizer.h>
+
+#include <memory>
+
+#include "core/config.h"
+#include "core/registry.h"
+
+namespace mixdiff {
+
+using OptimizerRegistry =
+    Registry<std::unique_ptr<torch::optim::Optimizer>, const ConfigNode&, torch::nn::Module&>;
+OptimizerRegistry& optimizers_registry();
+
+/// Multiplier of the optimizer's base learning rate at (0-based) step `step`.
+class LrSchedule {
+ public:
+  virtual ~LrSchedule() = default;
+  virtual double factor(int64_t step) const = 0;
+};
+
+using LrScheduleRegistry =
+    Registry<std::shared_ptr<LrSchedule>, const ConfigNode&, int64_t /*total_steps*/>;
+LrScheduleRegistry& lr_schedules_registry();
+
+}  // namespace mixdiff

@@ -1,0 +1,384 @@
+#include "train/trainer.h"
+
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <unistd.h>
+
+#include "core/errors.h"
+#include "core/fs.h"
+#include "train/checkpoint.h"
+
+namespace mixdiff {
+
+namespace fs = std::filesystem;
+
+DataSourceRegistry& data_sources_registry() {
+  static DataSourceRegistry r("data_sources", "training data sources (data.kind)");
+  return r;
+}
+
+OptimizerRegistry& optimizers_registry() {
+  static OptimizerRegistry r("optimizers", "optimizers (optim.kind)");
+  return r;
+}
+
+LrScheduleRegistry& lr_schedules_registry() {
+  static LrScheduleRegistry r("lr_schedules", "learning-rate schedules (lr_schedule.kind)");
+  return r;
+}
+
+std::unique_ptr<DataSource> build_data_source(const ConfigNode& data_cfg) {
+  return data_sources_registry().create(data_cfg.get<std::string>("kind"),
+                                        data_cfg.path() + ".kind", data_cfg);
+}
+
+std::atomic<int> g_stop_signal{0};
+
+namespace {
+
+void on_stop_signal(int sig) {
+  if (g_stop_signal.load() != 0) _exit(128 + sig);  // second signal: stop now
+  g_stop_signal.store(sig);
+}
+
+uint64_t mix_seed(uint64_t seed, uint64_t step, uint64_t micro) {
+  uint64_t x = seed * 0x9e3779b97f4a7c15ULL ^ (step + 1) * 0xbf58476d1ce4e5b9ULL ^
+               (micro + 1) * 0x94d049bb133111ebULL;
+  x ^= x >> 31;
+  x *= 0xd6e8feb86659fd93ULL;
+  return x ^ (x >> 32);
+}
+
+std::string format_duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  const int64_t t = static_cast<int64_t>(s + 0.5);
+  char buf[32];
+  if (t >= 3600) {
+    std::snprintf(buf, sizeof(buf), "%lldh%02lldm", static_cast<long long>(t / 3600),
+                  static_cast<long long>(t % 3600 / 60));
+  } else {
+    std::snprintf(buf, sizeof(buf), "%lldm%02llds", static_cast<long long>(t / 60),
+                  static_cast<long long>(t % 60));
+  }
+  return buf;
+}
+
+}  // namespace
+
+void install_stop_handlers() {
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+}
+
+TrainOptions TrainOptions::from(const ConfigNode& recipe) {
+  TrainOptions o;
+  ConfigNode t = recipe.at("train");
+  o.steps = t.get<int64_t>("steps");
+  o.batch_size = t.get<int64_t>("batch_size");
+  o.grad_accum = t.get<int64_t>("grad_accum", 1);
+  o.grad_clip = t.get<double>("grad_clip", 1.0);
+  o.log_every = t.get<int64_t>("log_every", 10);
+  o.ckpt_every = t.get<int64_t>("ckpt_every", 0);
+  o.keep_checkpoints = t.get<int64_t>("keep_checkpoints", 2);
+  if (o.steps <= 0) t.fail("steps", str("expected a positive integer, got ", o.steps));
+  if (o.batch_size <= 0) t.fail("batch_size", str("expected a positive integer, got ", o.batch_size));
+  if (o.grad_accum <= 0) t.fail("grad_accum", str("expected a positive integer, got ", o.grad_accum));
+  if (o.grad_clip < 0) t.fail("grad_clip", "expected >= 0 (0 disables clipping)");
+  if (o.log_every <= 0) t.fail("log_every", "expected a positive integer");
+  if (o.ckpt_every < 0) t.fail("ckpt_every", "expected >= 0 (0: only at the end)");
+  if (o.keep_checkpoints < 0) t.fail("keep_checkpoints", "expected >= 0 (0 keeps all)");
+  ConfigNode d = recipe.section("diffusion");
+  o.random_length_prob = d.get<double>("random_length_prob", 0.0);
+  if (!(o.random_length_prob >= 0 && o.random_length_prob <= 1)) {
+    d.fail("random_length_prob", "expected a probability in [0, 1]");
+  }
+  ConfigNode e = recipe.section("eval");
+  o.eval_every = e.get<int64_t>("every", 0);
+  o.eval_sequences = e.get<int64_t>("sequences", 128);
+  o.eval_batch_size = e.get<int64_t>("batch_size", 32);
+  o.eval_seed = e.get<int64_t>("seed", 1234);
+  if (o.eval_every < 0) e.fail("every", "expected >= 0 (0: only at the end)");
+  if (o.eval_sequences <= 0) e.fail("sequences", "expected a positive integer");
+  if (o.eval_batch_size <= 0) e.fail("batch_size", "expected a positive integer");
+  return o;
+}
+
+TrainerParts build_trainer_parts(const ConfigNode& recipe) {
+  TrainerParts p;
+  p.name = recipe.get<std::string>("name");
+  if (p.name.empty() || p.name.find('/') != std::string::npos) {
+    recipe.fail("name", "expected a non-empty run name without '/'");
+  }
+  p.seed = recipe.get<int64_t>("seed", 0);
+  const int64_t threads = recipe.section("runtime").get<int64_t>("threads", 1);
+  if (threads <= 0) recipe.at("runtime").fail("threads", "expected a positive integer");
+  torch::set_num_threads(static_cast<int>(threads));
+
+  p.data = build_data_source(recipe.at("data"));
+  ConfigNode model_cfg = recipe.at("model");
+  if (!model_cfg.has("vocab_size")) {
+    model_cfg.set<int64_t>("vocab_size", p.data->vocab_size());
+  } else if (model_cfg.get<int64_t>("vocab_size") != p.data->vocab_size()) {
+    model_cfg.fail("vocab_size", str("is ", model_cfg.get<int64_t>("vocab_size"),
+                                     " but the data's tokenizer has ", p.data->vocab_size(),
+                                     " tokens (leave it out to take it from the data)"));
+  }
+  torch::manual_seed(static_cast<uint64_t>(p.seed));
+  p.model = build_model(model_cfg);
+  if (p.data->seq_len() > p.model->max_seq_len()) {
+    recipe.at("data").fail("seq_len", str(p.data->seq_len(), " exceeds model.max_seq_len ",
+                                          p.model->max_seq_len()));
+  }
+
+  ConfigNode diffusion = recipe.section("diffusion");
+  ConfigNode sched = diffusion.at("schedule");
+  p.schedule = schedules_registry().create(sched.get<std::string>("kind"), sched.path() + ".kind",
+                                           sched);
+  ConfigNode losses = recipe.at("losses");
+  if (!losses.is_sequence() || losses.size() == 0) {
+    recipe.fail("losses", "expected a non-empty list of {kind: ..., weight: ...}");
+  }
+  for (size_t i = 0; i < losses.size(); ++i) {
+    ConfigNode l = losses[i];
+    WeightedLoss w;
+    w.name = l.get<std::string>("kind");
+    w.weight = l.get<double>("weight", 1.0);
+    w.term = losses_registry().create(w.name, l.path() + ".kind", l);
+    p.losses.push_back(std::move(w));
+  }
+
+  p.options = TrainOptions::from(recipe);
+  ConfigNode optim = recipe.at("optim");
+  p.optimizer = optimizers_registry().create(optim.get<std::string>("kind"), optim.path() + ".kind",
+                                             optim, *p.model);
+  p.base_lr = optim.get<double>("lr");
+  ConfigNode lrs = recipe.section("lr_schedule");
+  p.lr_schedule = lr_schedules_registry().create(lrs.get<std::string>("kind", "warmup_cosine"),
+                                                 lrs.path() + ".kind", lrs, p.options.steps);
+  return p;
+}
+
+Trainer::Trainer(TrainerParts parts, std::string run_dir, std::string recipe_yaml)
+    : parts_(std::move(parts)), run_dir_(std::move(run_dir)), recipe_yaml_(std::move(recipe_yaml)) {}
+
+void Trainer::log(const std::string& line) {
+  std::cout << line << std::endl;
+  std::ofstream f(run_dir_ + "/train.log", std::ios::app);
+  f << line << "\n";
+}
+
+void Trainer::append_metrics(const nlohmann::json& m) {
+  std::ofstream f(run_dir_ + "/metrics.jsonl", std::ios::app);
+  f << m.dump() << "\n";
+  f.flush();
+  if (!f) throw InputError(str(run_dir_, "/metrics.jsonl: write failed"));
+}
+
+void Trainer::restore(const std::string& ckpt_dir) {
+  nlohmann::json s = verify_checkpoint(ckpt_dir);
+  load_model_weights(*parts_.model, ckpt_dir + "/model.safetensors");
+  if (!fs::exists(ckpt_dir + "/optimizer.pt")) {
+    throw CheckpointError(str(ckpt_dir, ": no optimizer.pt; cannot resume training from it"));
+  }
+  load_optimizer_state(*parts_.optimizer, ckpt_dir + "/optimizer.pt");
+  try {
+    state_.step = s.at("step").get<int64_t>();
+    state_.tokens = s.at("tokens").get<int64_t>();
+    state_.data_cursor = s.at("data_cursor").get<int64_t>();
+    state_.elapsed_s = s.value("elapsed_s", 0.0);
+    state_.last_val_nelbo = s.value("last_val_nelbo", -1.0);
+    if (s.at("seed").get<int64_t>() != parts_.seed) {
+      throw CheckpointError(str(ckpt_dir, ": checkpoint was trained with seed ",
+                                s.at("seed").get<int64_t>(), ", the recipe says ", parts_.seed));
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(str(ckpt_dir, "/trainer_state.json: ", e.what()));
+  }
+  // Keep metrics.jsonl equal to what an uninterrupted run writes: drop lines past the checkpoint.
+  const std::string mp = run_dir_ + "/metrics.jsonl";
+  if (fs::exists(mp)) {
+    std::ifstream in(mp);
+    std::string line, kept;
+    while (std::getline(in, line)) {
+      auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (!j.is_discarded() && j.value("step", int64_t(0)) <= state_.step) kept += line + "\n";
+    }
+    write_file_atomic(mp, kept);
+  }
+}
+
+double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm) {
+  auto& model = *parts_.model;
+  const auto& o = parts_.options;
+  double loss_sum = 0;
+  *tokens = 0;
+  for (int64_t m = 0; m < o.grad_accum; ++m) {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(
+        mix_seed(static_cast<uint64_t>(parts_.seed), static_cast<uint64_t>(step),
+                 static_cast<uint64_t>(m)));
+    auto x0 = parts_.data->train_batch(state_.data_cursor, o.batch_size);
+    state_.data_cursor += o.batch_size;
+    if (o.random_length_prob > 0 && torch::rand({1}, gen).item<double>() < o.random_length_prob) {
+      const int64_t len = torch::randint(1, x0.size(1) + 1, {1}, gen).item<int64_t>();
+      x0 = x0.narrow(1, 0, len).contiguous();
+    }
+    auto t = sample_t(x0.size(0), *parts_.schedule, gen);
+    DiffusionBatch batch = corrupt(x0, t, *parts_.schedule, model.mask_id(), gen);
+    ModelOutput out = model.forward({batch.xt_BL, batch.index_M});
+    at::Tensor total;
+    for (auto& l : parts_.losses) {
+      auto v = l.term->compute(out, batch) * l.weight;
+      total = total.defined() ? total + v : v;
+    }
+    (total / static_cast<double>(o.grad_accum)).backward();
+    loss_sum += total.item<double>();
+    *tokens += x0.numel();
+  }
+  const auto params = model.parameters();
+  *grad_norm = o.grad_clip > 0 ? torch::nn::utils::clip_grad_norm_(params, o.grad_clip)
+                               : std::nan("");
+  const double lr = parts_.base_lr * parts_.lr_schedule->factor(step);
+  for (auto& g : parts_.optimizer->param_groups()) g.options().set_lr(lr);
+  parts_.optimizer->step();
+  parts_.optimizer->zero_grad();
+  return loss_sum / static_cast<double>(o.grad_accum);
+}
+
+void Trainer::evaluate(nlohmann::json* metrics) {
+  if (!val_seqs_.defined()) val_seqs_ = parts_.data->val_sequences(parts_.options.eval_sequences);
+  const auto t0 = std::chrono::steady_clock::now();
+  NelboResult r = validation_nelbo(*parts_.model, val_seqs_, parts_.options.eval_batch_size,
+                                   static_cast<uint64_t>(parts_.options.eval_seed));
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  state_.last_val_nelbo = r.nelbo;
+  char buf[256];
+  std::snprintf(buf, sizeof(buf),
+                "eval  step %lld | val nelbo %.4f nats/token | ppl <= %.2f | unigram entropy of "
+                "these tokens %.4f | %lld tokens | %.1fs",
+                static_cast<long long>(state_.step), r.nelbo, r.ppl_bound, r.unigram_entropy,
+                static_cast<long long>(r.tokens), secs);
+  log(buf);
+  (*metrics)["val_nelbo"] = r.nelbo;
+  (*metrics)["val_ppl_bound"] = r.ppl_bound;
+  (*metrics)["val_unigram_entropy"] = r.unigram_entropy;
+}
+
+std::string Trainer::checkpoint() {
+  CheckpointContent c;
+  c.model = parts_.model.get();
+  c.optimizer = parts_.optimizer.get();
+  c.recipe_yaml = recipe_yaml_;
+  c.tokenizer_dir = parts_.data->tokenizer_dir();
+  c.trainer_state = {{"tokens", state_.tokens},
+                     {"data_cursor", state_.data_cursor},
+                     {"seed", parts_.seed},
+                     {"rng", {{"scheme", "per-step"},
+                              {"detail", "noise of step s, micro-batch m drawn from an mt19937 "
+                                         "generator seeded with mix(seed, s, m); data order "
+                                         "from data_cursor"}}},
+                     {"elapsed_s", state_.elapsed_s},
+                     {"last_val_nelbo", state_.last_val_nelbo}};
+  return save_checkpoint(run_dir_, state_.step, c, parts_.options.keep_checkpoints);
+}
+
+int Trainer::fit() {
+  const auto& o = parts_.options;
+  auto& model = *parts_.model;
+  model.train();
+  if (state_.step >= o.steps) {
+    log(str("run already complete at step ", state_.step, " of ", o.steps));
+    return 0;
+  }
+  log(str("model: ", model.describe(), " | ", model.num_parameters(), " parameters"));
+  log(str("data: ", parts_.data->describe()));
+  const int64_t tokens_per_step = o.batch_size * o.grad_accum * parts_.data->seq_len();
+  log(str("train: ", o.steps, " steps x ", tokens_per_step, " tokens (batch ", o.batch_size,
+          " x accum ", o.grad_accum, " x seq ", parts_.data->seq_len(), "), from step ",
+          state_.step));
+
+  using clock = std::chrono::steady_clock;
+  auto last_log = clock::now();
+  const auto start = clock::now();
+  const double elapsed_before = state_.elapsed_s;
+  const int64_t first_step = state_.step;
+  double interval_loss = 0;
+  int64_t interval_steps = 0, interval_tokens = 0;
+
+  while (state_.step < o.steps) {
+    const int64_t step = state_.step;
+    int64_t tokens = 0;
+    double grad_norm = 0;
+    const double loss = run_step(step, &tokens, &grad_norm);
+    if (!std::isfinite(loss)) {
+      log(str("error: non-finite loss (", loss, ") at step ", step + 1,
+              "; stopping without a checkpoint of this state (the last checkpoint is intact)"));
+      return 3;
+    }
+    state_.step = step + 1;
+    state_.tokens += tokens;
+    interval_loss += loss;
+    interval_tokens += tokens;
+    ++interval_steps;
+    state_.elapsed_s = elapsed_before + std::chrono::duration<double>(clock::now() - start).count();
+
+    const bool last = state_.step == o.steps;
+    nlohmann::json metrics;
+    if (state_.step % o.log_every == 0 || last) {
+      const auto now = clock::now();
+      const double dt = std::chrono::duration<double>(now - last_log).count();
+      const double tps = dt > 0 ? static_cast<double>(interval_tokens) / dt : 0;
+      const double per_step = std::chrono::duration<double>(now - start).count() /
+                              static_cast<double>(state_.step - first_step);
+      const double lr = parts_.base_lr * parts_.lr_schedule->factor(step);
+      char buf[256];
+      std::snprintf(buf, sizeof(buf),
+                    "step %6lld/%lld | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | elapsed %s | "
+                    "eta %s",
+                    static_cast<long long>(state_.step), static_cast<long long>(o.steps),
+                    interval_loss / static_cast<double>(interval_steps), lr, grad_norm, tps,
+                    format_duration(state_.elapsed_s).c_str(),
+                    format_duration(per_step * static_cast<double>(o.steps - state_.step)).c_str());
+      log(buf);
+      metrics = {{"step", state_.step},
+                 {"loss", interval_loss / static_cast<double>(interval_steps)},
+                 {"lr", lr},
+                 {"grad_norm", grad_norm},
+                 {"tokens", state_.tokens},
+                 {"tokens_per_s", tps},
+                 {"elapsed_s", state_.elapsed_s}};
+      interval_loss = 0;
+      interval_steps = 0;
+      interval_tokens = 0;
+      last_log = now;
+    }
+    if (last || (o.eval_every > 0 && state_.step % o.eval_every == 0)) {
+      if (metrics.is_null()) metrics = {{"step", state_.step}, {"tokens", state_.tokens}};
+      evaluate(&metrics);
+      last_log = clock::now();  // evaluation time is not training throughput
+    }
+    if (!metrics.is_null()) append_metrics(metrics);
+    const int sig = g_stop_signal.load();
+    if (last || sig != 0 || (o.ckpt_every > 0 && state_.step % o.ckpt_every == 0)) {
+      const std::string dir = checkpoint();
+      log(str("checkpoint: ", dir));
+      last_log = clock::now();
+    }
+    if (sig != 0 && !last) {
+      log(str("stopped by signal ", sig, " at step ", state_.step, "; resume with: mixdiff train --resume ",
+              run_dir_));
+      return 128 + sig;
+    }
+  }
+  return 0;
+}
+
+}  // namespace mixdiff

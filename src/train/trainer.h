@@ -1,0 +1,106 @@
+// The training loop: a recipe's parts (model, noise schedule, loss terms, data, optimizer, LR
+// schedule) built through the registries, then per step:
+//   for each micro-batch: sequences -> t ~ schedule -> masks -> forward (logits at masked
+//   positions) -> weighted loss terms -> backward (scaled by 1 / grad_accum)
+//   -> clip -> lr -> optimizer step -> metrics -> eval / checkpoint when due.
+// Determinism: the noise of step s, micro-batch m comes from a generator seeded with
+// hash(seed, s, m), and the data stream is indexed by sequence count, so a run resumed from a
+// checkpoint reproduces the uninterrupted run's losses exactly (CPU).
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/config.h"
+#include "diffusion/diffusion.h"
+#include "model/model.h"
+#include "train/data_source.h"
+#include "train/optim.h"
+
+namespace mixdiff {
+
+struct TrainOptions {
+  int64_t steps = 0;
+  int64_t batch_size = 0;  ///< sequences per micro-batch
+  int64_t grad_accum = 1;
+  double grad_clip = 1.0;  ///< 0 disables clipping
+  int64_t log_every = 10;
+  int64_t ckpt_every = 0;  ///< 0: only at the end (and on interrupt)
+  int64_t keep_checkpoints = 2;
+  double random_length_prob = 0.0;  ///< LLaDA's 1%: truncate the batch to a random length
+  int64_t eval_every = 0;           ///< 0: only at the end
+  int64_t eval_sequences = 128;
+  int64_t eval_batch_size = 32;
+  int64_t eval_seed = 1234;
+  static TrainOptions from(const ConfigNode& recipe);
+};
+
+struct WeightedLoss {
+  std::string name;
+  double weight = 1.0;
+  std::shared_ptr<LossTerm> term;
+};
+
+struct TrainerParts {
+  std::shared_ptr<ModelBase> model;
+  std::shared_ptr<NoiseSchedule> schedule;
+  std::vector<WeightedLoss> losses;
+  std::unique_ptr<DataSource> data;
+  std::unique_ptr<torch::optim::Optimizer> optimizer;
+  std::shared_ptr<LrSchedule> lr_schedule;
+  double base_lr = 0;
+  TrainOptions options;
+  int64_t seed = 0;
+  std::string name;  ///< run name (recipe key `name`): the default run folder is runs/<name>
+};
+
+/// Builds every part of a recipe (data first: it fixes model.vocab_size when absent). The model
+/// is initialised from `seed` (recipe key `seed`). Throws ConfigError/DataError on bad input.
+TrainerParts build_trainer_parts(const ConfigNode& recipe);
+
+/// Progress of a run; the part of it that checkpoints carry.
+struct TrainerState {
+  int64_t step = 0;        ///< optimizer steps done
+  int64_t tokens = 0;      ///< training tokens consumed (all positions, masked or not)
+  int64_t data_cursor = 0; ///< training sequences consumed (the data stream position)
+  double elapsed_s = 0;    ///< wall time spent training before this process
+  double last_val_nelbo = -1;
+};
+
+/// Set by SIGINT/SIGTERM handlers (the signal number); the trainer checkpoints and stops.
+extern std::atomic<int> g_stop_signal;
+/// Installs the handlers (a second signal exits at once; the checkpoint rename is atomic).
+void install_stop_handlers();
+
+class Trainer {
+ public:
+  /// `run_dir` exists and holds recipe.yaml; `recipe_yaml` is the resolved recipe.
+  Trainer(TrainerParts parts, std::string run_dir, std::string recipe_yaml);
+  /// Restores model, optimizer and state from a verified checkpoint folder.
+  void restore(const std::string& ckpt_dir);
+  /// Runs to options.steps. Returns 0 when finished, 128 + signal when stopped by a signal
+  /// (after saving a checkpoint).
+  int fit();
+  const TrainerState& state() const { return state_; }
+  ModelBase& model() { return *parts_.model; }
+
+ private:
+  /// One optimizer step; returns the mean loss over micro-batches and the tokens it consumed.
+  double run_step(int64_t step, int64_t* tokens, double* grad_norm);
+  void evaluate(nlohmann::json* metrics);
+  std::string checkpoint();
+  void log(const std::string& line);
+  void append_metrics(const nlohmann::json& m);
+
+  TrainerParts parts_;
+  std::string run_dir_;
+  std::string recipe_yaml_;
+  TrainerState state_;
+  at::Tensor val_seqs_;
+};
+
+}  // namespace mixdiff

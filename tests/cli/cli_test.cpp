@@ -1,0 +1,149 @@
+// The `mixdiff` binary as a user runs it: help, one-line errors without partial runs, the
+// train -> generate -> eval -> inspect path, and SIGTERM -> checkpoint -> resume.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <thread>
+
+#include "support/support.h"
+
+namespace mixdiff {
+namespace {
+
+namespace fs = std::filesystem;
+using test::run_mixdiff;
+
+const std::string& tiny_dir() {
+  static const std::string d = [] {
+    const std::string dir = test::scratch_dir("cli");
+    test::tiny_setup(dir, dir + "/data");
+    return dir;
+  }();
+  return d;
+}
+
+void expect_one_line_error(const test::CmdResult& r, const std::string& needle) {
+  EXPECT_EQ(r.status, 2) << r.err;
+  const auto l = test::lines(r.err);
+  ASSERT_EQ(l.size(), 1u) << r.err;
+  EXPECT_EQ(l[0].rfind("error: ", 0), 0u) << l[0];
+  EXPECT_NE(l[0].find(needle), std::string::npos) << l[0];
+}
+
+TEST(E2ECli, HelpIsUsefulOnItsOwn) {
+  auto r = run_mixdiff({"--help"});
+  EXPECT_EQ(r.status, 0);
+  for (const char* sub : {"train", "generate", "eval", "inspect", "data"}) {
+    EXPECT_NE(r.out.find(sub), std::string::npos) << sub;
+    auto s = run_mixdiff({sub, "--help"});
+    EXPECT_EQ(s.status, 0) << sub;
+    EXPECT_GT(test::lines(s.out).size(), 3u) << sub;
+  }
+  EXPECT_EQ(run_mixdiff({"data", "prepare", "--help"}).status, 0);
+  EXPECT_EQ(run_mixdiff({"frobnicate"}).status, 2);
+}
+
+TEST(E2ECli, BadInputGivesOneLineAndNoPartialRun) {
+  const std::string d = tiny_dir();
+  const std::string base = test::read_text(d + "/recipe.yaml");
+  // Unknown key, with its line.
+  test::write_text(d + "/unknown.yaml", base + "trian: {steps: 3}\n");
+  const std::string run1 = d + "/runs/unknown";
+  expect_one_line_error(run_mixdiff({"train", d + "/unknown.yaml", "--out", run1}),
+                        "unknown.yaml:" + std::to_string(test::lines(base).size() + 1) +
+                            ":1: trian: unknown key 'trian'");
+  EXPECT_FALSE(fs::exists(run1));
+  // Wrong type through --set.
+  const std::string run2 = d + "/runs/wrongtype";
+  expect_one_line_error(
+      run_mixdiff({"train", d + "/recipe.yaml", "--set", "train.steps=abc", "--out", run2}),
+      "--set train.steps=abc: train.steps: expected an integer, got 'abc'");
+  EXPECT_FALSE(fs::exists(run2));
+  // Missing data.
+  const std::string run3 = d + "/runs/nodata";
+  expect_one_line_error(run_mixdiff({"train", d + "/recipe.yaml", "--set",
+                                     "data.path=" + d + "/no_such_data", "--out", run3}),
+                        "holds no prepared dataset");
+  EXPECT_FALSE(fs::exists(run3));
+  // Unknown component name lists the known ones.
+  expect_one_line_error(run_mixdiff({"train", d + "/recipe.yaml", "--set", "optim.kind=adamx",
+                                     "--out", d + "/runs/x"}),
+                        "optim.kind: unknown optimizers 'adamx' (known: adamw)");
+  expect_one_line_error(run_mixdiff({"train", d + "/missing.yaml"}), "cannot open recipe file");
+  expect_one_line_error(run_mixdiff({"generate", "--ckpt", d + "/nowhere"}), "not a checkpoint");
+}
+
+TEST(E2ECli, TrainGenerateEvalInspect) {
+  const std::string d = tiny_dir();
+  const std::string run = d + "/runs/full";
+  auto t = run_mixdiff({"train", d + "/recipe.yaml", "--set", "train.steps=8", "--out", run});
+  ASSERT_EQ(t.status, 0) << t.err;
+  EXPECT_NE(t.out.find("step      8/8 | loss"), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find("eval  step 8 | val nelbo"), std::string::npos) << t.out;
+  EXPECT_TRUE(fs::exists(run + "/recipe.yaml"));
+  EXPECT_TRUE(fs::exists(run + "/train.log"));
+  EXPECT_NE(test::read_text(run + "/recipe.yaml").find("vocab_size: 320"), std::string::npos);
+
+  auto g = run_mixdiff({"generate", "--ckpt", run, "--prompt", "The dog"});
+  ASSERT_EQ(g.status, 0) << g.err;
+  EXPECT_NE(g.out.find("sample: The dog"), std::string::npos) << g.out;
+  EXPECT_NE(g.out.find("16 forwards"), std::string::npos) << g.out;
+  auto g2 = run_mixdiff({"generate", "--ckpt", run, "--prompt", "The dog"});
+  EXPECT_EQ(g.out.substr(0, g.out.find("generated")), g2.out.substr(0, g2.out.find("generated")));
+  expect_one_line_error(run_mixdiff({"generate", "--ckpt", run, "--set", "train.steps=3"}),
+                        "not used by this command");
+
+  auto e = run_mixdiff({"eval", "--ckpt", run});
+  ASSERT_EQ(e.status, 0) << e.err;
+  EXPECT_NE(e.out.find("\"val_nelbo\":"), std::string::npos) << e.out;
+
+  auto i = run_mixdiff({"inspect", "--ckpt", run});
+  ASSERT_EQ(i.status, 0) << i.err;
+  EXPECT_NE(i.out.find("(verified)"), std::string::npos);
+  auto ir = run_mixdiff({"inspect", "--recipe", d + "/recipe.yaml"});
+  ASSERT_EQ(ir.status, 0) << ir.err;
+  EXPECT_NE(ir.out.find("n_kv_head: 2"), std::string::npos) << ir.out;  // default filled in
+  auto il = run_mixdiff({"inspect"});
+  EXPECT_NE(il.out.find("masked_diffusion_elbo"), std::string::npos);
+
+  // Training into a folder that holds a run needs --resume; resuming a finished run is a no-op.
+  expect_one_line_error(run_mixdiff({"train", d + "/recipe.yaml", "--out", run}),
+                        "already holds checkpoints");
+  auto again = run_mixdiff({"train", "--resume", run, "--set", "train.steps=8"});
+  EXPECT_EQ(again.status, 0) << again.err;
+  EXPECT_NE(again.out.find("run already complete"), std::string::npos) << again.out;
+}
+
+TEST(E2ECli, SigtermSavesACheckpointAndResumeFinishes) {
+  const std::string d = tiny_dir();
+  const std::string run = d + "/runs/sig";
+  const int pid = test::spawn_mixdiff(
+      {"train", d + "/recipe.yaml", "--set", "train.steps=100000", "--out", run},
+      d + "/sig.out", d + "/sig.err");
+  // Wait until training has started (the first progress line is in the log).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  while (test::read_text(run + "/train.log").find("step ") == std::string::npos &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ::kill(pid, SIGTERM);
+  const int status = test::wait_for(pid);
+  EXPECT_EQ(status, 128 + SIGTERM) << test::read_text(d + "/sig.err");
+  const std::string out = test::read_text(d + "/sig.out");
+  EXPECT_NE(out.find("stopped by signal 15"), std::string::npos) << out;
+  ASSERT_TRUE(fs::exists(run + "/checkpoints/latest"));
+  const std::string latest = test::lines(test::read_text(run + "/checkpoints/latest")).at(0);
+  const int64_t step = std::stoll(latest.substr(5));
+  EXPECT_GE(step, 1);
+  auto r = run_mixdiff({"train", "--resume", run, "--set",
+                        "train.steps=" + std::to_string(step + 3)});
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("resumed from"), std::string::npos);
+  EXPECT_TRUE(fs::exists(run + "/checkpoints/step_" + std::to_string(step + 3)));
+}
+
+}  // namespace
+}  // namespace mixdiff

@@ -1,0 +1,58 @@
+// Registries: the built-in names survive static linking (WHOLE_ARCHIVE), unknown names list the
+// known ones, duplicates are refused.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <map>
+#include <set>
+
+#include "app/app.h"
+#include "core/registry.h"
+
+namespace mixdiff {
+namespace {
+
+TEST(UnitRegistry, EveryExtensionPointHasItsBuiltIns) {
+  std::map<std::string, std::set<std::string>> want = {
+      {"models", {"dense_dlm"}},
+      {"routers", {}},
+      {"samplers", {"llada", "confidence_threshold"}},
+      {"losses", {"masked_diffusion_elbo", "masked_ce"}},
+      {"schedules", {"linear", "cosine"}},
+      {"data_sources", {"token_shards"}},
+      {"optimizers", {"adamw"}},
+      {"lr_schedules", {"warmup_cosine", "constant"}},
+      {"corpora", {"kjv", "fortunes", "wordnet", "text_files"}},
+      {"tokenizers", {"byte_bpe", "gpt2"}},
+  };
+  std::set<std::string> seen;
+  for (const auto& r : list_registries()) {
+    seen.insert(r.kind);
+    ASSERT_TRUE(want.count(r.kind)) << "unexpected registry " << r.kind;
+    std::set<std::string> names;
+    for (const auto& [name, help] : r.entries) {
+      names.insert(name);
+      EXPECT_FALSE(help.empty()) << r.kind << "/" << name << " has no help string";
+    }
+    for (const auto& n : want[r.kind]) EXPECT_TRUE(names.count(n)) << r.kind << " lacks " << n;
+  }
+  for (const auto& [kind, _] : want) EXPECT_TRUE(seen.count(kind)) << "registry " << kind << " missing";
+}
+
+TEST(UnitRegistry, UnknownNameListsKnownNamesAndDuplicateThrows) {
+  Registry<int, int> r("widgets", "test");
+  r.add("b", [](int x) { return x + 1; }, "adds one");
+  r.add("a", [](int x) { return x * 2; }, "doubles");
+  EXPECT_EQ(r.create("b", "w.kind", 1), 2);
+  try {
+    r.create("c", "w.kind", 1);
+    FAIL() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    EXPECT_STREQ(e.what(), "w.kind: unknown widgets 'c' (known: a, b)");
+  }
+  EXPECT_THROW(r.add("a", [](int x) { return x; }, "dup"), std::logic_error);
+  EXPECT_EQ(r.names(), (std::vector<std::string>{"a", "b"}));
+}
+
+}  // namespace
+}  // namespace mixdiff

@@ -1,0 +1,148 @@
+// Token shards, dataset preparation and the built-in corpora.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <unistd.h>
+#include <sstream>
+
+#include "core/errors.h"
+#include "data/prepare.h"
+#include "data/shards.h"
+#include "support/support.h"
+
+namespace mixdiff {
+namespace {
+
+namespace fs = std::filesystem;
+
+ShardHeader header(int64_t vocab) {
+  ShardHeader h;
+  h.vocab_size = vocab;
+  h.tokenizer = "byte_bpe";
+  h.tokenizer_fingerprint = "0123456789abcdef";
+  h.split = "train";
+  return h;
+}
+
+std::string data_error(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const DataError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(UnitShards, RoundTripBothDtypes) {
+  const std::string d = test::scratch_dir("shards_rt");
+  std::vector<uint32_t> toks{0, 1, 2, 65535, 7};
+  write_shard(d + "/a.bin", toks, header(65536));
+  ShardReader a(d + "/a.bin");
+  EXPECT_EQ(a.header().dtype, "uint16");
+  ASSERT_EQ(a.size(), 5);
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(a.at(i), toks[i]);
+  toks.push_back(100000);
+  write_shard(d + "/b.bin", toks, header(100001));
+  ShardReader b(d + "/b.bin");
+  EXPECT_EQ(b.header().dtype, "uint32");
+  std::vector<int64_t> out(6);
+  b.copy_to(0, 6, out.data());
+  EXPECT_EQ(out[5], 100000);
+}
+
+TEST(UnitShards, TruncatedOrCorruptShardIsRefused) {
+  const std::string d = test::scratch_dir("shards_bad");
+  write_shard(d + "/a.bin", {1, 2, 3, 4}, header(10));
+  const std::string full = test::read_text(d + "/a.bin");
+  test::write_text(d + "/t.bin", full.substr(0, full.size() - 1));
+  EXPECT_NE(data_error([&] { ShardReader r(d + "/t.bin"); }).find("truncated token shard"),
+            std::string::npos);
+  test::write_text(d + "/m.bin", "NOTASHARD" + full.substr(9));
+  EXPECT_NE(data_error([&] { ShardReader r(d + "/m.bin"); }).find("not a MixDiff token shard"),
+            std::string::npos);
+  std::string big = full;
+  big[big.size() - 2] = 9;  // token 9 is fine
+  big[big.size() - 1] = 1;  // -> 256 + 9 >= vocab 10
+  test::write_text(d + "/v.bin", big);
+  EXPECT_NE(data_error([&] { ShardReader r(d + "/v.bin"); }).find(">= vocab_size 10"),
+            std::string::npos);
+  EXPECT_THROW(write_shard(d + "/w.bin", {11}, header(10)), DataError);
+}
+
+TEST(UnitPrepare, UnigramEntropyByHand) {
+  EXPECT_NEAR(unigram_entropy({1, 1, 1, 1}), std::log(4.0), 1e-12);
+  EXPECT_NEAR(unigram_entropy({3, 1, 0}), -(0.75 * std::log(0.75) + 0.25 * std::log(0.25)), 1e-12);
+  EXPECT_EQ(unigram_entropy({5}), 0.0);
+}
+
+TEST(UnitPrepare, PreparesOnceAndRefusesAChangedSpec) {
+  const std::string d = test::scratch_dir("prepare");
+  const std::string recipe = test::tiny_setup(d, d + "/data");
+  DatasetInfo info = read_dataset_info(d + "/data");
+  EXPECT_EQ(info.vocab_size, 320);
+  EXPECT_GT(info.train_tokens, 500);
+  EXPECT_GT(info.val_tokens, 0);
+  EXPECT_GT(info.val_unigram_entropy, 0);
+  ShardReader s(d + "/data/" + info.train_shards.at(0));
+  EXPECT_EQ(s.header().tokenizer_fingerprint, info.tokenizer_fingerprint);
+  // The same spec again is a no-op; a different one is refused without --force.
+  ConfigNode r = ConfigNode::from_file(recipe);
+  std::ostringstream log;
+  prepare_dataset(r.at("data"), false, log);
+  EXPECT_NE(log.str().find("already prepared"), std::string::npos);
+  ConfigNode r2 = ConfigNode::from_file(recipe);
+  r2.apply_override("data.prepare.val_fraction=0.3");
+  EXPECT_NE(data_error([&] { prepare_dataset(r2.at("data"), false, log); })
+                .find("prepared from a different data.prepare spec"),
+            std::string::npos);
+  prepare_dataset(r2.at("data"), true, log);
+  EXPECT_NE(read_dataset_info(d + "/data").spec_yaml, info.spec_yaml);
+  EXPECT_FALSE(fs::exists(d + "/data.tmp-" + std::to_string(::getpid())));
+}
+
+TEST(UnitPrepare, MissingDataIsNamed) {
+  EXPECT_NE(data_error([] { read_dataset_info("/nonexistent/data"); })
+                .find("holds no prepared dataset"),
+            std::string::npos);
+}
+
+// The default corpora come from Debian packages that tools/setup.sh installs.
+TEST(UnitCorpora, BuiltInCorporaYieldEnglishDocuments) {
+  for (const char* kind : {"kjv", "fortunes", "wordnet"}) {
+    ConfigNode c = ConfigNode::from_string(std::string("kind: ") + kind + "\n", "t.yaml");
+    auto corpus = corpora_registry().create(kind, "kind", c);
+    int64_t docs = 0, bytes = 0, with_the = 0;
+    corpus->for_each_document([&](std::string_view d) {
+      ++docs;
+      bytes += static_cast<int64_t>(d.size());
+      with_the += d.find(" the ") != std::string_view::npos;
+      for (char ch : d) {
+        ASSERT_TRUE(static_cast<unsigned char>(ch) >= 0x20 || ch == '\n' || ch == '\t')
+            << kind << ": control character in a document";
+      }
+    });
+    EXPECT_GT(docs, 1000) << kind;
+    EXPECT_GT(bytes, 1000000) << kind;
+    EXPECT_GT(with_the, docs / 10) << kind << ": does not look like English";
+  }
+  ConfigNode c = ConfigNode::from_string("kind: kjv\n", "t.yaml");
+  std::string first;
+  corpora_registry().create("kjv", "kind", c)->for_each_document([&](std::string_view d) {
+    if (first.empty()) first = std::string(d.substr(0, 58));
+  });
+  EXPECT_EQ(first, "In the beginning God created the heaven and the earth. And");
+}
+
+TEST(UnitCorpora, MissingCorpusSourceIsAClearError) {
+  ConfigNode c = ConfigNode::from_string("kind: fortunes\ndir: /nonexistent\n", "t.yaml");
+  auto corpus = corpora_registry().create("fortunes", "kind", c);
+  EXPECT_NE(data_error([&] { corpus->for_each_document([](std::string_view) {}); })
+                .find("install the Debian package fortunes"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace mixdiff

@@ -1,0 +1,137 @@
+// Masked diffusion: schedules, the forward process and the loss terms against hand-computed
+// values, and the validation NELBO.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+
+#include "diffusion/diffusion.h"
+
+namespace mixdiff {
+namespace {
+
+std::shared_ptr<NoiseSchedule> schedule(const std::string& yaml) {
+  ConfigNode c = ConfigNode::from_string(yaml, "s.yaml");
+  return schedules_registry().create(c.get<std::string>("kind"), "kind", c);
+}
+
+std::shared_ptr<LossTerm> loss(const std::string& kind) {
+  ConfigNode c = ConfigNode::from_string("kind: " + kind + "\n", "l.yaml");
+  return losses_registry().create(kind, "kind", c);
+}
+
+// Cross-entropy of one row of logits written out by hand.
+double ce(const std::vector<double>& z, int target) {
+  double m = *std::max_element(z.begin(), z.end()), s = 0;
+  for (double v : z) s += std::exp(v - m);
+  return -(z[target] - m - std::log(s));
+}
+
+TEST(UnitDiffusion, LinearScheduleIsLladas) {
+  auto s = schedule("kind: linear\neps: 0.001\n");
+  auto t = torch::tensor({0.0f, 0.5f, 1.0f});
+  auto p = s->mask_prob(t), w = s->elbo_weight(t);
+  EXPECT_NEAR(p[0].item<double>(), 0.001, 1e-7);
+  EXPECT_NEAR(p[1].item<double>(), 0.5005, 1e-7);
+  EXPECT_NEAR(p[2].item<double>(), 1.0, 1e-7);
+  EXPECT_NEAR(w[1].item<double>(), 1.0 / 0.5005, 1e-5);
+  EXPECT_NEAR(w[0].item<double>(), 1000.0, 1e-2);
+}
+
+TEST(UnitDiffusion, CosineWeightIsDerivativeOverMaskProb) {
+  auto s = schedule("kind: cosine\neps: 0.0\nt_min: 0.1\nt_max: 0.9\n");
+  EXPECT_DOUBLE_EQ(s->t_min, 0.1);
+  EXPECT_DOUBLE_EQ(s->t_max, 0.9);
+  for (double t : {0.2, 0.5, 0.8}) {
+    const double h = 1e-4;
+    auto tt = torch::tensor({t - h, t, t + h}, torch::kFloat64);
+    auto p = s->mask_prob(tt);
+    const double dp = (p[2].item<double>() - p[0].item<double>()) / (2 * h);
+    EXPECT_NEAR(s->elbo_weight(tt)[1].item<double>(), dp / p[1].item<double>(), 1e-5);
+    EXPECT_NEAR(p[1].item<double>(), 1 - std::cos(M_PI * t / 2), 1e-9);
+  }
+}
+
+TEST(UnitDiffusion, BadScheduleRangeNamesKey) {
+  EXPECT_THROW(schedule("kind: linear\nt_min: 0.8\nt_max: 0.3\n"), ConfigError);
+  EXPECT_THROW(schedule("kind: linear\neps: 1.5\n"), ConfigError);
+}
+
+TEST(UnitDiffusion, CorruptMasksExactlyWhereUniformBelowP) {
+  auto s = schedule("kind: linear\neps: 0.001\n");
+  auto x0 = torch::arange(24, torch::kLong).view({3, 8});
+  auto t = torch::tensor({0.2f, 0.6f, 0.9f});
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(7);
+  DiffusionBatch b = corrupt(x0, t, *s, /*mask_id=*/99, gen);
+  auto gen2 = at::make_generator<at::CPUGeneratorImpl>(7);
+  auto u = torch::rand({3, 8}, gen2);
+  auto p = t * 0.999 + 0.001;
+  auto want = u < p.unsqueeze(1);
+  EXPECT_TRUE(torch::equal(b.masked_BL, want));
+  EXPECT_TRUE(torch::equal(b.xt_BL, x0.masked_fill(want, 99)));
+  EXPECT_TRUE(torch::equal(b.index_M, want.reshape({-1}).nonzero().squeeze(1)));
+  EXPECT_TRUE(torch::equal(b.target_M, x0.reshape({-1}).index_select(0, b.index_M)));
+  for (int64_t i = 0; i < b.index_M.size(0); ++i) {
+    const int64_t row = b.index_M[i].item<int64_t>() / 8;
+    EXPECT_NEAR(b.weight_M[i].item<double>(), 1.0 / p[row].item<double>(), 1e-5);
+  }
+  EXPECT_EQ(b.n_slots, 24);
+}
+
+TEST(UnitDiffusion, ElboAndMaskedCeByHand) {
+  // B = 2, L = 3, V = 4; masked positions 1 (row 0, p = 0.5) and 3, 5 (row 1, p = 0.25).
+  DiffusionBatch b;
+  b.index_M = torch::tensor({1, 3, 5}, torch::kLong);
+  b.target_M = torch::tensor({2, 0, 3}, torch::kLong);
+  b.weight_M = torch::tensor({1 / 0.5f, 1 / 0.25f, 1 / 0.25f});
+  b.n_slots = 6;
+  std::vector<std::vector<double>> z = {{0.1, 0.2, 1.5, -1}, {2, 0, 0, 0}, {0.3, 0.3, 0.3, 0.9}};
+  ModelOutput out{torch::tensor({0.1, 0.2, 1.5, -1.0, 2.0, 0.0, 0.0, 0.0, 0.3, 0.3, 0.3, 0.9},
+                                torch::kFloat32)
+                      .view({3, 4})};
+  const double c0 = ce(z[0], 2), c1 = ce(z[1], 0), c2 = ce(z[2], 3);
+  EXPECT_NEAR(loss("masked_diffusion_elbo")->compute(out, b).item<double>(),
+              (c0 / 0.5 + c1 / 0.25 + c2 / 0.25) / 6.0, 1e-5);
+  EXPECT_NEAR(loss("masked_ce")->compute(out, b).item<double>(), (c0 + c1 + c2) / 3.0, 1e-5);
+}
+
+TEST(ComponentDiffusion, MaskFractionFollowsTheSchedule) {
+  auto s = schedule("kind: linear\neps: 0.001\n");
+  auto t = torch::tensor({0.1f, 0.4f, 0.7f, 1.0f});
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(3);
+  DiffusionBatch b = corrupt(torch::zeros({4, 20000}, torch::kLong), t, *s, 1, gen);
+  auto frac = b.masked_BL.to(torch::kFloat64).mean(1);
+  auto p = s->mask_prob(t);
+  for (int i = 0; i < 4; ++i) {
+    const double pi = p[i].item<double>();
+    EXPECT_NEAR(frac[i].item<double>(), pi, 4 * std::sqrt(pi * (1 - pi) / 20000) + 1e-9);
+  }
+}
+
+// A model that ignores its input and predicts the uniform distribution.
+class UniformModel : public ModelBase {
+ public:
+  ModelOutput forward(const ModelInput& in) override {
+    const int64_t n = in.logits_index_M.defined() ? in.logits_index_M.size(0)
+                                                  : in.tokens_BL.numel();
+    return {torch::zeros({n, 16})};
+  }
+  int64_t vocab_size() const override { return 16; }
+  int64_t max_seq_len() const override { return 64; }
+  std::string describe() const override { return "uniform"; }
+};
+
+TEST(ComponentDiffusion, NelboOfUniformModelIsLogVAndDeterministic) {
+  UniformModel m;
+  auto x = torch::randint(0, 16, {256, 64}, torch::kLong);
+  NelboResult a = validation_nelbo(m, x, 32, 11);
+  NelboResult b = validation_nelbo(m, x, 64, 11);
+  EXPECT_NEAR(a.nelbo, std::log(16.0), 0.05 * std::log(16.0));
+  EXPECT_DOUBLE_EQ(a.nelbo, b.nelbo);  // batch size does not change the draws
+  EXPECT_NEAR(a.ppl_bound, std::exp(a.nelbo), 1e-9);
+  EXPECT_NEAR(a.unigram_entropy, std::log(16.0), 0.01);
+  EXPECT_EQ(a.tokens, 256 * 64);
+}
+
+}  // namespace
+}  // namespace mixdiff

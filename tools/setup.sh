@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages MixDiff needs (idempotent; silent when everything is there).
+#   build:   g++, cmake, ninja, pkg-config, ccache, LibTorch 1.13 (CPU), yaml-cpp, CLI11,
+#            nlohmann-json, PCRE2, GoogleTest
+#   speed:   OpenBLAS (pthread). Debian's default reference BLAS makes every matmul 24-30x
+#            slower; installing libopenblas0-pthread switches libblas.so.3 to it.
+#   data:    the built-in English corpora: bible-kjv (KJV Bible), fortunes, wordnet-base
+# Usage: tools/setup.sh            (as root, or with sudo available)
+set -euo pipefail
+
+PACKAGES=(
+  g++ cmake ninja-build pkg-config ccache
+  libtorch-dev libyaml-cpp-dev libcli11-dev nlohmann-json3-dev libpcre2-dev libgtest-dev
+  libopenblas0-pthread
+  bible-kjv fortunes wordnet-base
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+    echo "error: tools/setup.sh must install ${missing[*]}: run it as root" >&2
+    exit 1
+  fi
+fi
+echo "setup: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+echo "setup: done"
