@@ -17,7 +17,13 @@ LossRegistry& losses_registry() {
 }
 
 at::Tensor sample_t(int64_t B, const NoiseSchedule& s, at::Generator& gen) {
-  return torch::rand({B}, gen) * (s.t_max - s.t_min) + s.t_min;
+  at::Tensor u;
+  if (s.stratified) {
+    u = (torch::arange(B, torch::kFloat32) + torch::rand({1}, gen)) / static_cast<double>(B);
+  } else {
+    u = torch::rand({B}, gen);
+  }
+  return u * (s.t_max - s.t_min) + s.t_min;
 }
 
 DiffusionBatch corrupt(const at::Tensor& x0_BL, const at::Tensor& t_B, const NoiseSchedule& s,

@@ -3,7 +3,9 @@
 //           is the 1/t of the ELBO with the eps floor folded in (LLaDA uses 1/p, not p'/p).
 //   cosine  p(t) = eps + (1 - eps)(1 - cos(pi t / 2)), weight p'(t)/p(t) (the general
 //           -alpha'_t / (1 - alpha_t) of MDLM for alpha_t = 1 - p(t)).
-// Both take t_min/t_max: t ~ U[t_min, t_max] gives BD3-LM's clipped schedules (e.g. [0.3, 0.8]).
+// Both take t_min/t_max: t ~ U[t_min, t_max] gives BD3-LM's clipped schedules (e.g. [0.3, 0.8]),
+// and t_sampling: uniform (LLaDA: independent t per sequence) or stratified (MDLM's
+// low-discrepancy draws, one t per stratum of the batch).
 #include <torch/torch.h>
 
 #include <cmath>
@@ -16,6 +18,11 @@ namespace {
 void read_range(const ConfigNode& c, NoiseSchedule& s) {
   s.t_min = c.get<double>("t_min", 0.0);
   s.t_max = c.get<double>("t_max", 1.0);
+  const std::string sampling = c.get<std::string>("t_sampling", "uniform");
+  if (sampling != "uniform" && sampling != "stratified") {
+    c.fail("t_sampling", "expected uniform or stratified, got '" + sampling + "'");
+  }
+  s.stratified = sampling == "stratified";
   if (!(s.t_min >= 0.0 && s.t_min < s.t_max && s.t_max <= 1.0)) {
     c.fail("t_min", str("expected 0 <= t_min < t_max <= 1, got [", s.t_min, ", ", s.t_max, "]"));
   }
@@ -52,12 +59,12 @@ class CosineSchedule : public NoiseSchedule {
 };
 
 MIXDIFF_REGISTER(schedules_registry(), "linear",
-                 "LLaDA: p = (1-eps) t + eps, weight 1/p; keys: eps, t_min, t_max",
+                 "LLaDA: p = (1-eps) t + eps, weight 1/p; keys: eps, t_min, t_max, t_sampling",
                  [](const ConfigNode& c) -> std::shared_ptr<NoiseSchedule> {
                    return std::make_shared<LinearSchedule>(c);
                  });
 MIXDIFF_REGISTER(schedules_registry(), "cosine",
-                 "p = eps + (1-eps)(1 - cos(pi t/2)), weight p'/p; keys: eps, t_min, t_max",
+                 "p = eps + (1-eps)(1 - cos(pi t/2)), weight p'/p; keys: eps, t_min, t_max, t_sampling",
                  [](const ConfigNode& c) -> std::shared_ptr<NoiseSchedule> {
                    return std::make_shared<CosineSchedule>(c);
                  });

@@ -103,6 +103,28 @@ TEST(UnitPrepare, PreparesOnceAndRefusesAChangedSpec) {
   EXPECT_FALSE(fs::exists(d + "/data.tmp-" + std::to_string(::getpid())));
 }
 
+TEST(UnitPrepare, Gpt2FilesTokenizeTheCorpus) {
+  const std::string d = test::scratch_dir("prepare_gpt2");
+  std::string text;
+  for (int i = 0; i < 40; ++i) text += "the cat sat on the mat\n\n";
+  test::write_text(d + "/corpus.txt", text);
+  ConfigNode r = ConfigNode::from_string(
+      "path: " + d + "/data\nprepare:\n  corpora: [{kind: text_files, paths: [" + d +
+          "/corpus.txt]}]\n  tokenizer: {kind: gpt2, dir: " + test::fixtures_dir() +
+          "/gpt2_tiny}\n  val_fraction: 0.25\n",
+      "data.yaml");
+  std::ostringstream log;
+  DatasetInfo info = prepare_dataset(r, false, log);
+  r.at("prepare").check_unknown_keys();
+  EXPECT_EQ(info.tokenizer_kind, "gpt2");
+  EXPECT_EQ(info.vocab_size, 23);
+  // "the cat sat on the mat" is 7 tokens in the fixture, plus EOS per document.
+  EXPECT_EQ((info.train_tokens + info.val_tokens), 40 * 8);
+  ShardReader s(d + "/data/" + info.train_shards.at(0));
+  EXPECT_EQ(s.at(0), 20u);
+  EXPECT_EQ(s.at(7), static_cast<uint32_t>(info.eos_id));
+}
+
 TEST(UnitPrepare, MissingDataIsNamed) {
   EXPECT_NE(data_error([] { read_dataset_info("/nonexistent/data"); })
                 .find("holds no prepared dataset"),

@@ -151,5 +151,24 @@ TEST(E2ETrain, DamagedCheckpointIsRefusedWithItsFileName) {
   EXPECT_THROW(resolve_checkpoint(run + "/nothing_here"), CheckpointError);
 }
 
+TEST(RoundtripRecipe, ResolvedRecipeRebuildsToTheSameRecipe) {
+  const std::string d = test::scratch_dir("recipe_rt");
+  test::write_text(d + "/r.yaml", test::tiny_recipe(data_dir()));
+  auto resolve = [](ConfigNode r) {
+    build_trainer_parts(r);
+    GenerateSettings::from(r);
+    r.check_unknown_keys();
+    return r.to_yaml();
+  };
+  ConfigNode r1 = ConfigNode::from_file(d + "/r.yaml");
+  r1.apply_override("model.qk_norm=true");
+  const std::string y1 = resolve(r1);
+  EXPECT_NE(y1.find("n_kv_head: 2"), std::string::npos) << y1;   // defaults are written out
+  EXPECT_NE(y1.find("vocab_size: 320"), std::string::npos) << y1;  // derived from the data
+  EXPECT_NE(y1.find("qk_norm: true"), std::string::npos) << y1;    // overrides are kept
+  const std::string y2 = resolve(ConfigNode::from_string(y1, "resolved.yaml"));
+  EXPECT_EQ(y1, y2);
+}
+
 }  // namespace
 }  // namespace mixdiff
