@@ -4,9 +4,12 @@
 #include <torch/torch.h>
 
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <sstream>
 
 #include "core/compat.h"
 #include "core/errors.h"
@@ -170,6 +173,8 @@ int cmd_eval(const EvalArgs& a) {
   return 0;
 }
 
+const char* compat_torch_version() { return compat::torch_version(); }
+
 void configure_process() {
   mallopt(M_MMAP_THRESHOLD, 32 << 20);
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
@@ -177,12 +182,68 @@ void configure_process() {
 
 std::vector<RegistryListing> list_registries() {
   return {models_registry().listing(),      routers_registry().listing(),
+          balancers_registry().listing(),
           samplers_registry().listing(),
           losses_registry().listing(),      schedules_registry().listing(),
           data_sources_registry().listing(), optimizers_registry().listing(),
           lr_schedules_registry().listing(), corpora_registry().listing(),
           tokenizer_builders().listing()};
 }
+
+namespace {
+
+/// The run folder of a run or checkpoint path (the folder holding metrics.jsonl), or "".
+std::string run_folder_of(const std::string& path) {
+  namespace fs = std::filesystem;
+  for (fs::path p = fs::absolute(path); !p.empty() && p != p.root_path(); p = p.parent_path()) {
+    if (fs::exists(p / "metrics.jsonl")) return p.string();
+    if (p.filename() == "runs") break;
+  }
+  return "";
+}
+
+/// Per-layer routing summary of the last logged step that has MoE telemetry.
+void print_routing_summary(const std::string& run_dir) {
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  std::string line;
+  nlohmann::json last;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (!j.is_discarded() && j.contains("moe")) last = std::move(j);
+  }
+  if (last.is_null()) return;
+  auto num = [](const nlohmann::json& v, int prec) {
+    if (!v.is_number()) return std::string("-");
+    std::ostringstream o;
+    o << std::fixed << std::setprecision(prec) << v.get<double>();
+    return o.str();
+  };
+  std::cout << "routing of the last logging interval (" << run_dir << "/metrics.jsonl, step "
+            << last["step"] << ")\n";
+  if (last.contains("aux")) {
+    std::cout << "  aux losses (unweighted, mean over layers):";
+    for (const auto& [k, v] : last["aux"].items()) std::cout << " " << k << " " << num(v, 4);
+    std::cout << "\n";
+  }
+  std::cout << "  layer    tokens  max/mean      cv  dead  entropy  dropped  experts/token"
+               "  max/mean by mask ratio\n";
+  for (const auto& l : last["moe"]["layers"]) {
+    char buf[160];
+    std::snprintf(buf, sizeof(buf), "  %5lld %9.0f %9s %7s %5lld %8s %8s %14s ",
+                  static_cast<long long>(l.value("layer", -1)), l.value("tokens", 0.0),
+                  num(l["max_mean"], 3).c_str(), num(l["cv"], 3).c_str(),
+                  static_cast<long long>(l.value("dead", 0)), num(l["entropy"], 3).c_str(),
+                  num(l["dropped"], 3).c_str(), num(l["experts_per_token"], 2).c_str());
+    std::cout << buf;
+    for (const auto& b : l["by_mask_ratio"]) {
+      std::cout << " [" << num(b["mask_ratio"][0], 2) << "," << num(b["mask_ratio"][1], 2)
+                << ") " << num(b["max_mean"], 2);
+    }
+    std::cout << "\n";
+  }
+}
+
+}  // namespace
 
 int cmd_inspect(const InspectArgs& a) {
   if (!a.recipe.empty()) {
@@ -213,6 +274,8 @@ int cmd_inspect(const InspectArgs& a) {
       std::cout << "    " << kv.first << " " << kv.second.scalar_type() << " " << kv.second.sizes()
                 << "\n";
     }
+    const std::string run = run_folder_of(a.ckpt);
+    if (!run.empty()) print_routing_summary(run);
     return 0;
   }
   std::cout << "MixDiff registries (built against LibTorch " << compat::torch_version() << ")\n";

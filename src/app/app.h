@@ -45,6 +45,23 @@ struct PrepareArgs {
 };
 int cmd_data_prepare(const PrepareArgs& a);
 
+struct BenchMoeArgs {
+  int64_t tokens = 2048;
+  int64_t d_model = 256;
+  int64_t d_expert = 176;
+  int64_t top_k = 4;
+  std::vector<int64_t> experts{8, 16, 32, 64};
+  std::string dispatch = "sorted";
+  int repeats = 10;
+  int threads = 1;
+  std::string json;  ///< also write the JSON result here
+};
+/// `mixdiff bench moe-layer`: MoE layer vs dense FFN of equal active FLOPs, over E.
+int cmd_bench_moe_layer(const BenchMoeArgs& a);
+
+/// "1.13.0": the LibTorch this binary was built against.
+const char* compat_torch_version();
+
 /// Process-wide settings for training speed; call once at the start of main().
 /// glibc serves allocations above a dynamic threshold with mmap/munmap, so every step of a
 /// LibTorch loop page-faults its activations in again; raising the mmap threshold to its maximum

@@ -72,6 +72,26 @@ int run(int argc, char** argv) {
   dp->add_option("--set", prep.overrides, kSetHelp)->allow_extra_args(false);
   dp->add_flag("--force", prep.force, "rebuild even if data.path already holds prepared data");
 
+  auto* b = app.add_subcommand("bench", "benchmarks measured side by side in one process");
+  b->require_subcommand(1);
+  mixdiff::BenchMoeArgs bm;
+  auto* bml = b->add_subcommand(
+      "moe-layer", "forward+backward of one MoE layer vs a dense SwiGLU of equal active FLOPs");
+  bml->add_option("--tokens", bm.tokens, "tokens T per forward")->capture_default_str();
+  bml->add_option("--d-model", bm.d_model, "model width D")->capture_default_str();
+  bml->add_option("--d-expert", bm.d_expert, "expert width F")->capture_default_str();
+  bml->add_option("--top-k", bm.top_k, "experts per token K (dense d_ff = K F)")
+      ->capture_default_str();
+  bml->add_option("--experts", bm.experts, "expert counts E to measure")
+      ->delimiter(',')
+      ->capture_default_str();
+  bml->add_option("--dispatch", bm.dispatch, "sorted or loop")
+      ->check(CLI::IsMember({"sorted", "loop"}))
+      ->capture_default_str();
+  bml->add_option("--repeats", bm.repeats, "timed repeats (median reported)")->capture_default_str();
+  bml->add_option("--threads", bm.threads, "LibTorch intra-op threads")->capture_default_str();
+  bml->add_option("--json", bm.json, "also write the JSON result to this file");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& err) {
@@ -82,6 +102,7 @@ int run(int argc, char** argv) {
   if (e->parsed()) return mixdiff::cmd_eval(ev);
   if (i->parsed()) return mixdiff::cmd_inspect(in);
   if (dp->parsed()) return mixdiff::cmd_data_prepare(prep);
+  if (bml->parsed()) return mixdiff::cmd_bench_moe_layer(bm);
   return 2;
 }
 

@@ -64,6 +64,9 @@ class LossTerm {
   virtual ~LossTerm() = default;
   /// Scalar loss. `out.logits` is [M, V] for the batch's masked positions.
   virtual at::Tensor compute(const ModelOutput& out, const DiffusionBatch& batch) = 0;
+  /// Routing terms (load balancing, z-loss, ...) are computed inside the MoE layers and attached
+  /// to their outputs (moe/moe_layer.h); the trainer hands them to the layers instead.
+  virtual bool is_routing() const { return false; }
 };
 
 using LossRegistry = Registry<std::shared_ptr<LossTerm>, const ConfigNode&>;

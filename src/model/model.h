@@ -11,18 +11,29 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/config.h"
 #include "core/registry.h"
 
 namespace mixdiff {
 
+class MoeLayer;
+
 struct ModelInput {
+  ModelInput(at::Tensor tokens, at::Tensor index = {})
+      : tokens_BL(std::move(tokens)), logits_index_M(std::move(index)) {}
   at::Tensor tokens_BL;     ///< int64 [B, L], may hold mask_id()
   /// Optional int64 [M] indices into the flattened [B*L] positions. When defined, logits are
   /// computed only there ([M, V]): a training step needs logits at masked positions only, and
   /// the output projection is the largest matmul of a small model.
   at::Tensor logits_index_M;
+  /// Optional bool [B, L]: false at padding positions, which never count in routing statistics
+  /// or routing losses. Undefined: every position is real.
+  at::Tensor valid_BL;
+  /// Counter of this forward (training: step * grad_accum + micro-batch), for routing code that
+  /// draws noise (ERC) so that resumed runs draw the same.
+  int64_t step = 0;
 };
 
 struct ModelOutput {
@@ -41,6 +52,11 @@ class ModelBase : public torch::nn::Module {
   virtual std::string describe() const = 0;
   /// Parameter count (unique tensors).
   int64_t num_parameters() const;
+  /// Parameters one token's forward uses (routed experts counted K of E); dense models: all.
+  virtual int64_t num_active_parameters() const { return num_parameters(); }
+  /// The model's MoE layers in depth order (empty for dense models): the trainer attaches
+  /// routing losses, balancing updates and telemetry through them.
+  virtual std::vector<MoeLayer*> moe_layers() { return {}; }
 };
 
 using ModelRegistry = Registry<std::shared_ptr<ModelBase>, const ConfigNode&>;

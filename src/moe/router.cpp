@@ -1,10 +1,74 @@
 #include "moe/router.h"
 
+#include <torch/torch.h>
+
 namespace mixdiff {
 
 RouterRegistry& routers_registry() {
   static RouterRegistry r("routers", "MoE routers (model.moe.router.kind)");
   return r;
+}
+
+BalancerRegistry& balancers_registry() {
+  static BalancerRegistry r("balancers",
+                            "selection offsets that balance expert load without a loss "
+                            "(model.moe.router.balancer.kind; none disables)");
+  return r;
+}
+
+std::shared_ptr<Balancer> build_balancer(const ConfigNode& cfg, int64_t n_slots) {
+  const std::string kind = cfg.get<std::string>("kind", "none");
+  if (kind == "none") return nullptr;
+  return balancers_registry().create(kind, cfg.path() + ".kind", cfg, n_slots);
+}
+
+at::Tensor topk_indices(const at::Tensor& scores, int64_t k) {
+  TORCH_CHECK(k > 0 && k <= scores.size(-1), "[topk_indices] k = ", k, " outside [1, ",
+              scores.size(-1), "]");
+  auto sorted = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true));
+  return sorted.narrow(-1, 0, k).contiguous();
+}
+
+bool updates_state(const torch::nn::Module& m) {
+  return m.is_training() && at::GradMode::is_enabled();
+}
+
+at::Tensor valid_weights(const at::Tensor& valid_T, int64_t T) {
+  if (!valid_T.defined()) return torch::ones({T}, torch::kFloat32);
+  return valid_T.to(torch::kFloat32);
+}
+
+at::Tensor slot_counts(const at::Tensor& idx_TK, int64_t n_slots, const at::Tensor& valid_T) {
+  return selection_map(idx_TK, n_slots, valid_T).sum(0);
+}
+
+at::Tensor selection_map(const at::Tensor& idx_TK, int64_t n_slots, const at::Tensor& valid_T) {
+  torch::NoGradGuard ng;
+  const int64_t T = idx_TK.size(0);
+  auto map = torch::zeros({T, n_slots}, torch::kFloat32);
+  map.scatter_(1, idx_TK, 1.0);
+  if (valid_T.defined()) map.mul_(valid_T.to(torch::kFloat32).unsqueeze(1));
+  return map;
+}
+
+void fill_assignments(RoutingDecision& d, const at::Tensor& idx_TK, const at::Tensor& gate_TK,
+                      const at::Tensor& valid_T) {
+  const int64_t T = idx_TK.size(0), K = idx_TK.size(1);
+  auto token = torch::arange(T, torch::kLong).unsqueeze(1).expand({T, K}).reshape({-1});
+  auto expert = idx_TK.reshape({-1});
+  auto gate = gate_TK.reshape({-1});
+  auto keep = expert < d.n_expert;
+  if (valid_T.defined()) keep = keep & valid_T.unsqueeze(1).expand({T, K}).reshape({-1});
+  if (keep.all().item<bool>()) {
+    d.token_A = token.contiguous();
+    d.expert_A = expert.contiguous();
+    d.gate_A = gate;
+    return;
+  }
+  auto pos = keep.nonzero().squeeze(1);
+  d.token_A = token.index_select(0, pos);
+  d.expert_A = expert.index_select(0, pos);
+  d.gate_A = gate.index_select(0, pos);
 }
 
 }  // namespace mixdiff

@@ -87,7 +87,7 @@ SwiGLU::SwiGLU(int64_t d_model, int64_t d_ff) {
   w_down_ = register_parameter("w_down", torch::empty({d_model, d_ff}));
 }
 
-at::Tensor SwiGLU::forward(const at::Tensor& x) {
+at::Tensor SwiGLU::forward(const at::Tensor& x, const RoutingContext*) {
   namespace F = torch::nn::functional;
   return F::linear(F::silu(F::linear(x, w_gate_)) * F::linear(x, w_up_), w_down_);
 }
@@ -100,9 +100,9 @@ TransformerBlock::TransformerBlock(const AttentionOptions& a, std::shared_ptr<Fe
 }
 
 at::Tensor TransformerBlock::forward(const at::Tensor& x, const RotaryTables& rope,
-                                     const at::Tensor& bias) {
+                                     const at::Tensor& bias, const RoutingContext* ctx) {
   auto h = x + attn_->forward(attn_norm_->forward(x), rope, bias);
-  return h + ffn_->forward(ffn_norm_->forward(h));
+  return h + ffn_->forward(ffn_norm_->forward(h), ctx);
 }
 
 void init_transformer_weights(torch::nn::Module& m, double std, int64_t n_layer) {

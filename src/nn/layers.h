@@ -11,6 +11,8 @@
 
 #include <memory>
 
+#include "moe/context.h"
+
 namespace mixdiff {
 
 /// y = x / sqrt(mean(x^2) + eps) * weight, over the last dimension.
@@ -60,17 +62,18 @@ class Attention : public torch::nn::Module {
   std::shared_ptr<RMSNorm> q_norm_, k_norm_;
 };
 
-/// A token-wise feed-forward: dense SwiGLU or an MoE layer.
+/// A token-wise feed-forward: dense SwiGLU or an MoE layer. `ctx` (may be null) tells an MoE
+/// layer what its router may condition on; a dense FFN ignores it.
 class FeedForward : public torch::nn::Module {
  public:
-  virtual at::Tensor forward(const at::Tensor& x_BLD) = 0;
+  virtual at::Tensor forward(const at::Tensor& x_BLD, const RoutingContext* ctx) = 0;
 };
 
 /// w_down (silu(w_gate x) * (w_up x)); w_gate, w_up [F, D], w_down [D, F].
 class SwiGLU : public FeedForward {
  public:
   SwiGLU(int64_t d_model, int64_t d_ff);
-  at::Tensor forward(const at::Tensor& x_BLD) override;
+  at::Tensor forward(const at::Tensor& x_BLD, const RoutingContext* ctx = nullptr) override;
 
  private:
   at::Tensor w_gate_, w_up_, w_down_;
@@ -80,7 +83,10 @@ class SwiGLU : public FeedForward {
 class TransformerBlock : public torch::nn::Module {
  public:
   TransformerBlock(const AttentionOptions& attn, std::shared_ptr<FeedForward> ffn);
-  at::Tensor forward(const at::Tensor& x_BLD, const RotaryTables& rope, const at::Tensor& bias);
+  at::Tensor forward(const at::Tensor& x_BLD, const RotaryTables& rope, const at::Tensor& bias,
+                     const RoutingContext* ctx = nullptr);
+  FeedForward& ffn() { return *ffn_; }
+  std::shared_ptr<FeedForward> ffn_ptr() const { return ffn_; }
 
  private:
   std::shared_ptr<RMSNorm> attn_norm_, ffn_norm_;

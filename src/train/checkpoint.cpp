@@ -31,6 +31,13 @@ int64_t step_of(const std::string& name) {
 
 }  // namespace
 
+std::vector<std::pair<std::string, at::Tensor>> model_state(const torch::nn::Module& model) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& kv : model.named_parameters(/*recurse=*/true)) out.emplace_back(kv.key(), kv.value());
+  for (const auto& kv : model.named_buffers(/*recurse=*/true)) out.emplace_back(kv.key(), kv.value());
+  return out;
+}
+
 std::string save_checkpoint(const std::string& run_dir, int64_t step, const CheckpointContent& c,
                             int64_t keep_last) {
   const std::string root = run_dir + "/checkpoints";
@@ -42,9 +49,7 @@ std::string save_checkpoint(const std::string& run_dir, int64_t step, const Chec
     fs::create_directories(tmp + "/tokenizer");
 
     TensorMap tensors;
-    for (const auto& kv : c.model->named_parameters(/*recurse=*/true)) {
-      tensors.emplace(kv.key(), kv.value());
-    }
+    for (const auto& kv : model_state(*c.model)) tensors.emplace(kv.first, kv.second);
     save_safetensors(tmp + "/model.safetensors", tensors,
                      {{"format", "pt"}, {"producer", "mixdiff"}, {"model", c.model->describe()}});
     if (c.optimizer) {
@@ -161,14 +166,14 @@ nlohmann::json verify_checkpoint(const std::string& dir) {
 void load_model_weights(ModelBase& model, const std::string& path) {
   TensorMap t = load_safetensors(path);
   torch::NoGradGuard ng;
-  for (auto& kv : model.named_parameters(/*recurse=*/true)) {
-    auto it = t.find(kv.key());
-    if (it == t.end()) throw CheckpointError(str(path, ": missing tensor '", kv.key(), "'"));
-    if (it->second.sizes() != kv.value().sizes()) {
-      throw CheckpointError(str(path, ": tensor '", kv.key(), "' has shape ", it->second.sizes(),
-                                ", the model expects ", kv.value().sizes()));
+  for (auto& kv : model_state(model)) {
+    auto it = t.find(kv.first);
+    if (it == t.end()) throw CheckpointError(str(path, ": missing tensor '", kv.first, "'"));
+    if (it->second.sizes() != kv.second.sizes()) {
+      throw CheckpointError(str(path, ": tensor '", kv.first, "' has shape ", it->second.sizes(),
+                                ", the model expects ", kv.second.sizes()));
     }
-    kv.value().copy_(it->second);
+    kv.second.copy_(it->second);
     t.erase(it);
   }
   if (!t.empty()) {

@@ -1,5 +1,6 @@
 // Checkpoints: runs/<name>/checkpoints/step_<N>/ holding
-//   model.safetensors   parameters by name (standard safetensors; readable by other tools)
+//   model.safetensors   parameters and buffers by name (standard safetensors; readable by
+//                       other tools)
 //   optimizer.pt        optimizer state (LibTorch archive, parameters in model order)
 //   trainer_state.json  format version, step, tokens, data cursor, seed, RNG scheme, metrics,
 //                       and the size + FNV-1a 64 fingerprint of every other file
@@ -11,9 +12,16 @@
 // or corrupt checkpoint is refused with the name of the bad file.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
+#include <vector>
 
+namespace torch::nn {
+class Module;
+}
 namespace torch::optim {
 class Optimizer;
 }
@@ -47,6 +55,10 @@ nlohmann::json verify_checkpoint(const std::string& ckpt_dir);
 /// Loads model.safetensors into `model`: every parameter must be present with its shape, and
 /// no extra tensor may be left over (CheckpointError naming the tensor otherwise).
 void load_model_weights(ModelBase& model, const std::string& safetensors_path);
+
+/// Everything model.safetensors holds of a model: its parameters, then its buffers (routing
+/// state such as the auxiliary-loss-free bias), by their dotted module names.
+std::vector<std::pair<std::string, at::Tensor>> model_state(const torch::nn::Module& model);
 
 void load_optimizer_state(torch::optim::Optimizer& opt, const std::string& path);
 

@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -14,6 +15,7 @@
 
 #include "core/errors.h"
 #include "core/fs.h"
+#include "moe/moe_layer.h"
 #include "train/checkpoint.h"
 
 namespace mixdiff {
@@ -152,8 +154,25 @@ TrainerParts build_trainer_parts(const ConfigNode& recipe) {
     w.name = l.get<std::string>("kind");
     w.weight = l.get<double>("weight", 1.0);
     w.term = losses_registry().create(w.name, l.path() + ".kind", l);
+    w.routing = w.term->is_routing();
     p.losses.push_back(std::move(w));
   }
+  // Routing losses go to every MoE layer, which computes and attaches them in its forward.
+  std::vector<WeightedRoutingLoss> routing;
+  for (size_t i = 0; i < p.losses.size(); ++i) {
+    const auto& w = p.losses[i];
+    if (!w.routing) continue;
+    if (p.model->moe_layers().empty()) {
+      losses[i].fail("kind", str("'", w.name, "' is a routing loss, but the model (",
+                                 model_cfg.get<std::string>("kind"), ") has no MoE layers"));
+    }
+    routing.push_back({w.name, w.weight, std::dynamic_pointer_cast<RoutingLoss>(w.term)});
+  }
+  if (std::none_of(p.losses.begin(), p.losses.end(), [](const WeightedLoss& w) { return !w.routing; })) {
+    recipe.fail("losses", "expected a diffusion loss (masked_diffusion_elbo or masked_ce) besides "
+                          "the routing losses");
+  }
+  for (MoeLayer* l : p.model->moe_layers()) l->set_aux_losses(routing);
 
   p.options = TrainOptions::from(recipe);
   ConfigNode optim = recipe.at("optim");
@@ -215,11 +234,14 @@ void Trainer::restore(const std::string& ckpt_dir) {
   }
 }
 
-double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm) {
+double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm,
+                         std::vector<double>* aux) {
   auto& model = *parts_.model;
   const auto& o = parts_.options;
   double loss_sum = 0;
   *tokens = 0;
+  const auto moe = model.moe_layers();
+  for (MoeLayer* l : moe) l->set_aux_scale(1.0 / static_cast<double>(o.grad_accum));
   for (int64_t m = 0; m < o.grad_accum; ++m) {
     auto gen = at::make_generator<at::CPUGeneratorImpl>(
         mix_seed(static_cast<uint64_t>(parts_.seed), static_cast<uint64_t>(step),
@@ -232,9 +254,12 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm) {
     }
     auto t = sample_t(x0.size(0), *parts_.schedule, gen);
     DiffusionBatch batch = corrupt(x0, t, *parts_.schedule, model.mask_id(), gen);
-    ModelOutput out = model.forward({batch.xt_BL, batch.index_M});
+    ModelInput in(batch.xt_BL, batch.index_M);
+    in.step = step * o.grad_accum + m;
+    ModelOutput out = model.forward(in);
     at::Tensor total;
     for (auto& l : parts_.losses) {
+      if (l.routing) continue;
       auto v = l.term->compute(out, batch) * l.weight;
       total = total.defined() ? total + v : v;
     }
@@ -249,7 +274,27 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm) {
   for (auto& g : parts_.optimizer->param_groups()) g.options().set_lr(lr);
   parts_.optimizer->step();
   parts_.optimizer->zero_grad();
+  aux->clear();
+  for (MoeLayer* l : moe) {
+    const auto v = l->take_aux_values();
+    if (aux->empty()) aux->assign(v.size(), 0.0);
+    for (size_t i = 0; i < v.size(); ++i) {
+      (*aux)[i] += v[i] / static_cast<double>(o.grad_accum * static_cast<int64_t>(moe.size()));
+    }
+    l->step_end(StatReducer());
+  }
   return loss_sum / static_cast<double>(o.grad_accum);
+}
+
+nlohmann::json Trainer::take_moe_stats() {
+  nlohmann::json layers = nlohmann::json::array();
+  for (MoeLayer* l : parts_.model->moe_layers()) {
+    nlohmann::json j = l->take_stats();
+    if (j.is_null()) continue;
+    j["layer"] = l->block_index();
+    layers.push_back(std::move(j));
+  }
+  return layers.empty() ? nlohmann::json() : nlohmann::json{{"layers", layers}};
 }
 
 void Trainer::evaluate(nlohmann::json* metrics) {
@@ -312,12 +357,18 @@ int Trainer::fit() {
   const int64_t first_step = state_.step;
   double interval_loss = 0;
   int64_t interval_steps = 0, interval_tokens = 0;
+  std::vector<std::string> aux_names;
+  for (const auto& l : parts_.losses) {
+    if (l.routing) aux_names.push_back(l.name);
+  }
+  std::vector<double> interval_aux(aux_names.size(), 0.0), aux;
 
   while (state_.step < o.steps) {
     const int64_t step = state_.step;
     int64_t tokens = 0;
     double grad_norm = 0;
-    const double loss = run_step(step, &tokens, &grad_norm);
+    const double loss = run_step(step, &tokens, &grad_norm, &aux);
+    for (size_t i = 0; i < aux.size() && i < interval_aux.size(); ++i) interval_aux[i] += aux[i];
     if (!std::isfinite(loss)) {
       log(str("error: non-finite loss (", loss, ") at step ", step + 1,
               "; stopping without a checkpoint of this state (the last checkpoint is intact)"));
@@ -347,7 +398,17 @@ int Trainer::fit() {
                     interval_loss / static_cast<double>(interval_steps), lr, grad_norm, tps,
                     format_duration(state_.elapsed_s).c_str(),
                     format_duration(per_step * static_cast<double>(o.steps - state_.step)).c_str());
-      log(buf);
+      std::string line = buf;
+      nlohmann::json aux_json = nlohmann::json::object();
+      for (size_t i = 0; i < aux_names.size(); ++i) {
+        const double v = interval_aux[i] / static_cast<double>(interval_steps);
+        char b[64];
+        std::snprintf(b, sizeof(b), " | %s %.4g", aux_names[i].c_str(), v);
+        line += b;
+        aux_json[aux_names[i]] = v;
+        interval_aux[i] = 0;
+      }
+      log(line);
       metrics = {{"step", state_.step},
                  {"loss", interval_loss / static_cast<double>(interval_steps)},
                  {"lr", lr},
@@ -355,6 +416,9 @@ int Trainer::fit() {
                  {"tokens", state_.tokens},
                  {"tokens_per_s", tps},
                  {"elapsed_s", state_.elapsed_s}};
+      if (!aux_names.empty()) metrics["aux"] = aux_json;
+      nlohmann::json moe = take_moe_stats();
+      if (!moe.is_null()) metrics["moe"] = moe;
       interval_loss = 0;
       interval_steps = 0;
       interval_tokens = 0;

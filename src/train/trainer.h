@@ -43,6 +43,7 @@ struct WeightedLoss {
   std::string name;
   double weight = 1.0;
   std::shared_ptr<LossTerm> term;
+  bool routing = false;  ///< computed inside the MoE layers (moe/moe_layer.h), not on the logits
 };
 
 struct TrainerParts {
@@ -89,8 +90,11 @@ class Trainer {
   ModelBase& model() { return *parts_.model; }
 
  private:
-  /// One optimizer step; returns the mean loss over micro-batches and the tokens it consumed.
-  double run_step(int64_t step, int64_t* tokens, double* grad_norm);
+  /// One optimizer step; returns the mean diffusion loss over micro-batches and the tokens it
+  /// consumed. Routing-loss values (mean over layers and micro-batches) go to `aux`.
+  double run_step(int64_t step, int64_t* tokens, double* grad_norm, std::vector<double>* aux);
+  /// Per-layer routing telemetry since the last call (null for dense models).
+  nlohmann::json take_moe_stats();
   void evaluate(nlohmann::json* metrics);
   std::string checkpoint();
   void log(const std::string& line);

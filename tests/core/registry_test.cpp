@@ -14,10 +14,12 @@ namespace {
 
 TEST(UnitRegistry, EveryExtensionPointHasItsBuiltIns) {
   std::map<std::string, std::set<std::string>> want = {
-      {"models", {"dense_dlm"}},
-      {"routers", {}},
+      {"models", {"dense_dlm", "moe_dlm"}},
+      {"routers", {"token_choice", "top_p"}},
+      {"balancers", {"aux_free", "bip"}},
       {"samplers", {"llada", "confidence_threshold"}},
-      {"losses", {"masked_diffusion_elbo", "masked_ce"}},
+      {"losses", {"masked_diffusion_elbo", "masked_ce", "load_balance", "z_loss", "erc",
+                  "router_entropy"}},
       {"schedules", {"linear", "cosine"}},
       {"data_sources", {"token_shards"}},
       {"optimizers", {"adamw"}},

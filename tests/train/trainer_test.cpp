@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/errors.h"
+#include "core/safetensors.h"
 #include "infer/sampler.h"
 #include "support/support.h"
 #include "train/checkpoint.h"
@@ -149,6 +150,87 @@ TEST(E2ETrain, DamagedCheckpointIsRefusedWithItsFileName) {
               std::string::npos) << e.what();
   }
   EXPECT_THROW(resolve_checkpoint(run + "/nothing_here"), CheckpointError);
+}
+
+// A tiny MoE version of the tiny recipe: one dense block, then an MoE block with a shared expert,
+// a sigmoid router with the aux-free bias, global-batch LBL and z-loss.
+std::vector<std::string> moe_overrides(std::vector<std::string> more = {}) {
+  std::vector<std::string> o = {
+      "model.kind=moe_dlm",
+      "model.moe={n_expert: 4, d_expert: 16, n_shared: 1, first_k_dense: 1, router: {kind: "
+      "token_choice, top_k: 2, score: sigmoid, balancer: {kind: aux_free, rate: 0.01}}}",
+      "losses=[{kind: masked_diffusion_elbo}, {kind: load_balance, scope: global, weight: 0.01}, "
+      "{kind: z_loss, weight: 0.001}]"};
+  o.insert(o.end(), more.begin(), more.end());
+  return o;
+}
+
+TEST(E2EMoe, TinyMoeRunLogsAuxLossesAndTelemetryAndLearns) {
+  const std::string run = test::scratch_dir("moe_run") + "/run";
+  ASSERT_EQ(train(run, moe_overrides({"train.steps=60", "train.grad_accum=2", "train.log_every=20"})), 0);
+  auto m = metrics(run);
+  ASSERT_EQ(m.size(), 3u);
+  EXPECT_LT(m.back()["loss"].get<double>(), m.front()["loss"].get<double>());
+  EXPECT_LT(m.back()["val_nelbo"].get<double>(), m.back()["val_unigram_entropy"].get<double>());
+  for (const auto& j : m) {
+    ASSERT_TRUE(j.contains("aux")) << j.dump();
+    EXPECT_GT(j["aux"]["load_balance"].get<double>(), 0.9);  // 1 = balanced, per layer
+    EXPECT_GT(j["aux"]["z_loss"].get<double>(), 0.0);
+    ASSERT_TRUE(j.contains("moe"));
+    ASSERT_EQ(j["moe"]["layers"].size(), 1u);  // block 0 is dense
+    const auto& l = j["moe"]["layers"][0];
+    EXPECT_EQ(l["layer"], 1);
+    double routed = 0;
+    for (double c : l["tokens_per_expert"].get<std::vector<double>>()) routed += c;
+    // 20 steps x 2 micro-batches x 8 sequences x 32 tokens, top-2 (random-length off).
+    EXPECT_EQ(routed, 20.0 * 2 * 8 * 32 * 2);
+    EXPECT_EQ(l["by_mask_ratio"].size(), 4u);
+    for (const char* k : {"max_mean", "cv", "dead", "entropy", "dropped", "experts_per_token"}) {
+      EXPECT_TRUE(l.contains(k)) << k;
+    }
+  }
+  // The balancer's bias is part of the checkpoint.
+  std::map<std::string, std::string> meta;
+  auto t = load_safetensors(resolve_checkpoint(run) + "/model.safetensors", &meta);
+  ASSERT_TRUE(t.count("layers.1.ffn.router.balancer.bias"));
+  EXPECT_GT(t["layers.1.ffn.router.balancer.bias"].abs().max().item<double>(), 0.0);
+  EXPECT_TRUE(t.count("layers.1.ffn.experts.w_gate"));
+  EXPECT_EQ(t["layers.1.ffn.experts.w_gate"].sizes(), (std::vector<int64_t>{4, 16, 32}));
+}
+
+TEST(E2EMoe, MoeResumeEqualsTheUninterruptedRun) {
+  const std::string d = test::scratch_dir("moe_resume");
+  const auto o = moe_overrides({"train.steps=12", "train.ckpt_every=6", "train.keep_checkpoints=0",
+                                "train.grad_accum=2",
+                                "losses=[{kind: masked_diffusion_elbo}, {kind: load_balance, "
+                                "scope: global, weight: 0.01}, {kind: erc, weight: 0.1}]"});
+  ASSERT_EQ(train(d + "/full", o), 0);
+  fs::copy(d + "/full", d + "/part", fs::copy_options::recursive);
+  fs::remove_all(d + "/part/checkpoints/step_12");
+  test::write_text(d + "/part/checkpoints/latest", "step_6\n");
+  ASSERT_EQ(train(d + "/part", o, d + "/part"), 0);
+  const auto a = metrics(d + "/full"), b = metrics(d + "/part");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i]["loss"], b[i]["loss"]) << "step " << a[i]["step"];
+    EXPECT_EQ(a[i]["aux"], b[i]["aux"]) << "step " << a[i]["step"];
+  }
+  EXPECT_TRUE(test::read_text(d + "/full/checkpoints/step_12/model.safetensors") ==
+              test::read_text(d + "/part/checkpoints/step_12/model.safetensors"));
+}
+
+TEST(E2EMoe, RoutingLossOnADenseModelIsRefused) {
+  const std::string d = test::scratch_dir("moe_dense_refused");
+  test::write_text(d + "/r.yaml", test::tiny_recipe(data_dir()));
+  ConfigNode r = ConfigNode::from_file(d + "/r.yaml");
+  r.apply_override("losses=[{kind: masked_diffusion_elbo}, {kind: load_balance}]");
+  try {
+    build_trainer_parts(r);
+    FAIL();
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("losses.1.kind"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("has no MoE layers"), std::string::npos) << e.what();
+  }
 }
 
 TEST(RoundtripRecipe, ResolvedRecipeRebuildsToTheSameRecipe) {

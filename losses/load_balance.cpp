@@ -1,0 +1,69 @@
+// load_balance: the switch-style load-balancing loss N_S * sum_i f_i P_i (= 1 at perfect balance)
+// in the three scopes of algorithms.md section 6 (Megatron-Core's aux_loss, seq_aux_loss,
+// global_aux_loss), per MoE layer:
+//   f_i  fraction of routed slots that chose slot i, counted from the unbiased, ungrouped top-K
+//        of the probabilities (RoutingDecision::lb_map_TS; padding excluded), no gradient
+//   P_i  mean routing probability of slot i over the real tokens (carries the gradient)
+//   scope: micro     f and P over the micro-batch
+//   scope: sequence  f and P per sequence, the loss averaged over sequences (DeepSeek-V2)
+//   scope: global    f from the global batch: counts summed over all micro-batches of the
+//                    optimizer step so far and over data-parallel ranks (GlobalLoad), P from the
+//                    local tokens and normalised by the LOCAL token count, which is the corrected
+//                    normalisation of algorithms.md 6.2 (no 1/DP factor under gradient averaging)
+// Logged values are the unweighted loss averaged over layers, so 1.0 means balanced.
+#include <torch/torch.h>
+
+#include "core/errors.h"
+#include "moe/moe_layer.h"
+
+namespace mixdiff {
+namespace {
+
+class LoadBalance : public RoutingLoss {
+ public:
+  explicit LoadBalance(const ConfigNode& c) {
+    scope_ = c.get<std::string>("scope", "micro");
+    if (scope_ != "micro" && scope_ != "sequence" && scope_ != "global") {
+      c.fail("scope", "expected micro, sequence or global, got '" + scope_ + "'");
+    }
+  }
+
+  at::Tensor layer_loss(const RoutingRecord& r) override {
+    const auto& d = r.decision;
+    const int64_t T = d.probs_TS.size(0), S = d.probs_TS.size(1);
+    auto w = valid_weights(r.ctx.valid_T, T).to(d.probs_TS.device());
+    auto pw = d.probs_TS * w.unsqueeze(1);
+    if (scope_ == "sequence") {
+      TORCH_CHECK(r.ctx.seq_T.defined() && r.ctx.n_seq > 0,
+                  "[load_balance] scope: sequence needs the sequence ids of the tokens");
+      const int64_t B = r.ctx.n_seq;
+      auto seq = r.ctx.seq_T.to(d.probs_TS.device());
+      auto c = torch::zeros({B, S}, d.probs_TS.options()).index_add(0, seq, d.lb_map_TS);
+      auto p = torch::zeros({B, S}, d.probs_TS.options()).index_add(0, seq, pw);
+      auto n = torch::zeros({B}, w.options()).index_add(0, seq, w);
+      auto has = (n > 0).to(torch::kFloat32);
+      auto f = c / c.sum(1, true).clamp_min(1.0);
+      auto P = p / n.clamp_min(1.0).unsqueeze(1);
+      auto per_seq = (f * P).sum(1) * static_cast<double>(S);
+      return (per_seq * has).sum() / has.sum().clamp_min(1.0);
+    }
+    at::Tensor counts = scope_ == "global" && r.global.counts_S.defined() ? r.global.counts_S
+                                                                          : d.lb_map_TS.sum(0);
+    auto f = counts / counts.sum().clamp_min(1.0);
+    auto P = pw.sum(0) / w.sum().clamp_min(1.0);
+    return (f * P).sum() * static_cast<double>(S);
+  }
+
+ private:
+  std::string scope_;
+};
+
+MIXDIFF_REGISTER(losses_registry(), "load_balance",
+                 "MoE load-balancing loss N * sum f_i P_i; scope: micro|sequence|global "
+                 "(global: counts over the whole step's micro-batches and ranks)",
+                 [](const ConfigNode& c) -> std::shared_ptr<LossTerm> {
+                   return std::make_shared<LoadBalance>(c);
+                 });
+
+}  // namespace
+}  // namespace mixdiff

@@ -1,0 +1,28 @@
+// router_entropy: mean entropy of the routing distribution over the real tokens, the "dynamic
+// loss" that dynamic top-p routing trains with so that tokens cannot all take many experts
+// (Huang et al., arXiv 2403.07652; algorithms.md 11.3; weight ~1e-4 there).
+#include <torch/torch.h>
+
+#include "moe/moe_layer.h"
+
+namespace mixdiff {
+namespace {
+
+class RouterEntropy : public RoutingLoss {
+ public:
+  at::Tensor layer_loss(const RoutingRecord& r) override {
+    const auto& p = r.decision.probs_TS;
+    auto w = valid_weights(r.ctx.valid_T, p.size(0)).to(p.device());
+    auto ent = -(p * p.clamp_min(1e-30).log()).sum(-1);
+    return (ent * w).sum() / w.sum().clamp_min(1.0);
+  }
+};
+
+MIXDIFF_REGISTER(losses_registry(), "router_entropy",
+                 "mean entropy of the routing distribution (top-p routing's dynamic loss)",
+                 [](const ConfigNode&) -> std::shared_ptr<LossTerm> {
+                   return std::make_shared<RouterEntropy>();
+                 });
+
+}  // namespace
+}  // namespace mixdiff

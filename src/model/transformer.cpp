@@ -1,0 +1,131 @@
+#include "model/transformer.h"
+
+#include <torch/torch.h>
+
+#include "core/errors.h"
+#include "moe/moe_layer.h"
+
+namespace mixdiff {
+
+TransformerOptions TransformerOptions::from(const ConfigNode& c) {
+  TransformerOptions o;
+  o.vocab_size = c.get<int64_t>("vocab_size");
+  o.d_model = c.get<int64_t>("d_model");
+  o.n_layer = c.get<int64_t>("n_layer");
+  o.n_head = c.get<int64_t>("n_head");
+  o.n_kv_head = c.get<int64_t>("n_kv_head", o.n_head);
+  if (o.d_model <= 0 || o.n_layer <= 0 || o.n_head <= 0) {
+    c.fail("", "d_model, n_layer and n_head must be positive");
+  }
+  if (o.n_kv_head <= 0 || o.n_head % o.n_kv_head != 0) {
+    c.fail("n_kv_head", str("expected a divisor of n_head (", o.n_head, "), got ", o.n_kv_head));
+  }
+  o.head_dim = c.get<int64_t>("head_dim", o.d_model / o.n_head);
+  if (o.head_dim <= 0 || o.head_dim % 2 != 0) {
+    c.fail("head_dim", str("expected a positive even number (rotary pairs), got ", o.head_dim));
+  }
+  // SwiGLU's usual width: 8/3 d_model rounded up to a multiple of 64.
+  o.d_ff = c.get<int64_t>("d_ff", (8 * o.d_model / 3 + 63) / 64 * 64);
+  o.max_seq_len = c.get<int64_t>("max_seq_len");
+  o.rope_theta = c.get<double>("rope_theta", 10000.0);
+  o.qk_norm = c.get<bool>("qk_norm", false);
+  o.tie_embeddings = c.get<bool>("tie_embeddings", true);
+  o.attention = c.get<std::string>("attention", "full");
+  if (o.attention != "full" && o.attention != "block_causal") {
+    c.fail("attention", "expected full or block_causal, got '" + o.attention + "'");
+  }
+  o.block_size = c.get<int64_t>("block_size", 32);
+  if (o.block_size <= 0) c.fail("block_size", "expected a positive integer");
+  o.norm_eps = c.get<double>("norm_eps", 1e-6);
+  o.init_std = c.get<double>("init_std", 0.02);
+  if (o.vocab_size <= 0 || o.d_ff <= 0 || o.max_seq_len <= 0) {
+    c.fail("", "vocab_size, d_ff and max_seq_len must be positive");
+  }
+  return o;
+}
+
+TransformerDlm::TransformerDlm(const TransformerOptions& o, const FeedForwardFactory& ffn,
+                               std::string kind)
+    : o_(o), kind_(std::move(kind)) {
+  AttentionOptions a{o.d_model, o.n_head, o.n_kv_head, o.head_dim, o.qk_norm, o.norm_eps};
+  embed_ = register_parameter("embed", torch::empty({o.vocab_size + 1, o.d_model}));
+  auto layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < o.n_layer; ++i) {
+    auto f = ffn(i);
+    auto* m = dynamic_cast<MoeLayer*>(f.get());
+    if (m) {
+      m->set_block_index(i);
+      moe_.push_back(m);
+    }
+    pattern_ += m ? 'M' : 'D';
+    blocks_.push_back(std::make_shared<TransformerBlock>(a, std::move(f)));
+    layers->push_back(blocks_.back());
+  }
+  norm_ = register_module("norm", std::make_shared<RMSNorm>(o.d_model, o.norm_eps));
+  if (!o.tie_embeddings) {
+    head_ = register_parameter("head", torch::empty({o.vocab_size, o.d_model}));
+  }
+  init_transformer_weights(*this, o.init_std, o.n_layer);
+  rope_ = RotaryTables::make(o.max_seq_len, o.head_dim, o.rope_theta);
+}
+
+ModelOutput TransformerDlm::forward(const ModelInput& in) {
+  const auto& tok = in.tokens_BL;
+  TORCH_CHECK(tok.dim() == 2, "[", kind_, "] expected tokens_BL of rank 2, got ", tok.sizes());
+  const int64_t B = tok.size(0), L = tok.size(1);
+  TORCH_CHECK(L <= o_.max_seq_len, "[", kind_, "] sequence of ", L,
+              " tokens exceeds model.max_seq_len = ", o_.max_seq_len);
+  auto x = embed_.index_select(0, tok.reshape({-1})).view({B, L, o_.d_model});  // [B, L, D]
+  at::Tensor bias;
+  if (o_.attention == "block_causal") bias = block_causal_bias(L, o_.block_size);
+  RoutingContext ctx;
+  if (!moe_.empty()) {
+    auto masked = tok == mask_id();
+    if (in.valid_BL.defined()) {
+      masked = masked & in.valid_BL;
+      ctx.mask_ratio_B = masked.to(torch::kFloat32).sum(1) /
+                         in.valid_BL.to(torch::kFloat32).sum(1).clamp_min(1.0);
+      ctx.valid_T = in.valid_BL.reshape({-1});
+    } else {
+      ctx.mask_ratio_B = masked.to(torch::kFloat32).mean(1);
+    }
+    ctx.is_masked_T = masked.reshape({-1});
+    ctx.seq_T = torch::arange(B, torch::kLong).repeat_interleave(L);
+    ctx.n_seq = B;
+    ctx.step = in.step;
+  }
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    ctx.layer = static_cast<int64_t>(i);
+    x = blocks_[i]->forward(x, rope_, bias, moe_.empty() ? nullptr : &ctx);
+  }
+  x = norm_->forward(x);
+  if (in.logits_index_M.defined()) {
+    x = x.reshape({B * L, o_.d_model}).index_select(0, in.logits_index_M);  // [M, D]
+  }
+  const at::Tensor w = head_.defined() ? head_ : embed_.narrow(0, 0, o_.vocab_size);
+  return {torch::nn::functional::linear(x, w)};
+}
+
+std::string TransformerDlm::describe() const {
+  const std::string ffn =
+      moe_.empty() ? str("d_ff ", o_.d_ff)
+                   : str("blocks ", pattern_, " (D: SwiGLU d_ff ", o_.d_ff, "; M: MoE ",
+                         moe_.front()->describe(), ")");
+  return str(kind_, ": ", o_.n_layer, " layers, d_model ", o_.d_model, ", ", o_.n_head,
+             " heads (", o_.n_kv_head, " KV), ", ffn, ", vocab ", o_.vocab_size,
+             " + [MASK], ", o_.attention, " attention",
+             o_.attention == "block_causal" ? str(" (block ", o_.block_size, ")") : "",
+             o_.tie_embeddings ? ", tied head" : ", untied head");
+}
+
+int64_t TransformerDlm::num_active_parameters() const {
+  int64_t inactive = 0;
+  for (const MoeLayer* m : moe_) {
+    const auto& o = m->options();
+    const int64_t k = std::min(m->router().top_k(), o.n_expert);
+    inactive += (o.n_expert - k) * 3 * o.d_model * o.d_expert;
+  }
+  return num_parameters() - inactive;
+}
+
+}  // namespace mixdiff

@@ -1,0 +1,71 @@
+// The transformer backbone of MixDiff's diffusion LMs (LLaDA, arXiv 2502.09992; algorithms.md
+// section 1.2): bidirectional attention and no timestep input. Token embedding with a reserved
+// [MASK] row, pre-norm blocks (RMSNorm, rotary attention with optional grouped KV heads and
+// QK-norm, a feed-forward per block), final RMSNorm, tied or untied output head over the V real
+// tokens. `attention: block_causal` lets a token see its own block and earlier blocks only
+// (BD3-LM, arXiv 2503.09573, algorithms.md 1.6), the mask that block diffusion decoding needs.
+//
+// What differs between architectures is the feed-forward of each block: models/ registers a
+// model kind by handing TransformerDlm a factory for it (dense SwiGLU, MoE layers, ...). The
+// backbone builds the RoutingContext of each forward (mask flags and mask ratio per sequence,
+// sequence ids, padding) that MoE layers route with.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/model.h"
+#include "nn/layers.h"
+
+namespace mixdiff {
+
+struct TransformerOptions {
+  int64_t vocab_size = 0;
+  int64_t d_model = 256;
+  int64_t n_layer = 4;
+  int64_t n_head = 4;
+  int64_t n_kv_head = 4;
+  int64_t head_dim = 64;
+  int64_t d_ff = 704;  ///< dense SwiGLU width
+  int64_t max_seq_len = 256;
+  double rope_theta = 10000.0;
+  bool qk_norm = false;
+  bool tie_embeddings = true;
+  std::string attention = "full";
+  int64_t block_size = 32;
+  double norm_eps = 1e-6;
+  double init_std = 0.02;
+  /// Reads the backbone keys of the recipe's `model` section.
+  static TransformerOptions from(const ConfigNode& c);
+};
+
+/// Builds the feed-forward of block `layer`.
+using FeedForwardFactory = std::function<std::shared_ptr<FeedForward>(int64_t layer)>;
+
+class TransformerDlm : public ModelBase {
+ public:
+  /// `kind` names the model in describe().
+  TransformerDlm(const TransformerOptions& o, const FeedForwardFactory& ffn, std::string kind);
+
+  ModelOutput forward(const ModelInput& in) override;
+  int64_t vocab_size() const override { return o_.vocab_size; }
+  int64_t max_seq_len() const override { return o_.max_seq_len; }
+  std::string describe() const override;
+  int64_t num_active_parameters() const override;
+  std::vector<MoeLayer*> moe_layers() override { return moe_; }
+  const TransformerOptions& options() const { return o_; }
+
+ private:
+  TransformerOptions o_;
+  std::string kind_;
+  std::string pattern_;  ///< one letter per block: D dense, M MoE
+  at::Tensor embed_, head_;
+  std::vector<std::shared_ptr<TransformerBlock>> blocks_;
+  std::vector<MoeLayer*> moe_;
+  std::shared_ptr<RMSNorm> norm_;
+  RotaryTables rope_;
+};
+
+}  // namespace mixdiff

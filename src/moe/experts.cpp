@@ -1,0 +1,150 @@
+#include "moe/experts.h"
+
+#include <torch/torch.h>
+
+#include <stdexcept>
+
+namespace mixdiff {
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Forward saves the two pre-activations (a = x Wg^T, b = x Wu^T) so that backward needs no
+// GEMM recomputation:  h = silu(a) * b,  y = h Wd^T
+//   dh = dy Wd;  db = dh * silu(a);  da = dh * b * silu'(a)
+//   dWd_e = dy_e^T h_e;  dWg_e = da_e^T x_e;  dWu_e = db_e^T x_e;  dx_e = da_e Wg_e + db_e Wu_e
+struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& xs, const at::Tensor& wg,
+                            const at::Tensor& wu, const at::Tensor& wd,
+                            std::vector<int64_t> counts) {
+    const int64_t A = xs.size(0), F = wg.size(1), D = wg.size(2);
+    auto x = xs.contiguous();
+    auto a = at::empty({A, F}, x.options());
+    auto b = at::empty({A, F}, x.options());
+    auto y = at::empty({A, D}, x.options());
+    int64_t off = 0;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      const int64_t n = counts[e];
+      if (n == 0) continue;
+      auto xe = x.narrow(0, off, n);
+      auto av = a.narrow(0, off, n), bv = b.narrow(0, off, n);
+      at::mm_out(av, xe, wg.select(0, static_cast<int64_t>(e)).t());
+      at::mm_out(bv, xe, wu.select(0, static_cast<int64_t>(e)).t());
+      off += n;
+    }
+    auto h = at::silu(a).mul_(b);
+    off = 0;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      const int64_t n = counts[e];
+      if (n == 0) continue;
+      auto yv = y.narrow(0, off, n);
+      at::mm_out(yv, h.narrow(0, off, n), wd.select(0, static_cast<int64_t>(e)).t());
+      off += n;
+    }
+    ctx->save_for_backward({x, wg, wu, wd, a, b});
+    ctx->saved_data["counts"] = c10::IValue(counts);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto& x = saved[0];
+    const auto& wg = saved[1];
+    const auto& wu = saved[2];
+    const auto& wd = saved[3];
+    const auto& a = saved[4];
+    const auto& b = saved[5];
+    const auto counts = ctx->saved_data["counts"].toIntVector();
+    auto dy = grads[0].contiguous();
+    const int64_t A = x.size(0), F = wg.size(1);
+
+    auto sig = at::sigmoid(a);
+    auto silu_a = a * sig;
+    auto h = silu_a * b;
+    auto dh = at::empty({A, F}, x.options());
+    int64_t off = 0;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      const int64_t n = counts[e];
+      if (n == 0) continue;
+      auto dhv = dh.narrow(0, off, n);
+      at::mm_out(dhv, dy.narrow(0, off, n), wd.select(0, static_cast<int64_t>(e)));
+      off += n;
+    }
+    auto db = dh * silu_a;
+    // silu'(a) = sig * (1 + a (1 - sig))
+    auto da = dh.mul_(b).mul_(sig * (1 + a * (1 - sig)));
+
+    auto dwg = at::zeros_like(wg), dwu = at::zeros_like(wu), dwd = at::zeros_like(wd);
+    auto dx = at::empty_like(x);
+    off = 0;
+    for (size_t e = 0; e < counts.size(); ++e) {
+      const int64_t n = counts[e];
+      if (n == 0) continue;
+      const auto ei = static_cast<int64_t>(e);
+      auto xe = x.narrow(0, off, n);
+      auto dae = da.narrow(0, off, n), dbe = db.narrow(0, off, n);
+      auto dwd_e = dwd.select(0, ei), dwg_e = dwg.select(0, ei), dwu_e = dwu.select(0, ei);
+      at::mm_out(dwd_e, dy.narrow(0, off, n).t(), h.narrow(0, off, n));
+      at::mm_out(dwg_e, dae.t(), xe);
+      at::mm_out(dwu_e, dbe.t(), xe);
+      auto dxe = dx.narrow(0, off, n);
+      at::mm_out(dxe, dae, wg.select(0, ei));
+      dxe.addmm_(dbe, wu.select(0, ei));
+      off += n;
+    }
+    return {dx, dwg, dwu, dwd, at::Tensor()};
+  }
+};
+
+}  // namespace
+
+Dispatch parse_dispatch(const std::string& name) {
+  if (name == "sorted") return Dispatch::kSorted;
+  if (name == "loop") return Dispatch::kLoop;
+  throw std::invalid_argument("expected sorted or loop, got '" + name + "'");
+}
+
+at::Tensor grouped_swiglu(const at::Tensor& xs, const std::vector<int64_t>& counts,
+                          const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd) {
+  return GroupedSwiGLU::apply(xs, wg, wu, wd, counts);
+}
+
+ExpertPool::ExpertPool(int64_t n_expert, int64_t d_model, int64_t d_expert)
+    : n_expert_(n_expert), d_model_(d_model), d_expert_(d_expert) {
+  TORCH_CHECK(n_expert > 0 && d_model > 0 && d_expert > 0, "[ExpertPool] sizes must be positive");
+  w_gate_ = register_parameter("w_gate", torch::empty({n_expert, d_expert, d_model}));
+  w_up_ = register_parameter("w_up", torch::empty({n_expert, d_expert, d_model}));
+  w_down_ = register_parameter("w_down", torch::empty({n_expert, d_model, d_expert}));
+}
+
+at::Tensor ExpertPool::forward(const at::Tensor& x, const at::Tensor& token_A,
+                               const at::Tensor& expert_A, const at::Tensor& gate_A,
+                               Dispatch dispatch) const {
+  const int64_t T = x.size(0);
+  auto y = torch::zeros({T, d_model_}, x.options());
+  if (token_A.numel() == 0) return y;
+  if (dispatch == Dispatch::kLoop) {
+    namespace F = torch::nn::functional;
+    for (int64_t e = 0; e < n_expert_; ++e) {
+      auto rows = (expert_A == e).nonzero().squeeze(1);
+      if (rows.numel() == 0) continue;
+      auto tok = token_A.index_select(0, rows);
+      auto xe = x.index_select(0, tok);
+      auto he = F::linear(F::silu(F::linear(xe, w_gate_[e])) * F::linear(xe, w_up_[e]), w_down_[e]);
+      y = y.index_add(0, tok, he * gate_A.index_select(0, rows).unsqueeze(1).to(he.dtype()));
+    }
+    return y;
+  }
+  auto order = std::get<1>(expert_A.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+  auto tok = token_A.index_select(0, order);
+  auto gate = gate_A.index_select(0, order);
+  auto counts_t = torch::bincount(expert_A, {}, n_expert_).to(torch::kCPU);
+  std::vector<int64_t> counts(counts_t.data_ptr<int64_t>(),
+                              counts_t.data_ptr<int64_t>() + n_expert_);
+  auto ys = grouped_swiglu(x.index_select(0, tok), counts, w_gate_, w_up_, w_down_);
+  return y.index_add(0, tok, ys * gate.unsqueeze(1).to(ys.dtype()));
+}
+
+}  // namespace mixdiff

@@ -1,0 +1,53 @@
+// The routed experts of an MoE layer: E SwiGLU experts stored as stacked weights
+// (w_gate [E, F, D], w_up [E, F, D], w_down [E, D, F]; algorithms.md section 0), never as E
+// separate modules, so that one pool can serve several layers (UniPool) and the weights are one
+// tensor each in model.safetensors.
+//
+// Two dispatch paths compute the same function:
+//   sorted  assignments are sorted by expert (stable), the routed rows gathered once, each expert
+//           runs three GEMMs on its contiguous slice (a grouped GEMM written as a loop of
+//           at::mm_out into preallocated buffers, with a hand-written backward so that autograd
+//           records one node instead of 3 E), gates applied, rows combined with one index_add.
+//   loop    the reference twin: per expert, find its rows, run a plain SwiGLU through autograd,
+//           index_add. Obvious and slow; the parity tests hold `sorted` to it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/nn/module.h>
+
+#include <string>
+#include <vector>
+
+namespace mixdiff {
+
+enum class Dispatch { kSorted, kLoop };
+
+/// "sorted" or "loop"; anything else throws std::invalid_argument.
+Dispatch parse_dispatch(const std::string& name);
+
+class ExpertPool : public torch::nn::Module {
+ public:
+  ExpertPool(int64_t n_expert, int64_t d_model, int64_t d_expert);
+
+  /// y_TD[t] = sum over assignments a with token_A[a] = t of gate_A[a] * FFN_{expert_A[a]}(x_t).
+  at::Tensor forward(const at::Tensor& x_TD, const at::Tensor& token_A, const at::Tensor& expert_A,
+                     const at::Tensor& gate_A, Dispatch dispatch) const;
+
+  int64_t n_expert() const { return n_expert_; }
+  int64_t d_expert() const { return d_expert_; }
+  const at::Tensor& w_gate() const { return w_gate_; }
+  const at::Tensor& w_up() const { return w_up_; }
+  const at::Tensor& w_down() const { return w_down_; }
+
+ private:
+  int64_t n_expert_, d_model_, d_expert_;
+  at::Tensor w_gate_, w_up_, w_down_;
+};
+
+/// SwiGLU of rows grouped by expert: rows [off_e, off_e + counts[e]) of xs_AD go through expert e.
+/// Differentiable in xs and the three weights (custom backward, one autograd node).
+at::Tensor grouped_swiglu(const at::Tensor& xs_AD, const std::vector<int64_t>& counts,
+                          const at::Tensor& w_gate_EFD, const at::Tensor& w_up_EFD,
+                          const at::Tensor& w_down_EDF);
+
+}  // namespace mixdiff

@@ -1,0 +1,275 @@
+#include "moe/moe_layer.h"
+
+#include <torch/torch.h>
+
+#include <cmath>
+
+#include "core/errors.h"
+
+namespace mixdiff {
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct AuxLossScaler : public torch::autograd::Function<AuxLossScaler> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& act, const at::Tensor& aux,
+                            double scale) {
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["aux_options"] = c10::IValue(aux.scalar_type() == at::kDouble);
+    return act;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const bool dbl = ctx->saved_data["aux_options"].toBool();
+    auto g = torch::full({}, scale, dbl ? torch::kFloat64 : torch::kFloat32);
+    return {grads[0], g, at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor attach_aux_loss(const at::Tensor& act, const at::Tensor& aux, double scale) {
+  return AuxLossScaler::apply(act, aux, scale);
+}
+
+MoeOptions MoeOptions::from(const ConfigNode& c, int64_t d_model) {
+  MoeOptions o;
+  o.d_model = d_model;
+  o.n_expert = c.get<int64_t>("n_expert");
+  if (o.n_expert <= 0) c.fail("n_expert", str("expected a positive integer, got ", o.n_expert));
+  o.d_expert = c.get<int64_t>("d_expert");
+  if (o.d_expert <= 0) c.fail("d_expert", str("expected a positive integer, got ", o.d_expert));
+  o.n_shared = c.get<int64_t>("n_shared", 0);
+  if (o.n_shared < 0) c.fail("n_shared", "expected >= 0");
+  o.d_shared = c.get<int64_t>("d_shared", o.n_shared * o.d_expert);
+  if (o.d_shared < 0 || (o.n_shared > 0 && o.d_shared == 0)) {
+    c.fail("d_shared", "expected a positive width when n_shared > 0");
+  }
+  o.capacity_factor = c.get<double>("capacity_factor", 0.0);
+  if (!(o.capacity_factor >= 0)) c.fail("capacity_factor", "expected >= 0 (0: dropless)");
+  o.drop_policy = c.get<std::string>("drop_policy", "probability");
+  if (o.drop_policy != "probability" && o.drop_policy != "position") {
+    c.fail("drop_policy", "expected probability or position, got '" + o.drop_policy + "'");
+  }
+  const std::string disp = c.get<std::string>("dispatch", "sorted");
+  try {
+    o.dispatch = parse_dispatch(disp);
+  } catch (const std::invalid_argument& e) {
+    c.fail("dispatch", e.what());
+  }
+  o.stat_buckets = c.get<int64_t>("stat_buckets", 4);
+  if (o.stat_buckets <= 0) c.fail("stat_buckets", "expected a positive integer");
+  return o;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+void GlobalLoad::reset() {
+  counts_S = at::Tensor();
+  prob_sum_S = at::Tensor();
+  tokens = 0;
+  micro = 0;
+}
+
+double GlobalLoad::value() const {
+  if (!counts_S.defined() || tokens <= 0) return 0.0;
+  const double total = counts_S.sum().item<double>();
+  if (total <= 0) return 0.0;
+  const auto S = static_cast<double>(counts_S.size(0));
+  return S * ((counts_S / total) * (prob_sum_S / tokens)).sum().item<double>();
+}
+
+// ---------------------------------------------------------------------------------------------
+
+RoutingStats::RoutingStats(int64_t n_expert, int64_t buckets)
+    : n_expert_(n_expert), buckets_(buckets) {
+  reset();
+}
+
+void RoutingStats::reset() {
+  counts_E_ = torch::zeros({n_expert_}, torch::kFloat64);
+  bucket_counts_NE_ = torch::zeros({buckets_, n_expert_}, torch::kFloat64);
+  bucket_tokens_N_ = torch::zeros({buckets_}, torch::kFloat64);
+  tokens_ = entropy_sum_ = routed_ = kept_ = 0;
+}
+
+void RoutingStats::add(const RoutingDecision& d, const at::Tensor& kept_token_A,
+                       const at::Tensor& kept_expert_A, int64_t routed,
+                       const RoutingContext& ctx) {
+  torch::NoGradGuard ng;
+  const int64_t T = d.probs_TS.size(0);
+  auto w = valid_weights(ctx.valid_T, T);
+  const double tokens = w.sum().item<double>();
+  tokens_ += tokens;
+  routed_ += static_cast<double>(routed);
+  kept_ += static_cast<double>(kept_expert_A.numel());
+  auto ex = kept_expert_A.to(torch::kCPU);
+  counts_E_ += torch::bincount(ex, {}, n_expert_).to(torch::kFloat64);
+  auto p = d.probs_TS.detach();
+  auto ent = -(p * p.clamp_min(1e-30).log()).sum(1);
+  entropy_sum_ += (ent * w).sum().item<double>();
+  if (ctx.mask_ratio_B.defined() && ctx.seq_T.defined()) {
+    auto r = ctx.mask_ratio_B.to(torch::kCPU).to(torch::kFloat64);
+    auto b_B = (r * static_cast<double>(buckets_)).floor().clamp(0, buckets_ - 1).to(torch::kLong);
+    auto b_T = b_B.index_select(0, ctx.seq_T.to(torch::kCPU));
+    bucket_tokens_N_.index_add_(0, b_T, w.to(torch::kFloat64).to(torch::kCPU));
+    auto b_A = b_T.index_select(0, kept_token_A.to(torch::kCPU));
+    auto flat = bucket_counts_NE_.view({-1});
+    flat.index_add_(0, b_A * n_expert_ + ex, torch::ones({ex.numel()}, torch::kFloat64));
+  }
+}
+
+namespace {
+
+nlohmann::json load_summary(const at::Tensor& counts) {
+  std::vector<double> c(counts.data_ptr<double>(), counts.data_ptr<double>() + counts.numel());
+  nlohmann::json j;
+  j["tokens_per_expert"] = c;
+  const double mean = counts.mean().item<double>();
+  if (mean > 0) {
+    j["max_mean"] = counts.max().item<double>() / mean;
+    j["cv"] = counts.std(/*unbiased=*/false).item<double>() / mean;
+  } else {
+    j["max_mean"] = nullptr;
+    j["cv"] = nullptr;
+  }
+  j["dead"] = (counts == 0).sum().item<int64_t>();
+  return j;
+}
+
+}  // namespace
+
+nlohmann::json RoutingStats::to_json() const {
+  nlohmann::json j = load_summary(counts_E_);
+  j["tokens"] = tokens_;
+  j["entropy"] = tokens_ > 0 ? entropy_sum_ / tokens_ : 0.0;
+  j["dropped"] = routed_ > 0 ? 1.0 - kept_ / routed_ : 0.0;
+  j["experts_per_token"] = tokens_ > 0 ? kept_ / tokens_ : 0.0;
+  nlohmann::json buckets = nlohmann::json::array();
+  for (int64_t b = 0; b < buckets_; ++b) {
+    const double lo = static_cast<double>(b) / static_cast<double>(buckets_);
+    const double hi = static_cast<double>(b + 1) / static_cast<double>(buckets_);
+    nlohmann::json e = load_summary(bucket_counts_NE_[b].contiguous());
+    e["mask_ratio"] = {lo, hi};
+    e["tokens"] = bucket_tokens_N_[b].item<double>();
+    buckets.push_back(e);
+  }
+  j["by_mask_ratio"] = buckets;
+  return j;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+MoeLayer::MoeLayer(const MoeOptions& o, std::shared_ptr<RouterBase> router)
+    : o_(o), stats_(o.n_expert, o.stat_buckets) {
+  router_ = register_module("router", std::move(router));
+  pool_ = register_module("experts", std::make_shared<ExpertPool>(o.n_expert, o.d_model,
+                                                                   o.d_expert));
+  if (o.n_shared > 0) {
+    shared_ = register_module("shared", std::make_shared<SwiGLU>(o.d_model, o.d_shared));
+  }
+}
+
+std::string MoeLayer::describe() const {
+  return str(o_.n_expert, " experts x ", o_.d_expert,
+             o_.n_shared > 0 ? str(" + ", o_.n_shared, " shared (", o_.d_shared, ")") : "",
+             ", ", router_->describe(),
+             o_.capacity_factor > 0
+                 ? str(", capacity ", format_double(o_.capacity_factor), " (drop by ",
+                       o_.drop_policy, ")")
+                 : ", dropless");
+}
+
+at::Tensor MoeLayer::capacity_keep(const at::Tensor& expert_A, const at::Tensor& priority_A,
+                                   int64_t n_expert, int64_t capacity) {
+  const int64_t A = expert_A.size(0);
+  if (A == 0) return {};
+  auto o1 = std::get<1>(priority_A.sort(/*stable=*/true, 0, /*descending=*/false));
+  auto o2 = std::get<1>(expert_A.index_select(0, o1).sort(/*stable=*/true, 0, false));
+  auto order = o1.index_select(0, o2);  // by expert, then by priority
+  auto counts = torch::bincount(expert_A, {}, n_expert);
+  auto starts = counts.cumsum(0) - counts;
+  auto rank = torch::arange(A, torch::kLong) - starts.index_select(0, expert_A.index_select(0, order));
+  auto keep = rank < capacity;
+  if (keep.all().item<bool>()) return {};
+  return std::get<0>(order.masked_select(keep).sort());
+}
+
+at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_in) {
+  const int64_t D = x_BLD.size(-1);
+  const int64_t T = x_BLD.numel() / D;
+  RoutingContext empty;
+  const RoutingContext& ctx = ctx_in ? *ctx_in : empty;
+  auto x = x_BLD.reshape({T, D});
+  RoutingDecision d = router_->route(x, ctx);
+  at::Tensor tok = d.token_A, ex = d.expert_A, gate = d.gate_A;
+  const int64_t routed = tok.numel();
+  if (o_.capacity_factor > 0) {
+    const double real = ctx.valid_T.defined() ? ctx.valid_T.sum().item<double>()
+                                              : static_cast<double>(T);
+    const auto cap = static_cast<int64_t>(std::ceil(
+        o_.capacity_factor * real * static_cast<double>(d.top_k) / static_cast<double>(o_.n_expert)));
+    auto priority = o_.drop_policy == "probability" ? -gate.detach() : tok.to(torch::kFloat64);
+    auto keep = capacity_keep(ex, priority, o_.n_expert, cap);
+    if (keep.defined()) {
+      tok = tok.index_select(0, keep);
+      ex = ex.index_select(0, keep);
+      gate = gate.index_select(0, keep);
+    }
+  }
+  auto y = pool_->forward(x, tok, ex, gate, o_.dispatch);
+  if (shared_) y = y + shared_->forward(x, nullptr);
+
+  if (updates_state(*this)) {
+    {
+      torch::NoGradGuard ng;
+      auto w = valid_weights(ctx.valid_T, T).to(d.probs_TS.device());
+      const int64_t S = d.probs_TS.size(1);
+      auto packed = torch::cat({d.lb_map_TS.sum(0), (d.probs_TS * w.unsqueeze(1)).sum(0),
+                                w.sum().reshape({1})});
+      if (reduce_) reduce_(packed);
+      auto counts = packed.narrow(0, 0, S), probs = packed.narrow(0, S, S);
+      global_.counts_S = global_.counts_S.defined() ? global_.counts_S + counts : counts.clone();
+      global_.prob_sum_S = global_.prob_sum_S.defined() ? global_.prob_sum_S + probs : probs.clone();
+      global_.tokens += packed[2 * S].item<double>();
+      global_.micro += 1;
+    }
+    if (!aux_.empty()) {
+      RoutingRecord r{d, ctx, *pool_, global_};
+      at::Tensor total;
+      if (aux_values_.size() != aux_.size()) aux_values_.assign(aux_.size(), 0.0);
+      for (size_t i = 0; i < aux_.size(); ++i) {
+        auto v = aux_[i].term->layer_loss(r);
+        aux_values_[i] += v.item<double>();
+        auto wv = v * aux_[i].weight;
+        total = total.defined() ? total + wv : wv;
+      }
+      y = attach_aux_loss(y, total, aux_scale_);
+    }
+    stats_.add(d, tok, ex, routed, ctx);
+  }
+  return y.view(x_BLD.sizes());
+}
+
+std::vector<double> MoeLayer::take_aux_values() {
+  std::vector<double> v = aux_values_;
+  if (v.size() != aux_.size()) v.assign(aux_.size(), 0.0);
+  aux_values_.assign(aux_.size(), 0.0);
+  return v;
+}
+
+void MoeLayer::step_end(const StatReducer& reduce) {
+  router_->step_end(reduce);
+  global_.reset();
+}
+
+nlohmann::json MoeLayer::take_stats() {
+  if (stats_.empty()) return nullptr;
+  nlohmann::json j = stats_.to_json();
+  stats_.reset();
+  return j;
+}
+
+}  // namespace mixdiff

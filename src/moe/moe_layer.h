@@ -1,0 +1,166 @@
+// The MoE feed-forward layer (algorithms.md sections 0, 6, 11.2 and 12): a router from the
+// `routers` registry, an ExpertPool of fine-grained SwiGLU experts, optional always-active shared
+// experts (DeepSeekMoE), an optional capacity bound with a drop policy, the routing losses the
+// recipe asks for, and the layer's routing telemetry.
+//
+//   y = sum_a gate_a FFN_{e_a}(x_{t_a})  +  SharedFFN(x)
+//
+// Routing losses (registry `losses`, subclasses of RoutingLoss) are computed here, per layer and
+// per training forward, from a RoutingRecord, and reach the router through AuxLossScaler: an
+// autograd function whose forward returns the layer output unchanged and whose backward hands
+// `scale` (the main loss's backward scale, 1 / grad_accum) to the summed, weighted aux loss
+// (Megatron's MoEAuxLossAutoScaler, algorithms.md section 0). The trainer therefore never adds
+// them to the diffusion loss; it reads their values from the layers for the logs.
+//
+// Global-batch statistics (algorithms.md 6.2): every training forward adds the layer's
+// unbiased top-K counts to a per-step buffer (summed over ranks through the StatReducer), which
+// the trainer clears after the optimizer step. Micro-batch m of a step therefore sees the counts
+// of micro-batches 1..m (Megatron's running average); the last one sees the whole global batch.
+//
+// Capacity (capacity_factor > 0): each expert keeps at most ceil(cf * T * K / E) assignments, by
+// gate (drop_policy: probability) or by token position (drop_policy: position); dropped
+// assignments contribute nothing (the token keeps its residual path and the other experts).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/config.h"
+#include "diffusion/diffusion.h"
+#include "moe/context.h"
+#include "moe/experts.h"
+#include "moe/router.h"
+#include "nn/layers.h"
+
+namespace mixdiff {
+
+struct MoeOptions {
+  int64_t d_model = 0;
+  int64_t n_expert = 8;
+  int64_t d_expert = 0;         ///< routed expert width F
+  int64_t n_shared = 0;         ///< always-active shared experts
+  int64_t d_shared = 0;         ///< their total width (default n_shared * d_expert)
+  double capacity_factor = 0;   ///< 0: dropless
+  std::string drop_policy = "probability";
+  Dispatch dispatch = Dispatch::kSorted;
+  int64_t stat_buckets = 4;     ///< mask-ratio buckets of the telemetry
+  /// Reads the keys of `model.moe` that belong to one layer (not the router).
+  static MoeOptions from(const ConfigNode& moe, int64_t d_model);
+};
+
+/// Per-step buffer of global-batch routing statistics (one per layer).
+struct GlobalLoad {
+  at::Tensor counts_S;    ///< unbiased top-K counts, summed over micro-batches (and ranks)
+  at::Tensor prob_sum_S;  ///< sum of probs over real tokens, no grad (for the exact value)
+  double tokens = 0;      ///< real tokens (summed like the counts)
+  int64_t micro = 0;      ///< forwards added this step
+  void reset();
+  /// N_S * sum_i f_i P_i with f = counts / sum(counts) and P = prob_sum / tokens: the
+  /// global-batch LBL of everything added this step (1 at perfect balance).
+  double value() const;
+};
+
+class ExpertPool;
+
+/// What a routing loss sees of one layer's forward.
+struct RoutingRecord {
+  const RoutingDecision& decision;
+  const RoutingContext& ctx;
+  const ExpertPool& pool;
+  const GlobalLoad& global;
+};
+
+/// A loss on routing decisions, computed in each MoE layer (see the header comment).
+class RoutingLoss : public LossTerm {
+ public:
+  /// Unweighted loss of one layer, differentiable in the router (and the experts for ERC).
+  virtual at::Tensor layer_loss(const RoutingRecord& r) = 0;
+  /// Routing terms have no value of their own at the model's output: the layers attach them.
+  /// Returns an undefined tensor; the trainer reads MoeLayer::take_aux_values() instead.
+  at::Tensor compute(const ModelOutput&, const DiffusionBatch&) override { return {}; }
+  bool is_routing() const override { return true; }
+};
+
+struct WeightedRoutingLoss {
+  std::string name;
+  double weight = 1.0;
+  std::shared_ptr<RoutingLoss> term;
+};
+
+/// Routing telemetry of one layer over a logging interval (training forwards only).
+class RoutingStats {
+ public:
+  RoutingStats(int64_t n_expert, int64_t buckets);
+  /// `kept_expert_A`/`kept_token_A`: assignments after capacity; `routed` before it.
+  void add(const RoutingDecision& d, const at::Tensor& kept_token_A,
+           const at::Tensor& kept_expert_A, int64_t routed, const RoutingContext& ctx);
+  bool empty() const { return tokens_ == 0; }
+  /// tokens_per_expert, max_mean, cv, dead, entropy, dropped, experts_per_token, by_mask_ratio.
+  nlohmann::json to_json() const;
+  void reset();
+
+ private:
+  int64_t n_expert_, buckets_;
+  at::Tensor counts_E_;         ///< fp64
+  at::Tensor bucket_counts_NE_; ///< fp64 [buckets, E]
+  at::Tensor bucket_tokens_N_;  ///< fp64 [buckets]
+  double tokens_ = 0, entropy_sum_ = 0, routed_ = 0, kept_ = 0;
+};
+
+class MoeLayer : public FeedForward {
+ public:
+  MoeLayer(const MoeOptions& o, std::shared_ptr<RouterBase> router);
+
+  at::Tensor forward(const at::Tensor& x_BLD, const RoutingContext* ctx) override;
+
+  /// Routing losses to attach (set by the trainer from the recipe's `losses`).
+  void set_aux_losses(std::vector<WeightedRoutingLoss> terms) { aux_ = std::move(terms); }
+  /// Backward scale of the attached aux losses (1 / grad_accum).
+  void set_aux_scale(double s) { aux_scale_ = s; }
+  /// Unweighted per-term values summed over the training forwards since the last call.
+  std::vector<double> take_aux_values();
+  /// After the optimizer step: balancer update, global buffer reset.
+  void step_end(const StatReducer& reduce);
+  /// Telemetry since the last call (null when nothing was routed), then reset.
+  nlohmann::json take_stats();
+  void set_reducer(StatReducer r) { reduce_ = std::move(r); }
+  /// Index of the transformer block this layer sits in (set by the backbone).
+  void set_block_index(int64_t i) { block_ = i; }
+  int64_t block_index() const { return block_; }
+
+  RouterBase& router() { return *router_; }
+  const RouterBase& router() const { return *router_; }
+  ExpertPool& pool() { return *pool_; }
+  const GlobalLoad& global_load() const { return global_; }
+  const MoeOptions& options() const { return o_; }
+  std::string describe() const;
+
+  /// Capacity selection: indices into the assignments that survive (sorted), or undefined when
+  /// nothing is dropped. Public for tests.
+  static at::Tensor capacity_keep(const at::Tensor& expert_A, const at::Tensor& priority_A,
+                                  int64_t n_expert, int64_t capacity);
+
+ private:
+  MoeOptions o_;
+  std::shared_ptr<RouterBase> router_;
+  std::shared_ptr<ExpertPool> pool_;
+  std::shared_ptr<SwiGLU> shared_;
+  std::vector<WeightedRoutingLoss> aux_;
+  std::vector<double> aux_values_;
+  double aux_scale_ = 1.0;
+  GlobalLoad global_;
+  RoutingStats stats_;
+  StatReducer reduce_;
+  int64_t block_ = -1;
+};
+
+/// Returns act unchanged; backward gives `aux` the gradient `scale` (Megatron's
+/// MoEAuxLossAutoScaler).
+at::Tensor attach_aux_loss(const at::Tensor& act, const at::Tensor& aux, double scale);
+
+}  // namespace mixdiff
