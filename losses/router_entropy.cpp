@@ -12,9 +12,7 @@ class RouterEntropy : public RoutingLoss {
  public:
   at::Tensor layer_loss(const RoutingRecord& r) override {
     const auto& p = r.decision.probs_TS;
-    auto w = valid_weights(r.ctx.valid_T, p.size(0)).to(p.device());
-    auto ent = -(p * p.clamp_min(1e-30).log()).sum(-1);
-    return (ent * w).sum() / w.sum().clamp_min(1.0);
+    return real_token_mean(-(p * p.clamp_min(1e-30).log()).sum(-1), r.ctx);
   }
 };
 

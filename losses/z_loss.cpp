@@ -11,9 +11,7 @@ namespace {
 class ZLoss : public RoutingLoss {
  public:
   at::Tensor layer_loss(const RoutingRecord& r) override {
-    const auto& z = r.decision.logits_TS;
-    auto w = valid_weights(r.ctx.valid_T, z.size(0)).to(z.device());
-    return (z.logsumexp(-1).pow(2) * w).sum() / w.sum().clamp_min(1.0);
+    return real_token_mean(r.decision.logits_TS.logsumexp(-1).pow(2), r.ctx);
   }
 };
 

@@ -64,6 +64,11 @@ MoeOptions MoeOptions::from(const ConfigNode& c, int64_t d_model) {
   return o;
 }
 
+at::Tensor real_token_mean(const at::Tensor& v_T, const RoutingContext& ctx) {
+  auto w = valid_weights(ctx.valid_T, v_T.size(0)).to(v_T.device());
+  return (v_T * w).sum() / w.sum().clamp_min(1.0);
+}
+
 // ---------------------------------------------------------------------------------------------
 
 void GlobalLoad::reset() {

@@ -75,6 +75,9 @@ struct RoutingRecord {
   const GlobalLoad& global;
 };
 
+/// Mean of a per-token quantity over the real tokens of `ctx` (padding excluded).
+at::Tensor real_token_mean(const at::Tensor& v_T, const RoutingContext& ctx);
+
 /// A loss on routing decisions, computed in each MoE layer (see the header comment).
 class RoutingLoss : public LossTerm {
  public:

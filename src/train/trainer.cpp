@@ -343,7 +343,9 @@ int Trainer::fit() {
     log(str("run already complete at step ", state_.step, " of ", o.steps));
     return 0;
   }
-  log(str("model: ", model.describe(), " | ", model.num_parameters(), " parameters"));
+  const int64_t n_params = model.num_parameters(), n_active = model.num_active_parameters();
+  log(str("model: ", model.describe(), " | ", n_params, " parameters",
+          n_active != n_params ? str(" (", n_active, " active per token)") : ""));
   log(str("data: ", parts_.data->describe()));
   const int64_t tokens_per_step = o.batch_size * o.grad_accum * parts_.data->seq_len();
   log(str("train: ", o.steps, " steps x ", tokens_per_step, " tokens (batch ", o.batch_size,

@@ -117,6 +117,48 @@ TEST(E2ECli, TrainGenerateEvalInspect) {
   EXPECT_NE(again.out.find("run already complete"), std::string::npos) << again.out;
 }
 
+// Every shipped recipe builds, trains a few steps and generates (on the tiny fixture data, so
+// that the test does not depend on the built-in corpus); MoE runs print their routing table.
+TEST(E2ECli, EveryShippedRecipeTrainsAndGenerates) {
+  const std::string d = tiny_dir();
+  std::vector<fs::path> recipes;
+  for (const char* dir : {"recipes", "recipes/debug"}) {
+    for (const auto& e : fs::directory_iterator(test::source_dir() + "/" + dir)) {
+      if (e.path().extension() == ".yaml") recipes.push_back(e.path());
+    }
+  }
+  ASSERT_GE(recipes.size(), 3u);
+  for (const auto& r : recipes) {
+    SCOPED_TRACE(r.string());
+    const std::string run = d + "/runs/recipe_" + r.parent_path().filename().string() + "_" +
+                            r.stem().string();
+    const bool debug = r.parent_path().filename() == "debug";
+    std::vector<std::string> args = {"train", r.string(), "--out", run, "--set",
+                                     "data.path=" + d + "/data", "--set", "data.prepare=null",
+                                     "--set", "eval.sequences=2",
+                                     "--set", "eval.batch_size=2", "--set", "eval.every=0"};
+    if (!debug) {
+      for (const char* o : {"train.steps=2", "train.log_every=1", "train.ckpt_every=0"}) {
+        args.push_back("--set");
+        args.push_back(o);
+      }
+    }
+    auto t = run_mixdiff(args);
+    ASSERT_EQ(t.status, 0) << t.err << t.out;
+    auto g = run_mixdiff({"generate", "--ckpt", run, "--set", "generate.sampler.gen_length=8",
+                          "--set", "generate.sampler.steps=8", "--set",
+                          "generate.sampler.block_length=8"});
+    ASSERT_EQ(g.status, 0) << g.err;
+    EXPECT_NE(g.out.find("sample: "), std::string::npos) << g.out;
+    auto i = run_mixdiff({"inspect", "--ckpt", run});
+    ASSERT_EQ(i.status, 0) << i.err;
+    const bool moe = test::read_text(r.string()).find("moe_dlm") != std::string::npos;
+    EXPECT_EQ(i.out.find("routing of the last logging interval") != std::string::npos, moe)
+        << i.out;
+    if (moe) EXPECT_NE(t.out.find("active per token"), std::string::npos) << t.out;
+  }
+}
+
 TEST(E2ECli, SigtermSavesACheckpointAndResumeFinishes) {
   const std::string d = tiny_dir();
   const std::string run = d + "/runs/sig";
