@@ -124,9 +124,14 @@ class TokenChoiceRouter : public RouterBase {
       if (balancer_) {
         sel = sel + balancer_->offset(scores.detach(), K, ctx.valid_T, update).unsqueeze(0);
       }
-      if (o_.n_group > 1 && o_.topk_group < o_.n_group) sel = group_limit(sel);
+      const bool grouped = o_.n_group > 1 && o_.topk_group < o_.n_group;
+      if (grouped) sel = group_limit(sel);
       idx = topk_indices(sel, K);
-      d.lb_map_TS = selection_map(topk_indices(d.probs_TS.detach(), K), S, ctx.valid_T);
+      // Balancing losses count the unbiased, ungrouped top-K of the probabilities; without an
+      // offset or a group limit that is the selection itself (top-K of logits = of softmax).
+      const bool plain = !balancer_ && !grouped;
+      d.lb_map_TS = selection_map(plain ? idx : topk_indices(d.probs_TS.detach(), K), S,
+                                  ctx.valid_T);
       if (balancer_ && update) balancer_->observe(slot_counts(idx, S, ctx.valid_T));
     }
     at::Tensor gate;

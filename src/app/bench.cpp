@@ -1,8 +1,9 @@
 // `mixdiff bench moe-layer`: forward+backward time of one MoE layer against a dense SwiGLU of
 // the same active FLOPs (d_ff = K * d_expert), for several expert counts E at fixed K and expert
 // width, with the share of the layer's time spent outside the expert GEMMs (routing, sorting,
-// gathering, combining). Timings are medians over repeats after warm-up, measured side by side
-// in one process; the JSON line carries every number.
+// gathering, combining; the router's own forward+backward is shown apart). All cases are built first, warmed up twice, then timed in interleaved
+// rounds (dense, MoE E1, experts-only E1, MoE E2, ...) in one process; medians are reported and
+// the JSON line carries every number.
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -26,17 +27,15 @@ namespace mixdiff {
 
 namespace {
 
-/// Median seconds of `fn` over `repeats` runs after `warmup` runs.
-double median_time(const std::function<void()>& fn, int repeats, int warmup = 2) {
-  for (int i = 0; i < warmup; ++i) fn();
-  std::vector<double> t;
-  for (int i = 0; i < repeats; ++i) {
-    const auto a = std::chrono::steady_clock::now();
-    fn();
-    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count());
-  }
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+double seconds(const std::function<void()>& fn) {
+  const auto a = std::chrono::steady_clock::now();
+  fn();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - a).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
 }
 
 void zero_grads(torch::nn::Module& m) {
@@ -66,21 +65,16 @@ int cmd_bench_moe_layer(const BenchMoeArgs& a) {
     torch::NoGradGuard ng;
     p.normal_(0.0, 0.02);
   }
-  const double t_dense = median_time([&] {
+  // Every case is a closure; the repeats interleave them (dense, E1, E2, ...) so that drift of
+  // the machine's speed hits all of them alike.
+  std::vector<std::function<void()>> cases;
+  cases.push_back([&] {
     zero_grads(dense);
     dense.forward(x).backward(dy);
-  }, a.repeats);
-  const double flops = 6.0 * 3.0 * static_cast<double>(T * D * K * F);  // fwd + bwd, 3 GEMMs
-
-  std::ostringstream tbl;
-  char line[256];
-  std::snprintf(line, sizeof(line), "%-8s %10s %10s %12s %12s %14s\n", "E", "ms", "vs dense",
-                "experts ms", "other ms", "other share");
-  tbl << line;
-  std::snprintf(line, sizeof(line), "%-8s %10.2f %10s %12s %12s %14s\n", "dense", t_dense * 1e3,
-                "1.00x", "-", "-", "-");
-  tbl << line;
-  nlohmann::json rows = nlohmann::json::array();
+  });
+  std::vector<std::shared_ptr<MoeLayer>> layers;
+  std::vector<at::Tensor> xs_sorted, dys_sorted;
+  std::vector<std::vector<int64_t>> counts_of;
   for (int64_t E : a.experts) {
     ConfigNode moe = ConfigNode::from_string(
         str("{n_expert: ", E, ", d_expert: ", F, ", dispatch: ", a.dispatch, "}"), "bench");
@@ -93,33 +87,67 @@ int cmd_bench_moe_layer(const BenchMoeArgs& a) {
       p.normal_(0.0, 0.02);
     }
     layer->train();
-    const auto x3 = x.view({1, T, D});
-    const double t_layer = median_time([&] {
-      zero_grads(*layer);
-      layer->forward(x3, nullptr).backward(dy.view({1, T, D}));
-      layer->take_stats();
-    }, a.repeats);
+    layers.push_back(layer);
     // The expert GEMMs alone, on the same routing (rows already grouped by expert).
     RoutingDecision d = layer->router().route(x.detach(), RoutingContext{});
     auto order = std::get<1>(d.expert_A.sort(true, 0, false));
-    auto xs = x.detach().index_select(0, d.token_A.index_select(0, order)).requires_grad_(true);
+    xs_sorted.push_back(
+        x.detach().index_select(0, d.token_A.index_select(0, order)).requires_grad_(true));
+    dys_sorted.push_back(torch::randn({xs_sorted.back().size(0), D}));
     auto cnt = torch::bincount(d.expert_A, {}, E);
-    std::vector<int64_t> counts(cnt.data_ptr<int64_t>(), cnt.data_ptr<int64_t>() + E);
-    auto dys = torch::randn({xs.size(0), D});
-    const auto& pool = layer->pool();
-    const double t_exp = median_time([&] {
-      zero_grads(*layer);
-      grouped_swiglu(xs, counts, pool.w_gate(), pool.w_up(), pool.w_down()).backward(dys);
-    }, a.repeats);
+    counts_of.emplace_back(cnt.data_ptr<int64_t>(), cnt.data_ptr<int64_t>() + E);
+  }
+  for (size_t i = 0; i < layers.size(); ++i) {
+    cases.push_back([&, i] {
+      zero_grads(*layers[i]);
+      layers[i]->forward(x.view({1, T, D}), nullptr).backward(dy.view({1, T, D}));
+      layers[i]->take_stats();
+    });
+    cases.push_back([&, i] {
+      zero_grads(*layers[i]);
+      RoutingDecision d = layers[i]->router().route(x, RoutingContext{});
+      (d.gate_A.sum() + d.probs_TS.sum()).backward();
+    });
+    cases.push_back([&, i] {
+      zero_grads(*layers[i]);
+      const auto& pool = layers[i]->pool();
+      grouped_swiglu(xs_sorted[i], counts_of[i], pool.w_gate(), pool.w_up(), pool.w_down())
+          .backward(dys_sorted[i]);
+    });
+  }
+  for (int w = 0; w < 2; ++w) {
+    for (auto& c : cases) c();
+  }
+  std::vector<std::vector<double>> times(cases.size());
+  for (int r = 0; r < a.repeats; ++r) {
+    for (size_t c = 0; c < cases.size(); ++c) times[c].push_back(seconds(cases[c]));
+  }
+  const double t_dense = median(times[0]);
+  const double flops = 6.0 * 3.0 * static_cast<double>(T * D * K * F);  // fwd + bwd, 3 GEMMs
+
+  std::ostringstream tbl;
+  char line[256];
+  std::snprintf(line, sizeof(line), "%-8s %10s %10s %12s %12s %12s %14s\n", "E", "ms",
+                "vs dense", "experts ms", "router ms", "other ms", "other share");
+  tbl << line;
+  std::snprintf(line, sizeof(line), "%-8s %10.2f %10s %12s %12s %12s %14s\n", "dense",
+                t_dense * 1e3, "1.00x", "-", "-", "-", "-");
+  tbl << line;
+  nlohmann::json rows = nlohmann::json::array();
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const int64_t E = a.experts[i];
+    const double t_layer = median(times[1 + 3 * i]), t_route = median(times[2 + 3 * i]),
+                 t_exp = median(times[3 + 3 * i]);
     const double other = std::max(0.0, t_layer - t_exp);
-    std::snprintf(line, sizeof(line), "%-8lld %10.2f %9.2fx %12.2f %12.2f %13.1f%%\n",
+    std::snprintf(line, sizeof(line), "%-8lld %10.2f %9.2fx %12.2f %12.2f %12.2f %13.1f%%\n",
                   static_cast<long long>(E), t_layer * 1e3, t_layer / t_dense, t_exp * 1e3,
-                  other * 1e3, 100.0 * other / t_layer);
+                  t_route * 1e3, other * 1e3, 100.0 * other / t_layer);
     tbl << line;
     rows.push_back({{"n_expert", E},
                     {"layer_s", t_layer},
                     {"vs_dense", t_layer / t_dense},
                     {"experts_s", t_exp},
+                    {"router_s", t_route},
                     {"routing_dispatch_s", other},
                     {"routing_dispatch_share", other / t_layer}});
   }

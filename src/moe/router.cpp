@@ -23,10 +23,26 @@ std::shared_ptr<Balancer> build_balancer(const ConfigNode& cfg, int64_t n_slots)
 }
 
 at::Tensor topk_indices(const at::Tensor& scores, int64_t k) {
-  TORCH_CHECK(k > 0 && k <= scores.size(-1), "[topk_indices] k = ", k, " outside [1, ",
-              scores.size(-1), "]");
-  auto sorted = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true));
-  return sorted.narrow(-1, 0, k).contiguous();
+  const int64_t S = scores.size(-1);
+  TORCH_CHECK(k > 0 && k <= S, "[topk_indices] k = ", k, " outside [1, ", S, "]");
+  // A partial top-k is much cheaper than a full sort of every row. Ties that straddle the k-th
+  // place are resolved by a stable full sort (rare for continuous scores); ties inside the
+  // chosen k are put in (value desc, index asc) order, so the result is the same on every
+  // device and every LibTorch version.
+  auto top = scores.topk(k, -1, /*largest=*/true, /*sorted=*/true);
+  auto vals = std::get<0>(top), idx = std::get<1>(top);
+  if (k < S) {
+    auto kth = vals.narrow(-1, k - 1, 1);
+    if (((scores == kth).sum(-1) != (vals == kth).sum(-1)).any().item<bool>()) {
+      auto sorted = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/-1, /*descending=*/true));
+      return sorted.narrow(-1, 0, k).contiguous();
+    }
+  }
+  if (k == 1) return idx.contiguous();
+  auto asc = std::get<1>(idx.sort(-1));  // positions of idx in ascending expert order
+  auto idx_asc = idx.gather(-1, asc), vals_asc = vals.gather(-1, asc);
+  auto order = std::get<1>(vals_asc.sort(/*stable=*/true, -1, /*descending=*/true));
+  return idx_asc.gather(-1, order).contiguous();
 }
 
 bool updates_state(const torch::nn::Module& m) {

@@ -8,6 +8,8 @@
 #include <filesystem>
 #include <thread>
 
+#include <nlohmann/json.hpp>
+
 #include "support/support.h"
 
 namespace mixdiff {
@@ -157,6 +159,21 @@ TEST(E2ECli, EveryShippedRecipeTrainsAndGenerates) {
         << i.out;
     if (moe) EXPECT_NE(t.out.find("active per token"), std::string::npos) << t.out;
   }
+}
+
+TEST(E2ECli, BenchMoeLayerReportsEveryExpertCount) {
+  const std::string d = test::scratch_dir("bench_moe");
+  auto b = run_mixdiff({"bench", "moe-layer", "--tokens", "64", "--d-model", "16", "--d-expert",
+                        "8", "--top-k", "2", "--experts", "2,4", "--repeats", "1", "--json",
+                        d + "/bench.json"});
+  ASSERT_EQ(b.status, 0) << b.err;
+  auto j = nlohmann::json::parse(test::read_text(d + "/bench.json"));
+  EXPECT_GT(j["dense_s"].get<double>(), 0.0);
+  ASSERT_EQ(j["moe"].size(), 2u);
+  EXPECT_EQ(j["moe"][1]["n_expert"], 4);
+  EXPECT_GT(j["moe"][1]["layer_s"].get<double>(), 0.0);
+  expect_one_line_error(run_mixdiff({"bench", "moe-layer", "--top-k", "8", "--experts", "4"}),
+                        "below --top-k");
 }
 
 TEST(E2ECli, SigtermSavesACheckpointAndResumeFinishes) {
