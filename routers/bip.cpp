@@ -7,7 +7,9 @@
 //     q_j = relu((cap+1)-th largest over tokens of (s_ij - p_i))
 // then the batch routes by top-K of s - q; gates stay the unbiased scores. q is a buffer
 // (`dual`) kept across steps, so the sweeps start warm and evaluation/generation route with the
-// last training batch's prices. RECONSTRUCTED: the paper's Algorithm 1 was not retrievable; this
+// last training batch's prices. Under data parallelism each rank solves its own batch and the
+// ranks' prices are averaged after the sweeps (Megatron averages its quantile-balancing duals
+// over data-parallel ranks), so every rank routes with the same q. RECONSTRUCTED: the paper's Algorithm 1 was not retrievable; this
 // is the dual coordinate descent its LP implies and Megatron's quantile_balancing (one sweep);
 // iters default 2 (NOT FOUND in the paper).
 #include <torch/torch.h>
@@ -52,6 +54,11 @@ class BipBalancer : public Balancer {
         for (int64_t it = 0; it < iters_; ++it) {
           auto p = kth_largest(s - q.unsqueeze(0), k + 1, 1).clamp_min(0);  // [n]
           q = kth_largest(s - p.unsqueeze(1), cap + 1, 0).clamp_min(0);     // [m]
+        }
+        if (reduce_) {  // data parallelism: the ranks' prices are averaged (as Megatron does)
+          auto packed = torch::cat({q, torch::ones({1}, q.options())});
+          reduce_(packed);
+          q = packed.narrow(0, 0, m) / packed[m];
         }
         dual_.copy_(q);
       }

@@ -151,6 +151,10 @@ class TokenChoiceRouter : public RouterBase {
     if (balancer_) balancer_->step_end(reduce);
   }
 
+  void set_reducer(const StatReducer& reduce) override {
+    if (balancer_) balancer_->set_reducer(reduce);
+  }
+
   int64_t top_k() const override { return o_.top_k; }
 
   std::string describe() const override {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages MixDiff needs (idempotent; silent when everything is there).
-#   build:   g++, cmake, ninja, pkg-config, ccache, LibTorch 1.13 (CPU), yaml-cpp, CLI11,
+#   build:   g++, cmake, ninja, pkg-config, ccache, LibTorch 1.13 (CPU), Gloo headers (c10d's
+#            ProcessGroupGloo includes them), yaml-cpp, CLI11,
 #            nlohmann-json, PCRE2, GoogleTest
 #   speed:   OpenBLAS (pthread). Debian's default reference BLAS makes every matmul 24-30x
 #            slower; installing libopenblas0-pthread switches libblas.so.3 to it.
@@ -10,7 +11,7 @@ set -euo pipefail
 
 PACKAGES=(
   g++ cmake ninja-build pkg-config ccache
-  libtorch-dev libyaml-cpp-dev libcli11-dev nlohmann-json3-dev libpcre2-dev libgtest-dev
+  libtorch-dev libgloo-dev libyaml-cpp-dev libcli11-dev nlohmann-json3-dev libpcre2-dev libgtest-dev
   libopenblas0-pthread
   bible-kjv fortunes wordnet-base
 )

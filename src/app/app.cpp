@@ -15,6 +15,7 @@
 #include "core/errors.h"
 #include "core/fs.h"
 #include "core/safetensors.h"
+#include "dist/dist.h"
 #include "data/prepare.h"
 #include "data/tokenizer.h"
 #include "infer/sampler.h"
@@ -85,17 +86,26 @@ int cmd_train(const TrainArgs& a) {
     throw ConfigError(str("run folder '", run_dir, "' already holds checkpoints; continue it with "
                           "--resume ", run_dir, ", or choose another folder with --out"));
   }
-  fs::create_directories(run_dir);
-  if (ckpt.empty()) {
-    for (const char* f : {"metrics.jsonl", "train.log"}) fs::remove(run_dir + "/" + f);
+  // Under a launcher (torchrun's variables), rank 0 owns the run folder; every rank reads.
+  const DistEnv env = DistEnv::from_env();
+  if (env.rank == 0) {
+    fs::create_directories(run_dir);
+    if (ckpt.empty()) {
+      for (const char* f : {"metrics.jsonl", "train.log"}) fs::remove(run_dir + "/" + f);
+    }
+    write_file_atomic(run_dir + "/recipe.yaml", resolved);
   }
-  write_file_atomic(run_dir + "/recipe.yaml", resolved);
+  install_stop_handlers();
+  if (env.world > 1) {
+    parts.dp = std::make_shared<DataParallel>(env, parts.options.dist_timeout_s);
+  }
   Trainer trainer(std::move(parts), run_dir, resolved);
   if (!ckpt.empty()) {
     trainer.restore(ckpt);
-    std::cout << "resumed from " << ckpt << " at step " << trainer.state().step << std::endl;
+    if (env.rank == 0) {
+      std::cout << "resumed from " << ckpt << " at step " << trainer.state().step << std::endl;
+    }
   }
-  install_stop_handlers();
   return trainer.fit();
 }
 
@@ -172,8 +182,6 @@ int cmd_eval(const EvalArgs& a) {
   std::cout << j.dump() << std::endl;
   return 0;
 }
-
-const char* compat_torch_version() { return compat::torch_version(); }
 
 void configure_process() {
   mallopt(M_MMAP_THRESHOLD, 32 << 20);

@@ -59,8 +59,17 @@ struct BenchMoeArgs {
 /// `mixdiff bench moe-layer`: MoE layer vs dense FFN of equal active FLOPs, over E.
 int cmd_bench_moe_layer(const BenchMoeArgs& a);
 
-/// "1.13.0": the LibTorch this binary was built against.
-const char* compat_torch_version();
+struct LaunchArgs {
+  int nnodes = 1;
+  int node_rank = 0;
+  int nproc_per_node = 1;
+  std::string master_addr = "127.0.0.1";
+  int master_port = 29500;
+  double grace_s = 30;               ///< after a worker fails, how long the others get to exit
+  std::vector<std::string> command;  ///< the worker's arguments, e.g. {"train", "r.yaml"}
+};
+/// `mixdiff launch`: torchrun-style multi-process (multi-node) launcher (src/dist/launch.cpp).
+int cmd_launch(const LaunchArgs& a);
 
 /// Process-wide settings for training speed; call once at the start of main().
 /// glibc serves allocations above a dynamic threshold with mmap/munmap, so every step of a

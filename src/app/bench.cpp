@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "app/app.h"
+#include "core/compat.h"
 #include "core/config.h"
 #include "core/errors.h"
 #include "core/fs.h"
@@ -162,7 +163,7 @@ int cmd_bench_moe_layer(const BenchMoeArgs& a) {
                       {"dense_s", t_dense},
                       {"dense_gflops", flops / t_dense / 1e9},
                       {"moe", rows},
-                      {"torch", compat_torch_version()}};
+                      {"torch", compat::torch_version()}};
   std::cout << "moe-layer forward+backward: T=" << T << " tokens, d_model " << D << ", top-" << K
             << " of E experts of width " << F << " vs dense SwiGLU d_ff " << K * F << " ("
             << static_cast<int64_t>(flops / t_dense / 1e9) << " GFLOP/s), median of " << a.repeats

@@ -7,6 +7,7 @@
 #include <exception>
 #include <iostream>
 #include <string>
+#include <vector>
 
 #include "app/app.h"
 #include "core/errors.h"
@@ -72,6 +73,26 @@ int run(int argc, char** argv) {
   dp->add_option("--set", prep.overrides, kSetHelp)->allow_extra_args(false);
   dp->add_flag("--force", prep.force, "rebuild even if data.path already holds prepared data");
 
+  mixdiff::LaunchArgs la;
+  auto* l = app.add_subcommand(
+      "launch", "start data-parallel workers of this binary (torchrun-style; c10d Gloo)");
+  l->add_option("--nproc-per-node", la.nproc_per_node, "workers on this node")->capture_default_str();
+  l->add_option("--nnodes", la.nnodes, "nodes taking part")->capture_default_str();
+  l->add_option("--node-rank", la.node_rank, "this node's index, 0..nnodes-1")->capture_default_str();
+  l->add_option("--master-addr", la.master_addr, "address of the node of global rank 0")
+      ->capture_default_str();
+  l->add_option("--master-port", la.master_port, "port of the rendezvous store")
+      ->capture_default_str();
+  l->add_option("--grace", la.grace_s,
+                "seconds the other workers get to exit after one fails, then SIGKILL")
+      ->capture_default_str();
+  l->footer(
+      "The worker command follows '--', e.g.\n"
+      "  mixdiff launch --nproc-per-node 2 -- train recipes/quickstart_moe.yaml\n"
+      "Two nodes: run one launcher on each with --nnodes 2 --node-rank 0|1 and the same\n"
+      "--master-addr/--master-port. Workers get RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,\n"
+      "MASTER_ADDR, MASTER_PORT; any launcher that sets them (torchrun --no-python, Slurm) works.");
+
   auto* b = app.add_subcommand("bench", "benchmarks measured side by side in one process");
   b->require_subcommand(1);
   mixdiff::BenchMoeArgs bm;
@@ -92,6 +113,15 @@ int run(int argc, char** argv) {
   bml->add_option("--threads", bm.threads, "LibTorch intra-op threads")->capture_default_str();
   bml->add_option("--json", bm.json, "also write the JSON result to this file");
 
+  // `launch ... -- WORKER ARGS`: everything after the first "--" is the worker's command line.
+  std::vector<std::string> worker;
+  for (int k = 1; k < argc; ++k) {
+    if (std::string(argv[k]) == "--") {
+      worker.assign(argv + k + 1, argv + argc);
+      argc = k;
+      break;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& err) {
@@ -103,6 +133,14 @@ int run(int argc, char** argv) {
   if (i->parsed()) return mixdiff::cmd_inspect(in);
   if (dp->parsed()) return mixdiff::cmd_data_prepare(prep);
   if (bml->parsed()) return mixdiff::cmd_bench_moe_layer(bm);
+  if (l->parsed()) {
+    la.command = worker;
+    return mixdiff::cmd_launch(la);
+  }
+  if (!worker.empty()) {
+    std::cerr << "error: '--' separates a worker command only for `mixdiff launch`" << std::endl;
+    return 2;
+  }
   return 2;
 }
 
@@ -114,15 +152,23 @@ std::string first_line(const std::string& s) {
 
 }  // namespace
 
+// "[rank 3] " for a worker of a multi-process run, so that its errors name it.
+std::string rank_prefix() {
+  const char* r = std::getenv("RANK");
+  const char* w = std::getenv("WORLD_SIZE");
+  if (!r || !w || std::string(w) == "1") return "";
+  return std::string("[rank ") + r + "] ";
+}
+
 int main(int argc, char** argv) {
   mixdiff::configure_process();
   try {
     return run(argc, argv);
   } catch (const mixdiff::InputError& e) {
-    std::cerr << "error: " << first_line(e.what()) << std::endl;
+    std::cerr << rank_prefix() << "error: " << first_line(e.what()) << std::endl;
     return 2;
   } catch (const std::exception& e) {
-    std::cerr << "internal error: " << first_line(e.what()) << std::endl;
+    std::cerr << rank_prefix() << "internal error: " << first_line(e.what()) << std::endl;
     return 1;
   }
 }

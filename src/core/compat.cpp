@@ -3,6 +3,19 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <stdexcept>
+
+// Debian's LibTorch exports USE_C10D_GLOO and ships the gloo headers (libgloo-dev); a PyTorch
+// wheel may lack the gloo headers, in which case this build has no Gloo process group.
+#if defined(USE_C10D_GLOO) && __has_include(<gloo/algorithm.h>)
+#define MIXDIFF_HAVE_GLOO 1
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#else
+#define MIXDIFF_HAVE_GLOO 0
+#endif
 
 namespace mixdiff::compat {
 
@@ -20,5 +33,80 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 const char* torch_version() { return TORCH_VERSION; }
+
+namespace {
+
+std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+#if MIXDIFF_HAVE_GLOO
+class GlooCollectives : public Collectives {
+ public:
+  explicit GlooCollectives(c10::intrusive_ptr<c10d::ProcessGroupGloo> pg) : pg_(std::move(pg)) {}
+  void all_reduce_sum(std::vector<at::Tensor>& t) override {
+    c10d::AllreduceOptions o;
+    o.reduceOp = c10d::ReduceOp::SUM;
+    pg_->allreduce(t, o)->wait();
+  }
+  void all_reduce_max(std::vector<at::Tensor>& t) override {
+    c10d::AllreduceOptions o;
+    o.reduceOp = c10d::ReduceOp::MAX;
+    pg_->allreduce(t, o)->wait();
+  }
+  void broadcast(std::vector<at::Tensor>& t, int root) override {
+    c10d::BroadcastOptions o;
+    o.rootRank = root;
+    pg_->broadcast(t, o)->wait();
+  }
+  void barrier() override { pg_->barrier()->wait(); }
+
+ private:
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
+};
+#endif
+
+}  // namespace
+
+std::unique_ptr<Collectives> make_process_group(const ProcessGroupSpec& s) {
+  if (s.backend != "gloo") {
+    throw std::runtime_error("process group backend '" + s.backend +
+                             "' is not available in this build (CPU builds have gloo)");
+  }
+#if MIXDIFF_HAVE_GLOO
+  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(s.timeout_s * 1000));
+  c10::intrusive_ptr<c10d::TCPStore> store;
+  try {
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<uint16_t>(s.master_port);
+    so.isServer = s.rank == 0;
+    so.numWorkers = static_cast<size_t>(s.world);
+    so.waitWorkers = false;
+    so.timeout = timeout;
+    store = c10::make_intrusive<c10d::TCPStore>(s.master_addr, so);
+  } catch (const std::exception& e) {
+    throw std::runtime_error("rendezvous: rank " + std::to_string(s.rank) +
+                             " could not reach the store at " + s.master_addr + ":" +
+                             std::to_string(s.master_port) + " within " +
+                             std::to_string(static_cast<int>(s.timeout_s)) + " s (" +
+                             first_line(e.what()) + ")");
+  }
+  try {
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("mixdiff", store);
+    auto o = c10d::ProcessGroupGloo::Options::create(timeout);
+    const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+    o->devices.push_back(ifname && *ifname
+                             ? c10d::ProcessGroupGloo::createDeviceForInterface(ifname)
+                             : c10d::ProcessGroupGloo::createDefaultDevice());
+    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, s.rank, s.world, o);
+    return std::make_unique<GlooCollectives>(std::move(pg));
+  } catch (const std::exception& e) {
+    throw std::runtime_error("rendezvous: rank " + std::to_string(s.rank) + " of " +
+                             std::to_string(s.world) + " did not meet every peer within " +
+                             std::to_string(static_cast<int>(s.timeout_s)) + " s (" +
+                             first_line(e.what()) + ")");
+  }
+#else
+  throw std::runtime_error("this LibTorch build has no Gloo process group headers");
+#endif
+}
 
 }  // namespace mixdiff::compat

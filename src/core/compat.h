@@ -5,7 +5,10 @@
 #include <ATen/core/Tensor.h>
 #include <torch/version.h>
 
+#include <memory>
 #include <optional>
+#include <string>
+#include <vector>
 
 #define MIXDIFF_TORCH_AT_LEAST(major, minor) \
   (TORCH_VERSION_MAJOR > (major) ||          \
@@ -22,5 +25,34 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 /// "1.13.0" or "2.5.1": the LibTorch this binary was built against.
 const char* torch_version();
+
+/// Collectives of one c10d process group. LibTorch 1.13 derives ProcessGroupGloo from
+/// c10d::ProcessGroup, 2.x from c10d::Backend; both keep the collective signatures used here, so
+/// the concrete backend is held and called directly (no 2.x dispatcher layer).
+class Collectives {
+ public:
+  virtual ~Collectives() = default;
+  /// In-place sum over all ranks.
+  virtual void all_reduce_sum(std::vector<at::Tensor>& tensors) = 0;
+  /// In-place element-wise max over all ranks.
+  virtual void all_reduce_max(std::vector<at::Tensor>& tensors) = 0;
+  /// In-place copy of `root`'s tensors to every rank.
+  virtual void broadcast(std::vector<at::Tensor>& tensors, int root) = 0;
+  virtual void barrier() = 0;
+};
+
+struct ProcessGroupSpec {
+  std::string backend = "gloo";  ///< gloo (CPU tensors) or nccl (CUDA tensors, CUDA builds only)
+  std::string master_addr = "127.0.0.1";
+  int master_port = 29500;
+  int rank = 0;
+  int world = 1;
+  double timeout_s = 120;  ///< rendezvous and per-collective timeout
+};
+
+/// Rendezvous through a c10d TCPStore (served by rank 0) and build the process group. Throws
+/// std::runtime_error with one line naming what failed (a peer that never arrives, a port in use,
+/// a backend this build lacks).
+std::unique_ptr<Collectives> make_process_group(const ProcessGroupSpec& spec);
 
 }  // namespace mixdiff::compat

@@ -28,16 +28,21 @@ at::Tensor sample_t(int64_t B, const NoiseSchedule& s, at::Generator& gen) {
 
 DiffusionBatch corrupt(const at::Tensor& x0_BL, const at::Tensor& t_B, const NoiseSchedule& s,
                        int64_t mask_id, at::Generator& gen) {
-  TORCH_CHECK(x0_BL.dim() == 2 && t_B.dim() == 1 && t_B.size(0) == x0_BL.size(0),
-              "[corrupt] expected x0_BL [B, L] and t_B [B], got ", x0_BL.sizes(), " and ",
-              t_B.sizes());
+  return corrupt_with(x0_BL, t_B, torch::rand({x0_BL.size(0), x0_BL.size(1)}, gen), s, mask_id);
+}
+
+DiffusionBatch corrupt_with(const at::Tensor& x0_BL, const at::Tensor& t_B, const at::Tensor& u_BL,
+                            const NoiseSchedule& s, int64_t mask_id) {
+  TORCH_CHECK(x0_BL.dim() == 2 && t_B.dim() == 1 && t_B.size(0) == x0_BL.size(0) &&
+                  u_BL.sizes() == x0_BL.sizes(),
+              "[corrupt] expected x0_BL [B, L], t_B [B] and u_BL [B, L], got ", x0_BL.sizes(),
+              ", ", t_B.sizes(), " and ", u_BL.sizes());
   const int64_t B = x0_BL.size(0), L = x0_BL.size(1);
   DiffusionBatch b;
   b.x0_BL = x0_BL;
   b.t_B = t_B;
   b.p_B = s.mask_prob(t_B);
-  auto u = torch::rand({B, L}, gen);
-  b.masked_BL = u < b.p_B.unsqueeze(1);
+  b.masked_BL = u_BL < b.p_B.unsqueeze(1);
   b.xt_BL = x0_BL.masked_fill(b.masked_BL, mask_id);
   b.index_M = b.masked_BL.reshape({-1}).nonzero().squeeze(1);
   b.target_M = x0_BL.reshape({-1}).index_select(0, b.index_M);
@@ -54,7 +59,8 @@ at::Tensor masked_cross_entropy(const at::Tensor& logits_MV, const at::Tensor& t
 }
 
 NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t batch_size,
-                             uint64_t seed) {
+                             uint64_t seed, int shard, int n_shards,
+                             const std::function<double(double)>& sum_over_shards) {
   torch::NoGradGuard ng;
   const bool was_training = model.is_training();
   model.eval();
@@ -65,7 +71,8 @@ NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t 
   auto t_N = (torch::arange(N, torch::kFloat64) + u) / static_cast<double>(N);
   auto uu = torch::rand({N, L}, gen);
   double total = 0;
-  for (int64_t s = 0; s < N; s += batch_size) {
+  for (int64_t s = 0, bi = 0; s < N; s += batch_size, ++bi) {
+    if (bi % n_shards != shard) continue;
     const int64_t n = std::min(batch_size, N - s);
     auto x0 = x0_NL.narrow(0, s, n);
     auto t = t_N.narrow(0, s, n);
@@ -77,6 +84,7 @@ NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t 
     auto w = (1.0 / t).index_select(0, idx.div(L, "floor"));
     total += (ce.to(torch::kFloat64) * w).sum().item<double>();
   }
+  if (sum_over_shards) total = sum_over_shards(total);
   // Unigram entropy of exactly these tokens: the NELBO of the best context-free predictor.
   auto counts = torch::bincount(x0_NL.reshape({-1})).to(torch::kFloat64);
   auto p = counts.masked_select(counts > 0) / static_cast<double>(N * L);

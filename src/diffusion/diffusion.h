@@ -10,6 +10,7 @@
 #include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -55,6 +56,11 @@ struct DiffusionBatch {
 DiffusionBatch corrupt(const at::Tensor& x0_BL, const at::Tensor& t_B,
                        const NoiseSchedule& schedule, int64_t mask_id, at::Generator& gen);
 
+/// The same with the mask uniforms given (u_BL in [0, 1)): a position is masked when
+/// u < p(t). Data-parallel ranks draw the global batch's uniforms and take their rows.
+DiffusionBatch corrupt_with(const at::Tensor& x0_BL, const at::Tensor& t_B, const at::Tensor& u_BL,
+                            const NoiseSchedule& schedule, int64_t mask_id);
+
 /// t_B ~ U[t_min, t_max] from `gen`, independent or stratified (NoiseSchedule::stratified).
 at::Tensor sample_t(int64_t B, const NoiseSchedule& schedule, at::Generator& gen);
 
@@ -85,8 +91,12 @@ struct NelboResult {
 /// each token is masked with probability t_i and the masked cross-entropy is weighted by 1/t_i.
 /// Deterministic for a given seed; independent of the training schedule (the bound is
 /// schedule-invariant) so runs with different schedules stay comparable.
+/// Data-parallel evaluation: rank `shard` of `n_shards` evaluates every n_shards-th batch of the
+/// same draws and `sum_over_shards` adds the partial sums, so the result does not depend on the
+/// number of ranks.
 NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t batch_size,
-                             uint64_t seed);
+                             uint64_t seed, int shard = 0, int n_shards = 1,
+                             const std::function<double(double)>& sum_over_shards = {});
 
 /// Cross-entropy of `logits` [M, V] against `target` [M], per position (fp32).
 at::Tensor masked_cross_entropy(const at::Tensor& logits_MV, const at::Tensor& target_M);

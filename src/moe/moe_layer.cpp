@@ -126,6 +126,26 @@ void RoutingStats::add(const RoutingDecision& d, const at::Tensor& kept_token_A,
   }
 }
 
+void RoutingStats::reduce(const StatReducer& r) {
+  if (!r) return;
+  auto scalars = torch::tensor({tokens_, entropy_sum_, routed_, kept_}, torch::kFloat64);
+  auto packed = torch::cat({counts_E_, bucket_counts_NE_.reshape({-1}), bucket_tokens_N_, scalars});
+  r(packed);
+  int64_t off = 0;
+  auto take = [&](at::Tensor& t) {
+    t.copy_(packed.narrow(0, off, t.numel()).view_as(t));
+    off += t.numel();
+  };
+  take(counts_E_);
+  take(bucket_counts_NE_);
+  take(bucket_tokens_N_);
+  take(scalars);
+  tokens_ = scalars[0].item<double>();
+  entropy_sum_ = scalars[1].item<double>();
+  routed_ = scalars[2].item<double>();
+  kept_ = scalars[3].item<double>();
+}
+
 namespace {
 
 nlohmann::json load_summary(const at::Tensor& counts) {
@@ -267,12 +287,15 @@ std::vector<double> MoeLayer::take_aux_values() {
 
 void MoeLayer::step_end(const StatReducer& reduce) {
   router_->step_end(reduce);
+  if (global_.micro > 0) last_global_lbl_ = global_.value();
   global_.reset();
 }
 
-nlohmann::json MoeLayer::take_stats() {
+nlohmann::json MoeLayer::take_stats(const StatReducer& reduce) {
+  stats_.reduce(reduce);
   if (stats_.empty()) return nullptr;
   nlohmann::json j = stats_.to_json();
+  j["global_lbl"] = last_global_lbl_;
   stats_.reset();
   return j;
 }

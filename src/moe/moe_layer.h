@@ -103,6 +103,8 @@ class RoutingStats {
   void add(const RoutingDecision& d, const at::Tensor& kept_token_A,
            const at::Tensor& kept_expert_A, int64_t routed, const RoutingContext& ctx);
   bool empty() const { return tokens_ == 0; }
+  /// Sums the accumulated statistics over data-parallel ranks (before to_json).
+  void reduce(const StatReducer& r);
   /// tokens_per_expert, max_mean, cv, dead, entropy, dropped, experts_per_token, by_mask_ratio.
   nlohmann::json to_json() const;
   void reset();
@@ -129,9 +131,14 @@ class MoeLayer : public FeedForward {
   std::vector<double> take_aux_values();
   /// After the optimizer step: balancer update, global buffer reset.
   void step_end(const StatReducer& reduce);
-  /// Telemetry since the last call (null when nothing was routed), then reset.
-  nlohmann::json take_stats();
-  void set_reducer(StatReducer r) { reduce_ = std::move(r); }
+  /// Telemetry since the last call, summed over ranks by `reduce` when given (null when nothing
+  /// was routed), then reset. Adds `global_lbl`: the exact global-batch load-balancing loss of the
+  /// last optimizer step (GlobalLoad::value()).
+  nlohmann::json take_stats(const StatReducer& reduce = {});
+  void set_reducer(StatReducer r) {
+    router_->set_reducer(r);
+    reduce_ = std::move(r);
+  }
   /// Index of the transformer block this layer sits in (set by the backbone).
   void set_block_index(int64_t i) { block_ = i; }
   int64_t block_index() const { return block_; }
@@ -157,6 +164,7 @@ class MoeLayer : public FeedForward {
   std::vector<double> aux_values_;
   double aux_scale_ = 1.0;
   GlobalLoad global_;
+  double last_global_lbl_ = 0;
   RoutingStats stats_;
   StatReducer reduce_;
   int64_t block_ = -1;

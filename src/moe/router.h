@@ -54,6 +54,11 @@ class Balancer : public torch::nn::Module {
   /// After the optimizer step: update from the step's counts (summed over ranks by `reduce`).
   virtual void step_end(const StatReducer& reduce) {}
   virtual std::string describe() const = 0;
+  /// Sums over data-parallel ranks, for balancers whose per-batch state must agree across them.
+  void set_reducer(StatReducer r) { reduce_ = std::move(r); }
+
+ protected:
+  StatReducer reduce_;
 };
 
 using BalancerRegistry = Registry<std::shared_ptr<Balancer>, const ConfigNode&, int64_t>;
@@ -75,6 +80,8 @@ class RouterBase : public torch::nn::Module {
   virtual RoutingDecision route(const at::Tensor& x_TD, const RoutingContext& ctx) = 0;
   /// After each optimizer step (training only).
   virtual void step_end(const StatReducer& reduce) {}
+  /// Hands the data-parallel sum to the router's balancer (if any).
+  virtual void set_reducer(const StatReducer& reduce) {}
   /// Most experts (routing slots) one token can take: K of top-K.
   virtual int64_t top_k() const = 0;
   /// One line: kind and options.

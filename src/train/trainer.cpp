@@ -110,6 +110,12 @@ TrainOptions TrainOptions::from(const ConfigNode& recipe) {
   if (o.eval_every < 0) e.fail("every", "expected >= 0 (0: only at the end)");
   if (o.eval_sequences <= 0) e.fail("sequences", "expected a positive integer");
   if (o.eval_batch_size <= 0) e.fail("batch_size", "expected a positive integer");
+  ConfigNode dist = recipe.section("dist");
+  const double bucket_mb = dist.get<double>("bucket_mb", 25.0);
+  if (!(bucket_mb > 0)) dist.fail("bucket_mb", "expected a positive size in MiB");
+  o.bucket_bytes = static_cast<int64_t>(bucket_mb * (1 << 20));
+  o.dist_timeout_s = dist.get<double>("timeout_s", 300.0);
+  if (!(o.dist_timeout_s > 0)) dist.fail("timeout_s", "expected a positive number of seconds");
   return o;
 }
 
@@ -186,15 +192,20 @@ TrainerParts build_trainer_parts(const ConfigNode& recipe) {
 }
 
 Trainer::Trainer(TrainerParts parts, std::string run_dir, std::string recipe_yaml)
-    : parts_(std::move(parts)), run_dir_(std::move(run_dir)), recipe_yaml_(std::move(recipe_yaml)) {}
+    : parts_(std::move(parts)),
+      dp_(parts_.dp),
+      run_dir_(std::move(run_dir)),
+      recipe_yaml_(std::move(recipe_yaml)) {}
 
 void Trainer::log(const std::string& line) {
+  if (!is_main()) return;
   std::cout << line << std::endl;
   std::ofstream f(run_dir_ + "/train.log", std::ios::app);
   f << line << "\n";
 }
 
 void Trainer::append_metrics(const nlohmann::json& m) {
+  if (!is_main()) return;
   std::ofstream f(run_dir_ + "/metrics.jsonl", std::ios::app);
   f << m.dump() << "\n";
   f.flush();
@@ -223,7 +234,7 @@ void Trainer::restore(const std::string& ckpt_dir) {
   }
   // Keep metrics.jsonl equal to what an uninterrupted run writes: drop lines past the checkpoint.
   const std::string mp = run_dir_ + "/metrics.jsonl";
-  if (fs::exists(mp)) {
+  if (is_main() && fs::exists(mp)) {
     std::ifstream in(mp);
     std::string line, kept;
     while (std::getline(in, line)) {
@@ -238,6 +249,11 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm,
                          std::vector<double>* aux) {
   auto& model = *parts_.model;
   const auto& o = parts_.options;
+  // Data parallelism: rank r of W takes sequences [r B, (r + 1) B) of each global micro-batch of
+  // W B sequences, and the rows of the global batch's noise (t, random length, mask uniforms are
+  // drawn for the whole global batch from the step's generator), so W ranks reproduce one
+  // process with batch W B.
+  const int64_t W = world(), r = dp_ ? dp_->rank() : 0, B = o.batch_size;
   double loss_sum = 0;
   *tokens = 0;
   const auto moe = model.moe_layers();
@@ -246,14 +262,16 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm,
     auto gen = at::make_generator<at::CPUGeneratorImpl>(
         mix_seed(static_cast<uint64_t>(parts_.seed), static_cast<uint64_t>(step),
                  static_cast<uint64_t>(m)));
-    auto x0 = parts_.data->train_batch(state_.data_cursor, o.batch_size);
-    state_.data_cursor += o.batch_size;
+    auto x0 = parts_.data->train_batch(state_.data_cursor + r * B, B);
+    state_.data_cursor += W * B;
     if (o.random_length_prob > 0 && torch::rand({1}, gen).item<double>() < o.random_length_prob) {
       const int64_t len = torch::randint(1, x0.size(1) + 1, {1}, gen).item<int64_t>();
       x0 = x0.narrow(1, 0, len).contiguous();
     }
-    auto t = sample_t(x0.size(0), *parts_.schedule, gen);
-    DiffusionBatch batch = corrupt(x0, t, *parts_.schedule, model.mask_id(), gen);
+    auto t = sample_t(W * B, *parts_.schedule, gen);
+    auto u = torch::rand({W * B, x0.size(1)}, gen);
+    DiffusionBatch batch = corrupt_with(x0, t.narrow(0, r * B, B), u.narrow(0, r * B, B),
+                                        *parts_.schedule, model.mask_id());
     ModelInput in(batch.xt_BL, batch.index_M);
     in.step = step * o.grad_accum + m;
     ModelOutput out = model.forward(in);
@@ -265,31 +283,48 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm,
     }
     (total / static_cast<double>(o.grad_accum)).backward();
     loss_sum += total.item<double>();
-    *tokens += x0.numel();
+    *tokens += x0.numel() * W;
   }
   const auto params = model.parameters();
+  if (dp_) dp_->average_gradients(params, o.bucket_bytes);
   *grad_norm = o.grad_clip > 0 ? torch::nn::utils::clip_grad_norm_(params, o.grad_clip)
                                : std::nan("");
   const double lr = parts_.base_lr * parts_.lr_schedule->factor(step);
   for (auto& g : parts_.optimizer->param_groups()) g.options().set_lr(lr);
   parts_.optimizer->step();
   parts_.optimizer->zero_grad();
-  aux->clear();
+  std::vector<double> vals{loss_sum / static_cast<double>(o.grad_accum)};
   for (MoeLayer* l : moe) {
     const auto v = l->take_aux_values();
-    if (aux->empty()) aux->assign(v.size(), 0.0);
+    if (vals.size() == 1) vals.resize(1 + v.size(), 0.0);
     for (size_t i = 0; i < v.size(); ++i) {
-      (*aux)[i] += v[i] / static_cast<double>(o.grad_accum * static_cast<int64_t>(moe.size()));
+      vals[1 + i] += v[i] / static_cast<double>(o.grad_accum * static_cast<int64_t>(moe.size()));
     }
-    l->step_end(StatReducer());
+    l->step_end(reducer());
   }
-  return loss_sum / static_cast<double>(o.grad_accum);
+  if (dp_ && dp_->active()) {  // the logged values are means over ranks
+    auto tv = torch::tensor(vals, torch::kFloat64);
+    dp_->all_reduce_sum(tv);
+    for (size_t i = 0; i < vals.size(); ++i) vals[i] = tv[i].item<double>() / static_cast<double>(W);
+  }
+  aux->assign(vals.begin() + 1, vals.end());
+  return vals[0];
 }
+
+StatReducer Trainer::reducer() const {
+  if (!dp_ || !dp_->active()) return {};
+  auto dp = dp_;
+  return [dp](at::Tensor& t) { dp->all_reduce_sum(t); };
+}
+
+int64_t Trainer::world() const { return dp_ ? dp_->world() : 1; }
+
+bool Trainer::is_main() const { return !dp_ || dp_->is_main(); }
 
 nlohmann::json Trainer::take_moe_stats() {
   nlohmann::json layers = nlohmann::json::array();
   for (MoeLayer* l : parts_.model->moe_layers()) {
-    nlohmann::json j = l->take_stats();
+    nlohmann::json j = l->take_stats(reducer());
     if (j.is_null()) continue;
     j["layer"] = l->block_index();
     layers.push_back(std::move(j));
@@ -300,8 +335,20 @@ nlohmann::json Trainer::take_moe_stats() {
 void Trainer::evaluate(nlohmann::json* metrics) {
   if (!val_seqs_.defined()) val_seqs_ = parts_.data->val_sequences(parts_.options.eval_sequences);
   const auto t0 = std::chrono::steady_clock::now();
+  // Ranks share the evaluation batches and add their partial sums: the result does not depend
+  // on the number of ranks.
+  std::function<double(double)> sum;
+  if (dp_ && dp_->active()) {
+    auto dp = dp_;
+    sum = [dp](double v) {
+      auto t = torch::tensor({v}, torch::kFloat64);
+      dp->all_reduce_sum(t);
+      return t.item<double>();
+    };
+  }
   NelboResult r = validation_nelbo(*parts_.model, val_seqs_, parts_.options.eval_batch_size,
-                                   static_cast<uint64_t>(parts_.options.eval_seed));
+                                   static_cast<uint64_t>(parts_.options.eval_seed),
+                                   dp_ ? dp_->rank() : 0, static_cast<int>(world()), sum);
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   state_.last_val_nelbo = r.nelbo;
@@ -318,6 +365,20 @@ void Trainer::evaluate(nlohmann::json* metrics) {
 }
 
 std::string Trainer::checkpoint() {
+  // Every rank holds the same model; rank 0 writes while the others wait. The replica check
+  // (a fingerprint of every parameter and buffer compared across ranks) is recorded.
+  bool identical = true;
+  if (dp_ && dp_->active()) {
+    identical = dp_->replicas_identical(*parts_.model);
+    if (!identical) log(str("warning: data-parallel replicas differ at step ", state_.step));
+  }
+  std::string dir;
+  if (is_main()) dir = write_checkpoint(identical);
+  if (dp_) dp_->barrier();
+  return dir.empty() ? resolve_checkpoint(run_dir_) : dir;
+}
+
+std::string Trainer::write_checkpoint(bool replicas_identical) {
   CheckpointContent c;
   c.model = parts_.model.get();
   c.optimizer = parts_.optimizer.get();
@@ -331,7 +392,9 @@ std::string Trainer::checkpoint() {
                                          "generator seeded with mix(seed, s, m); data order "
                                          "from data_cursor"}}},
                      {"elapsed_s", state_.elapsed_s},
-                     {"last_val_nelbo", state_.last_val_nelbo}};
+                     {"last_val_nelbo", state_.last_val_nelbo},
+                     {"world_size", world()},
+                     {"replicas_identical", replicas_identical}};
   return save_checkpoint(run_dir_, state_.step, c, parts_.options.keep_checkpoints);
 }
 
@@ -347,10 +410,16 @@ int Trainer::fit() {
   log(str("model: ", model.describe(), " | ", n_params, " parameters",
           n_active != n_params ? str(" (", n_active, " active per token)") : ""));
   log(str("data: ", parts_.data->describe()));
-  const int64_t tokens_per_step = o.batch_size * o.grad_accum * parts_.data->seq_len();
-  log(str("train: ", o.steps, " steps x ", tokens_per_step, " tokens (batch ", o.batch_size,
-          " x accum ", o.grad_accum, " x seq ", parts_.data->seq_len(), "), from step ",
-          state_.step));
+  const int64_t tokens_per_step = world() * o.batch_size * o.grad_accum * parts_.data->seq_len();
+  log(str("train: ", o.steps, " steps x ", tokens_per_step, " tokens (",
+          world() > 1 ? str(world(), " ranks x ") : "", "batch ", o.batch_size, " x accum ",
+          o.grad_accum, " x seq ", parts_.data->seq_len(), "), from step ", state_.step));
+  if (dp_ && dp_->active()) {
+    // Every rank starts from rank 0's weights and routing state; routing statistics that must
+    // agree across ranks (global-batch counts, aux-free bias counts) are summed over them.
+    dp_->broadcast_state(model);
+    for (MoeLayer* l : model.moe_layers()) l->set_reducer(reducer());
+  }
 
   using clock = std::chrono::steady_clock;
   auto last_log = clock::now();
@@ -364,12 +433,15 @@ int Trainer::fit() {
     if (l.routing) aux_names.push_back(l.name);
   }
   std::vector<double> interval_aux(aux_names.size(), 0.0), aux;
+  double interval_comm_s = 0;
 
   while (state_.step < o.steps) {
     const int64_t step = state_.step;
     int64_t tokens = 0;
     double grad_norm = 0;
     const double loss = run_step(step, &tokens, &grad_norm, &aux);
+    const double comm_s = dp_ ? dp_->take_comm_seconds() : 0.0;
+    interval_comm_s += comm_s;
     for (size_t i = 0; i < aux.size() && i < interval_aux.size(); ++i) interval_aux[i] += aux[i];
     if (!std::isfinite(loss)) {
       log(str("error: non-finite loss (", loss, ") at step ", step + 1,
@@ -419,6 +491,11 @@ int Trainer::fit() {
                  {"tokens_per_s", tps},
                  {"elapsed_s", state_.elapsed_s}};
       if (!aux_names.empty()) metrics["aux"] = aux_json;
+      if (world() > 1) {
+        metrics["world_size"] = world();
+        metrics["allreduce_s_per_step"] = interval_comm_s / static_cast<double>(interval_steps);
+      }
+      interval_comm_s = 0;
       nlohmann::json moe = take_moe_stats();
       if (!moe.is_null()) metrics["moe"] = moe;
       interval_loss = 0;
@@ -432,7 +509,13 @@ int Trainer::fit() {
       last_log = clock::now();  // evaluation time is not training throughput
     }
     if (!metrics.is_null()) append_metrics(metrics);
-    const int sig = g_stop_signal.load();
+    // A signal may reach the ranks at different steps: they agree on the largest.
+    int sig = g_stop_signal.load();
+    if (dp_ && dp_->active()) {
+      auto t = torch::tensor({static_cast<double>(sig)}, torch::kFloat64);
+      dp_->all_reduce_max(t);
+      sig = static_cast<int>(t.item<double>());
+    }
     if (last || sig != 0 || (o.ckpt_every > 0 && state_.step % o.ckpt_every == 0)) {
       const std::string dir = checkpoint();
       log(str("checkpoint: ", dir));

@@ -16,6 +16,8 @@
 #include <nlohmann/json.hpp>
 
 #include "core/config.h"
+#include "dist/dist.h"
+#include "moe/context.h"
 #include "diffusion/diffusion.h"
 #include "model/model.h"
 #include "train/data_source.h"
@@ -36,6 +38,8 @@ struct TrainOptions {
   int64_t eval_sequences = 128;
   int64_t eval_batch_size = 32;
   int64_t eval_seed = 1234;
+  int64_t bucket_bytes = 25 << 20;  ///< gradient all-reduce bucket (dist.bucket_mb)
+  double dist_timeout_s = 300;      ///< rendezvous and collective timeout (dist.timeout_s)
   static TrainOptions from(const ConfigNode& recipe);
 };
 
@@ -57,6 +61,9 @@ struct TrainerParts {
   TrainOptions options;
   int64_t seed = 0;
   std::string name;  ///< run name (recipe key `name`): the default run folder is runs/<name>
+  /// Data parallelism (null or world 1: one process). Set by the caller after the recipe is
+  /// validated, because rendezvous waits for the other ranks.
+  std::shared_ptr<DataParallel> dp;
 };
 
 /// Builds every part of a recipe (data first: it fixes model.vocab_size when absent). The model
@@ -97,10 +104,15 @@ class Trainer {
   nlohmann::json take_moe_stats();
   void evaluate(nlohmann::json* metrics);
   std::string checkpoint();
+  std::string write_checkpoint(bool replicas_identical);
+  StatReducer reducer() const;
+  int64_t world() const;
+  bool is_main() const;
   void log(const std::string& line);
   void append_metrics(const nlohmann::json& m);
 
   TrainerParts parts_;
+  std::shared_ptr<DataParallel> dp_;
   std::string run_dir_;
   std::string recipe_yaml_;
   TrainerState state_;

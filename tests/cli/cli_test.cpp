@@ -157,7 +157,9 @@ TEST(E2ECli, EveryShippedRecipeTrainsAndGenerates) {
     const bool moe = test::read_text(r.string()).find("moe_dlm") != std::string::npos;
     EXPECT_EQ(i.out.find("routing of the last logging interval") != std::string::npos, moe)
         << i.out;
-    if (moe) EXPECT_NE(t.out.find("active per token"), std::string::npos) << t.out;
+    if (moe) {
+      EXPECT_NE(t.out.find("active per token"), std::string::npos) << t.out;
+    }
   }
 }
 

@@ -1,7 +1,10 @@
 #include "support/support.h"
 
 #include <fcntl.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <spawn.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -65,7 +68,8 @@ std::string tiny_setup(const std::string& dir, const std::string& data_dir) {
 
 namespace {
 pid_t spawn(const std::vector<std::string>& args, const std::string& cwd,
-            const std::string& out_path, const std::string& err_path) {
+            const std::string& out_path, const std::string& err_path,
+            const std::vector<std::string>& extra_env = {}) {
   std::vector<std::string> full{mixdiff_binary()};
   full.insert(full.end(), args.begin(), args.end());
   std::vector<char*> argv;
@@ -76,8 +80,14 @@ pid_t spawn(const std::vector<std::string>& args, const std::string& cwd,
   posix_spawn_file_actions_addopen(&fa, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   posix_spawn_file_actions_addopen(&fa, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   posix_spawn_file_actions_addchdir_np(&fa, cwd.c_str());
+  std::vector<std::string> env_strings;
+  for (char** e = environ; *e; ++e) env_strings.push_back(*e);
+  env_strings.insert(env_strings.end(), extra_env.begin(), extra_env.end());
+  std::vector<char*> envp;
+  for (auto& e : env_strings) envp.push_back(e.data());
+  envp.push_back(nullptr);
   pid_t pid = 0;
-  if (posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ) != 0) {
+  if (posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), envp.data()) != 0) {
     throw std::runtime_error("cannot start " + full[0]);
   }
   posix_spawn_file_actions_destroy(&fa);
@@ -86,8 +96,8 @@ pid_t spawn(const std::vector<std::string>& args, const std::string& cwd,
 }  // namespace
 
 int spawn_mixdiff(const std::vector<std::string>& args, const std::string& out_path,
-                  const std::string& err_path) {
-  return static_cast<int>(spawn(args, ".", out_path, err_path));
+                  const std::string& err_path, const std::vector<std::string>& env) {
+  return static_cast<int>(spawn(args, ".", out_path, err_path, env));
 }
 
 int wait_for(int pid) {
@@ -96,16 +106,34 @@ int wait_for(int pid) {
   return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 }
 
-CmdResult run_mixdiff(const std::vector<std::string>& args, const std::string& cwd) {
+CmdResult run_mixdiff(const std::vector<std::string>& args, const std::string& cwd,
+                      const std::vector<std::string>& env) {
   static int counter = 0;
   const std::string dir = scratch_dir("cmd_" + std::to_string(counter++));
   const std::string out_path = dir + "/out", err_path = dir + "/err";
   CmdResult r;
-  r.status = wait_for(static_cast<int>(spawn(args, cwd, out_path, err_path)));
+  r.status = wait_for(static_cast<int>(spawn(args, cwd, out_path, err_path, env)));
   r.out = read_text(out_path);
   r.err = read_text(err_path);
   fs::remove_all(dir);
   return r;
+}
+
+int free_port() {
+  static int next = 0;
+  // Ask the kernel for a free port, then release it (a tiny race, fine for loopback tests).
+  for (int attempt = 0; attempt < 50; ++attempt) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(static_cast<uint16_t>(20000 + (getpid() * 7 + next++ * 13) % 30000));
+    const bool ok = bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+    const int port = ntohs(a.sin_port);
+    close(fd);
+    if (ok) return port;
+  }
+  throw std::runtime_error("no free port found");
 }
 
 std::vector<std::string> lines(const std::string& s) {

@@ -24,13 +24,18 @@ struct CmdResult {
   std::string err;   ///< stderr
 };
 
-/// Runs the built `mixdiff` binary with `args` in working folder `cwd` and waits for it.
-CmdResult run_mixdiff(const std::vector<std::string>& args, const std::string& cwd = ".");
+/// Runs the built `mixdiff` binary with `args` in working folder `cwd` and waits for it;
+/// `env` ("KEY=value") is added to this process's environment.
+CmdResult run_mixdiff(const std::vector<std::string>& args, const std::string& cwd = ".",
+                      const std::vector<std::string>& env = {});
 
 /// Path of the built binary and of the source tree.
 std::string mixdiff_binary();
 std::string source_dir();
 std::string fixtures_dir();
+
+/// A TCP port for a test's rendezvous: distinct per process and per call.
+int free_port();
 
 /// Non-empty lines of `s`.
 std::vector<std::string> lines(const std::string& s);
@@ -44,7 +49,7 @@ namespace mixdiff::test {
 
 /// Starts `mixdiff args` without waiting; stdout/stderr go to the given files.
 int spawn_mixdiff(const std::vector<std::string>& args, const std::string& out_path,
-                  const std::string& err_path);
+                  const std::string& err_path, const std::vector<std::string>& env = {});
 /// Waits for a spawned process; exit status, or 128 + signal.
 int wait_for(int pid);
 

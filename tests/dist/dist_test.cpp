@@ -1,0 +1,234 @@
+// Data parallelism on loopback (Gloo): W workers reproduce one process on the global batch
+// (dense and MoE, routing statistics included), resume across world sizes, two "nodes", and the
+// launcher's handling of failures, signals and ranks that never arrive.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "support/support.h"
+
+namespace mixdiff {
+namespace {
+
+namespace fs = std::filesystem;
+using test::run_mixdiff;
+
+const std::string& tiny_dir() {
+  static const std::string d = [] {
+    const std::string dir = test::scratch_dir("dist");
+    test::tiny_setup(dir, dir + "/data");
+    return dir;
+  }();
+  return d;
+}
+
+std::vector<nlohmann::json> metrics(const std::string& run) {
+  std::vector<nlohmann::json> out;
+  for (const auto& l : test::lines(test::read_text(run + "/metrics.jsonl"))) {
+    out.push_back(nlohmann::json::parse(l));
+  }
+  return out;
+}
+
+std::vector<std::string> with_sets(std::vector<std::string> args, const std::vector<std::string>& sets) {
+  for (const auto& s : sets) {
+    args.push_back("--set");
+    args.push_back(s);
+  }
+  return args;
+}
+
+const std::vector<std::string> kMoe = {
+    "model.kind=moe_dlm",
+    "model.moe={n_expert: 4, d_expert: 16, n_shared: 1, first_k_dense: 1, router: {kind: "
+    "token_choice, top_k: 2, score: sigmoid, balancer: {kind: aux_free, rate: 0.01}}}",
+    "losses=[{kind: masked_diffusion_elbo}, {kind: load_balance, scope: global, weight: 0.01}, "
+    "{kind: z_loss, weight: 0.001}]"};
+
+// Trains the tiny recipe in one process with batch `batch` or under `mixdiff launch` with
+// `workers` workers of batch / workers each.
+test::CmdResult train(const std::string& run, int workers, int batch,
+                      std::vector<std::string> sets, const std::vector<std::string>& launch_extra = {}) {
+  sets.push_back("train.batch_size=" + std::to_string(batch / workers));
+  std::vector<std::string> train_args =
+      with_sets({"train", tiny_dir() + "/recipe.yaml", "--out", run}, sets);
+  if (workers == 1 && launch_extra.empty()) return run_mixdiff(train_args);
+  std::vector<std::string> args{"launch", "--nproc-per-node", std::to_string(workers),
+                                "--master-port", std::to_string(test::free_port())};
+  args.insert(args.end(), launch_extra.begin(), launch_extra.end());
+  args.push_back("--");
+  args.insert(args.end(), train_args.begin(), train_args.end());
+  return run_mixdiff(args);
+}
+
+void expect_same_run(const std::string& a, const std::string& b) {
+  const auto ma = metrics(a), mb = metrics(b);
+  ASSERT_EQ(ma.size(), mb.size());
+  ASSERT_GE(ma.size(), 5u);
+  for (size_t i = 0; i < ma.size(); ++i) {
+    SCOPED_TRACE(testing::Message() << "step " << ma[i]["step"]);
+    EXPECT_EQ(ma[i]["step"], mb[i]["step"]);
+    EXPECT_EQ(ma[i]["tokens"], mb[i]["tokens"]);
+    EXPECT_NEAR(ma[i]["loss"].get<double>(), mb[i]["loss"].get<double>(), 1e-5);
+    if (ma[i].contains("val_nelbo")) {
+      EXPECT_NEAR(ma[i]["val_nelbo"].get<double>(), mb[i]["val_nelbo"].get<double>(), 1e-5);
+    }
+    if (ma[i].contains("aux")) {
+      for (const auto& [k, v] : ma[i]["aux"].items()) {
+        EXPECT_NEAR(v.get<double>(), mb[i]["aux"][k].get<double>(), 1e-5) << k;
+      }
+    }
+    if (ma[i].contains("moe")) {
+      const auto& la = ma[i]["moe"]["layers"][0];
+      const auto& lb = mb[i]["moe"]["layers"][0];
+      // The exact global-batch LBL over all ranks and micro-batches, and the summed telemetry.
+      EXPECT_NEAR(la["global_lbl"].get<double>(), lb["global_lbl"].get<double>(), 1e-5);
+      EXPECT_EQ(la["tokens_per_expert"], lb["tokens_per_expert"]);
+    }
+  }
+}
+
+TEST(DistributedTrain, TwoWorkersEqualOneWorkerOnTheGlobalBatch) {
+  const std::string d = test::scratch_dir("dist_dense");
+  const std::vector<std::string> sets = {"train.steps=6", "train.grad_accum=2",
+                                         "diffusion.random_length_prob=0.3", "train.log_every=1"};
+  auto one = train(d + "/one", 1, 8, sets);
+  ASSERT_EQ(one.status, 0) << one.err;
+  auto two = train(d + "/two", 2, 8, sets);
+  ASSERT_EQ(two.status, 0) << two.err << two.out;
+  expect_same_run(d + "/one", d + "/two");
+  EXPECT_NE(two.out.find("2 ranks x batch 4"), std::string::npos) << two.out;
+  auto st = nlohmann::json::parse(test::read_text(d + "/two/checkpoints/step_6/trainer_state.json"));
+  EXPECT_EQ(st["world_size"], 2);
+  EXPECT_EQ(st["replicas_identical"], true);
+  EXPECT_TRUE(metrics(d + "/two").back().contains("allreduce_s_per_step"));
+}
+
+TEST(DistributedTrain, MoeRoutingStateAndGlobalBatchStatisticsAgreeAcrossRanks) {
+  const std::string d = test::scratch_dir("dist_moe");
+  std::vector<std::string> sets = kMoe;
+  for (const char* s : {"train.steps=6", "train.grad_accum=2", "train.log_every=1"}) sets.push_back(s);
+  auto one = train(d + "/one", 1, 8, sets);
+  ASSERT_EQ(one.status, 0) << one.err;
+  auto two = train(d + "/two", 2, 8, sets);
+  ASSERT_EQ(two.status, 0) << two.err << two.out;
+  expect_same_run(d + "/one", d + "/two");
+  // Aux-free biases (and every other weight) are identical on both ranks.
+  auto st = nlohmann::json::parse(test::read_text(d + "/two/checkpoints/step_6/trainer_state.json"));
+  EXPECT_EQ(st["replicas_identical"], true);
+}
+
+TEST(DistributedTrain, ResumeFromATwoWorkerCheckpointWithOneWorker) {
+  const std::string d = test::scratch_dir("dist_resume");
+  std::vector<std::string> sets = kMoe;
+  for (const char* s : {"train.steps=8", "train.ckpt_every=4", "train.keep_checkpoints=0",
+                        "train.log_every=1"}) {
+    sets.push_back(s);
+  }
+  auto two = train(d + "/two", 2, 8, sets);
+  ASSERT_EQ(two.status, 0) << two.err;
+  fs::copy(d + "/two", d + "/one", fs::copy_options::recursive);
+  fs::remove_all(d + "/one/checkpoints/step_8");
+  test::write_text(d + "/one/checkpoints/latest", "step_4\n");
+  auto resumed = run_mixdiff({"train", "--resume", d + "/one", "--set", "train.batch_size=8"});
+  ASSERT_EQ(resumed.status, 0) << resumed.err;
+  expect_same_run(d + "/two", d + "/one");
+}
+
+TEST(DistributedTrain, TwoNodesOnLoopbackTrainTogether) {
+  const std::string d = test::scratch_dir("dist_nodes");
+  const std::vector<std::string> sets = {"train.steps=5", "train.log_every=1", "train.batch_size=4"};
+  const std::string port = std::to_string(test::free_port());
+  const auto targs = with_sets({"train", tiny_dir() + "/recipe.yaml", "--out", d + "/nodes"}, sets);
+  std::vector<int> pids;
+  for (const char* node : {"0", "1"}) {
+    std::vector<std::string> a{"launch", "--nnodes", "2", "--node-rank", node, "--nproc-per-node",
+                               "1", "--master-port", port, "--"};
+    a.insert(a.end(), targs.begin(), targs.end());
+    pids.push_back(test::spawn_mixdiff(a, d + "/out" + node, d + "/err" + node));
+  }
+  EXPECT_EQ(test::wait_for(pids[0]), 0) << test::read_text(d + "/err0");
+  EXPECT_EQ(test::wait_for(pids[1]), 0) << test::read_text(d + "/err1");
+  auto one = train(d + "/one", 1, 8, {"train.steps=5", "train.log_every=1"});
+  ASSERT_EQ(one.status, 0) << one.err;
+  expect_same_run(d + "/one", d + "/nodes");
+}
+
+// Starts a long 2-worker run and waits until it trains; returns the launcher's pid.
+int start_long_run(const std::string& d, const std::vector<std::string>& extra_sets = {}) {
+  std::vector<std::string> sets = {"train.steps=100000", "train.log_every=5", "train.batch_size=4"};
+  sets.insert(sets.end(), extra_sets.begin(), extra_sets.end());
+  auto targs = with_sets({"train", tiny_dir() + "/recipe.yaml", "--out", d + "/run"}, sets);
+  std::vector<std::string> a{"launch", "--nproc-per-node", "2", "--grace", "5", "--master-port",
+                             std::to_string(test::free_port()), "--"};
+  a.insert(a.end(), targs.begin(), targs.end());
+  const int pid = test::spawn_mixdiff(a, d + "/out", d + "/err");
+  for (int i = 0; i < 600; ++i) {
+    if (test::read_text(d + "/out").find("step ") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  return pid;
+}
+
+TEST(DistributedTrain, AKilledWorkerStopsTheLauncherNamingItsRank) {
+  const std::string d = test::scratch_dir("dist_kill");
+  const int launcher = start_long_run(d);
+  const std::string err = test::read_text(d + "/err");
+  const auto at = err.find("rank 1 pid ");
+  ASSERT_NE(at, std::string::npos) << err;
+  const int worker = std::stoi(err.substr(at + 11));
+  const auto t0 = std::chrono::steady_clock::now();
+  kill(worker, SIGKILL);
+  const int status = test::wait_for(launcher);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_NE(status, 0);
+  EXPECT_LT(secs, 20.0);
+  const std::string after = test::read_text(d + "/err");
+  EXPECT_NE(after.find("rank 1 (pid " + std::to_string(worker) + ") ended with killed by signal 9"),
+            std::string::npos) << after;
+}
+
+TEST(DistributedTrain, SigintToTheLauncherCheckpointsEveryRankAndResumeFinishes) {
+  const std::string d = test::scratch_dir("dist_sigint");
+  const int launcher = start_long_run(d);
+  kill(launcher, SIGINT);
+  EXPECT_EQ(test::wait_for(launcher), 128 + SIGINT) << test::read_text(d + "/err");
+  const std::string out = test::read_text(d + "/out");
+  EXPECT_NE(out.find("stopped by signal 2"), std::string::npos) << out;
+  ASSERT_TRUE(fs::exists(d + "/run/checkpoints/latest"));
+  auto st = nlohmann::json::parse(test::read_text(
+      d + "/run/checkpoints/" + test::lines(test::read_text(d + "/run/checkpoints/latest"))[0] +
+      "/trainer_state.json"));
+  EXPECT_EQ(st["replicas_identical"], true);
+  auto resumed = run_mixdiff({"train", "--resume", d + "/run", "--set",
+                              "train.steps=" + std::to_string(st["step"].get<int>() + 2)});
+  EXPECT_EQ(resumed.status, 0) << resumed.err;
+}
+
+TEST(DistributedTrain, ARankThatNeverArrivesEndsRendezvousWithAClearError) {
+  const std::string d = test::scratch_dir("dist_alone");
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = run_mixdiff(
+      {"train", tiny_dir() + "/recipe.yaml", "--out", d + "/run", "--set", "dist.timeout_s=3"},
+      ".",
+      {"RANK=0", "WORLD_SIZE=2", "MASTER_ADDR=127.0.0.1",
+       "MASTER_PORT=" + std::to_string(test::free_port())});
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_NE(r.err.find("[rank 0] error: rendezvous"), std::string::npos) << r.err;
+  EXPECT_EQ(test::lines(r.err).size(), 1u) << r.err;
+  EXPECT_LT(secs, 30.0);
+  auto bad = run_mixdiff({"train", tiny_dir() + "/recipe.yaml", "--out", d + "/run2"}, ".",
+                         {"RANK=2", "WORLD_SIZE=2"});
+  EXPECT_EQ(bad.status, 2);
+  EXPECT_NE(bad.err.find("RANK=2: expected below WORLD_SIZE=2"), std::string::npos) << bad.err;
+}
+
+}  // namespace
+}  // namespace mixdiff
