@@ -6,7 +6,8 @@
 #   speed:   OpenBLAS (pthread). Debian's default reference BLAS makes every matmul 24-30x
 #            slower; installing libopenblas0-pthread switches libblas.so.3 to it.
 #   data:    the built-in English corpora: bible-kjv (KJV Bible), fortunes, wordnet-base
-# Usage: tools/setup.sh            (as root, or with sudo available)
+#   tests:   with --tests also Debian's chromium (the report test opens report.html headless)
+# Usage: tools/setup.sh [--tests]   (as root, or with sudo available)
 set -euo pipefail
 
 PACKAGES=(
@@ -15,6 +16,8 @@ PACKAGES=(
   libopenblas0-pthread
   bible-kjv fortunes wordnet-base
 )
+
+if [ "${1:-}" = "--tests" ]; then PACKAGES+=(chromium); fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -59,6 +59,23 @@ struct BenchMoeArgs {
 /// `mixdiff bench moe-layer`: MoE layer vs dense FFN of equal active FLOPs, over E.
 int cmd_bench_moe_layer(const BenchMoeArgs& a);
 
+struct SweepArgs {
+  std::string file;
+  bool dry_run = false;
+  int jobs = 1;                        ///< cells at a time
+  int launch = 0;                      ///< >0: each cell as `mixdiff launch --nproc-per-node N`
+  std::string out;                     ///< runs root (default runs/)
+  std::vector<std::string> overrides;  ///< --set for every cell
+};
+/// `mixdiff sweep`: expand, validate, plan, run (resumable), results and report.
+int cmd_sweep(const SweepArgs& a);
+
+struct ReportArgs {
+  std::string path;  ///< a run folder or a sweep folder
+};
+/// `mixdiff report`: writes report.html into the folder.
+int cmd_report(const ReportArgs& a);
+
 struct LaunchArgs {
   int nnodes = 1;
   int node_rank = 0;

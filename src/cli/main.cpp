@@ -25,7 +25,9 @@ int run(int argc, char** argv) {
       "  mixdiff train recipes/quickstart.yaml            # -> runs/quickstart/\n"
       "  mixdiff generate --ckpt runs/quickstart --prompt 'And God said'\n"
       "  mixdiff eval --ckpt runs/quickstart              # validation NELBO\n"
-      "  mixdiff inspect                                  # every registry and its entries",
+      "  mixdiff inspect                                  # every registry and its entries\n"
+      "  mixdiff sweep recipes/sweeps/balancing.yaml      # ablations -> one table, one report\n"
+      "  mixdiff launch --nproc-per-node 2 -- train R.yaml  # data parallel (c10d Gloo)",
       "mixdiff"};
   app.require_subcommand(1);
   app.set_help_all_flag("--help-all", "help for every subcommand");
@@ -72,6 +74,24 @@ int run(int argc, char** argv) {
   dp->add_option("recipe", prep.recipe, "recipe whose data section to prepare")->required();
   dp->add_option("--set", prep.overrides, kSetHelp)->allow_extra_args(false);
   dp->add_flag("--force", prep.force, "rebuild even if data.path already holds prepared data");
+
+  mixdiff::SweepArgs sw;
+  auto* sc = app.add_subcommand(
+      "sweep", "run an ablation sweep: one table (results.csv/.md) and one report.html");
+  sc->add_option("file", sw.file, "sweep file (recipes/sweeps/*.yaml)")->required();
+  sc->add_flag("--dry-run", sw.dry_run, "expand, validate every cell and print the plan only");
+  sc->add_option("--jobs", sw.jobs, "cells run at the same time")->capture_default_str();
+  sc->add_option("--launch", sw.launch, "run each cell as `mixdiff launch` with this many workers");
+  sc->add_option("--out", sw.out, "runs root (default runs/): cells go to <out>/<sweep>/<cell>");
+  sc->add_option("--set", sw.overrides, kSetHelp + std::string(" (every cell)"))
+      ->allow_extra_args(false);
+  sc->footer("Finished cells are skipped and checkpointed ones resumed: re-run the same command "
+             "after an interrupt.");
+
+  mixdiff::ReportArgs rep;
+  auto* rp = app.add_subcommand("report", "write report.html for a run or a sweep folder");
+  rp->add_option("path", rep.path, "run folder (runs/NAME) or sweep folder (runs/SWEEP)")
+      ->required();
 
   mixdiff::LaunchArgs la;
   auto* l = app.add_subcommand(
@@ -133,6 +153,8 @@ int run(int argc, char** argv) {
   if (i->parsed()) return mixdiff::cmd_inspect(in);
   if (dp->parsed()) return mixdiff::cmd_data_prepare(prep);
   if (bml->parsed()) return mixdiff::cmd_bench_moe_layer(bm);
+  if (sc->parsed()) return mixdiff::cmd_sweep(sw);
+  if (rp->parsed()) return mixdiff::cmd_report(rep);
   if (l->parsed()) {
     la.command = worker;
     return mixdiff::cmd_launch(la);

@@ -54,6 +54,12 @@ class ModelBase : public torch::nn::Module {
   int64_t num_parameters() const;
   /// Parameters one token's forward uses (routed experts counted K of E); dense models: all.
   virtual int64_t num_active_parameters() const { return num_parameters(); }
+  /// Training FLOPs per token (forward + backward) at sequence length `seq_len`: 6 per active
+  /// matmul weight (embedding lookups excluded, the output head included) plus attention's
+  /// score and value products, 12 L (heads x head_dim) per layer (Kaplan et al. 2020's count).
+  virtual double train_flops_per_token(int64_t seq_len) const {
+    return 6.0 * static_cast<double>(num_active_parameters());
+  }
   /// The model's MoE layers in depth order (empty for dense models): the trainer attaches
   /// routing losses, balancing updates and telemetry through them.
   virtual std::vector<MoeLayer*> moe_layers() { return {}; }

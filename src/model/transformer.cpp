@@ -128,4 +128,27 @@ int64_t TransformerDlm::num_active_parameters() const {
   return num_parameters() - inactive;
 }
 
+double TransformerDlm::train_flops_per_token(int64_t L) const {
+  const double D = static_cast<double>(o_.d_model), hd = static_cast<double>(o_.head_dim);
+  const double H = static_cast<double>(o_.n_head), Hk = static_cast<double>(o_.n_kv_head);
+  const double attn = (H + 2 * Hk) * hd * D + D * H * hd;  // wqkv + wo
+  double matmul = static_cast<double>(o_.vocab_size) * D;   // output head
+  size_t m = 0;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    matmul += attn;
+    if (pattern_[i] == 'M') {
+      const MoeLayer* l = moe_[m++];
+      const auto& mo = l->options();
+      const double k = static_cast<double>(std::min(l->router().top_k(), mo.n_expert));
+      const double slots = static_cast<double>(mo.n_expert);  // router width (lower bound)
+      matmul += 3 * D * (k * static_cast<double>(mo.d_expert) + static_cast<double>(mo.d_shared)) +
+                slots * D;
+    } else {
+      matmul += 3 * D * static_cast<double>(o_.d_ff);
+    }
+  }
+  const double attention = 12.0 * static_cast<double>(o_.n_layer) * static_cast<double>(L) * H * hd;
+  return 6.0 * matmul + attention;
+}
+
 }  // namespace mixdiff

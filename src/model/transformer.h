@@ -54,6 +54,7 @@ class TransformerDlm : public ModelBase {
   int64_t max_seq_len() const override { return o_.max_seq_len; }
   std::string describe() const override;
   int64_t num_active_parameters() const override;
+  double train_flops_per_token(int64_t seq_len) const override;
   std::vector<MoeLayer*> moe_layers() override { return moe_; }
   const TransformerOptions& options() const { return o_; }
 

@@ -16,6 +16,7 @@
 #include "core/errors.h"
 #include "core/fs.h"
 #include "moe/moe_layer.h"
+#include "report/report.h"
 #include "train/checkpoint.h"
 
 namespace mixdiff {
@@ -414,6 +415,20 @@ int Trainer::fit() {
   log(str("train: ", o.steps, " steps x ", tokens_per_step, " tokens (",
           world() > 1 ? str(world(), " ranks x ") : "", "batch ", o.batch_size, " x accum ",
           o.grad_accum, " x seq ", parts_.data->seq_len(), "), from step ", state_.step));
+  if (is_main()) {
+    // Accounting for sweeps and reports: sizes, training FLOPs per token, tokens per step.
+    const nlohmann::json info = {
+        {"name", parts_.name},
+        {"model", model.describe()},
+        {"parameters", n_params},
+        {"active_parameters", n_active},
+        {"train_flops_per_token", model.train_flops_per_token(parts_.data->seq_len())},
+        {"seq_len", parts_.data->seq_len()},
+        {"tokens_per_step", tokens_per_step},
+        {"steps", o.steps},
+        {"world_size", world()}};
+    write_file_atomic(run_dir_ + "/run.json", info.dump(2) + "\n");
+  }
   if (dp_ && dp_->active()) {
     // Every rank starts from rank 0's weights and routing state; routing statistics that must
     // agree across ranks (global-batch counts, aux-free bias counts) are summed over them.
@@ -520,6 +535,13 @@ int Trainer::fit() {
       const std::string dir = checkpoint();
       log(str("checkpoint: ", dir));
       last_log = clock::now();
+    }
+    if (last && is_main()) {
+      try {
+        log(str("report: ", write_report(run_dir_)));
+      } catch (const std::exception& e) {
+        log(str("warning: report not written: ", e.what()));
+      }
     }
     if (sig != 0 && !last) {
       log(str("stopped by signal ", sig, " at step ", state_.step, "; resume with: mixdiff train --resume ",

@@ -1,0 +1,553 @@
+#include "report/report.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <sstream>
+
+#include "core/errors.h"
+#include "core/fs.h"
+
+namespace mixdiff {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+nlohmann::json read_json(const std::string& path) {
+  if (!fs::exists(path)) return nullptr;
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  auto j = nlohmann::json::parse(ss.str(), nullptr, /*allow_exceptions=*/false);
+  return j.is_discarded() ? nlohmann::json() : j;
+}
+
+double num(const nlohmann::json& j, const char* key, double def = -1) {
+  return j.is_object() && j.contains(key) && j[key].is_number() ? j[key].get<double>() : def;
+}
+
+std::string esc(const std::string& s) {
+  std::string o;
+  for (char c : s) {
+    switch (c) {
+      case '&': o += "&amp;"; break;
+      case '<': o += "&lt;"; break;
+      case '>': o += "&gt;"; break;
+      case '"': o += "&quot;"; break;
+      default: o += c;
+    }
+  }
+  return o;
+}
+
+std::string fmt(double v, int prec = 4) {
+  if (v < 0 || !std::isfinite(v)) return "";
+  char b[64];
+  std::snprintf(b, sizeof(b), "%.*g", prec, v);
+  return b;
+}
+
+std::string fmt_fixed(double v, int prec) {
+  if (v < 0 || !std::isfinite(v)) return "";
+  char b[64];
+  std::snprintf(b, sizeof(b), "%.*f", prec, v);
+  return b;
+}
+
+// ---- SVG charts ----------------------------------------------------------------------------
+
+const char* const kColors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
+                               "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
+
+struct Series {
+  std::string name;
+  std::vector<std::pair<double, double>> pts;
+};
+
+/// About five round tick values covering [lo, hi].
+std::vector<double> ticks(double lo, double hi) {
+  const double span = hi - lo;
+  if (!(span > 0)) return {lo};
+  const double raw = span / 5, mag = std::pow(10, std::floor(std::log10(raw)));
+  double step = mag;
+  for (double m : {1.0, 2.0, 5.0, 10.0}) {
+    if (m * mag >= raw) {
+      step = m * mag;
+      break;
+    }
+  }
+  std::vector<double> t;
+  for (double v = std::ceil(lo / step) * step; v <= hi + 1e-9 * span; v += step) t.push_back(v);
+  return t;
+}
+
+std::string line_chart(const std::string& title, const std::string& xlabel,
+                       const std::vector<Series>& series) {
+  double x0 = std::numeric_limits<double>::infinity(), x1 = -x0, y0 = x0, y1 = -x0;
+  for (const auto& s : series) {
+    for (const auto& [x, y] : s.pts) {
+      if (!std::isfinite(y)) continue;
+      x0 = std::min(x0, x), x1 = std::max(x1, x), y0 = std::min(y0, y), y1 = std::max(y1, y);
+    }
+  }
+  std::ostringstream o;
+  o << "<figure><figcaption>" << esc(title) << "</figcaption>";
+  if (!std::isfinite(x0)) {
+    o << "<p class=\"none\">no data</p></figure>";
+    return o.str();
+  }
+  if (x1 == x0) x1 = x0 + 1;
+  if (y1 == y0) y1 = y0 + 1;
+  const double pad = (y1 - y0) * 0.05;
+  y0 -= pad, y1 += pad;
+  const double W = 640, H = 300, L = 60, R = 170, T = 10, B = 40;
+  auto px = [&](double x) { return L + (x - x0) / (x1 - x0) * (W - L - R); };
+  auto py = [&](double y) { return T + (1 - (y - y0) / (y1 - y0)) * (H - T - B); };
+  o << "<svg viewBox=\"0 0 " << W << " " << H << "\" width=\"" << W << "\" height=\"" << H
+    << "\" role=\"img\">";
+  o << "<rect x=\"" << L << "\" y=\"" << T << "\" width=\"" << W - L - R << "\" height=\""
+    << H - T - B << "\" class=\"plot\"/>";
+  for (double t : ticks(y0, y1)) {
+    o << "<line x1=\"" << L << "\" x2=\"" << W - R << "\" y1=\"" << py(t) << "\" y2=\"" << py(t)
+      << "\" class=\"grid\"/><text x=\"" << L - 4 << "\" y=\"" << py(t) + 4
+      << "\" class=\"yt\">" << fmt(t, 4) << "</text>";
+  }
+  for (double t : ticks(x0, x1)) {
+    o << "<text x=\"" << px(t) << "\" y=\"" << H - B + 16 << "\" class=\"xt\">" << fmt(t, 4)
+      << "</text>";
+  }
+  o << "<text x=\"" << (L + W - R) / 2 << "\" y=\"" << H - 6 << "\" class=\"xl\">" << esc(xlabel)
+    << "</text>";
+  for (size_t i = 0; i < series.size(); ++i) {
+    const char* c = kColors[i % 10];
+    std::ostringstream pts;
+    size_t n = 0;
+    for (const auto& [x, y] : series[i].pts) {
+      if (!std::isfinite(y)) continue;
+      pts << (n++ ? " " : "") << px(x) << "," << py(y);
+    }
+    if (n == 1) {
+      const auto& p = series[i].pts.front();
+      o << "<circle cx=\"" << px(p.first) << "\" cy=\"" << py(p.second) << "\" r=\"3\" fill=\""
+        << c << "\"/>";
+    } else if (n > 1) {
+      o << "<polyline points=\"" << pts.str() << "\" fill=\"none\" stroke=\"" << c
+        << "\" stroke-width=\"1.5\"/>";
+    }
+    const double ly = T + 14 + 16 * static_cast<double>(i);
+    o << "<line x1=\"" << W - R + 10 << "\" x2=\"" << W - R + 28 << "\" y1=\"" << ly - 4
+      << "\" y2=\"" << ly - 4 << "\" stroke=\"" << c << "\" stroke-width=\"3\"/><text x=\""
+      << W - R + 32 << "\" y=\"" << ly << "\" class=\"lg\">" << esc(series[i].name.substr(0, 24))
+      << "</text>";
+  }
+  o << "</svg></figure>";
+  return o.str();
+}
+
+/// Diverging colour for a relative load v = load / mean: blue below 1, white at 1, red above
+/// (saturating at 0 and 2).
+std::string load_colour(double v) {
+  if (!std::isfinite(v)) return "#dddddd";
+  const double t = std::clamp(v, 0.0, 2.0) - 1.0;  // [-1, 1]
+  const int a[3] = {33, 102, 172}, w[3] = {247, 247, 247}, b[3] = {178, 24, 43};
+  int c[3];
+  for (int k = 0; k < 3; ++k) {
+    c[k] = t < 0 ? static_cast<int>(w[k] + (a[k] - w[k]) * -t)
+                 : static_cast<int>(w[k] + (b[k] - w[k]) * t);
+  }
+  char buf[16];
+  std::snprintf(buf, sizeof(buf), "#%02x%02x%02x", c[0], c[1], c[2]);
+  return buf;
+}
+
+/// rows x cols relative loads as coloured cells, with row and column labels.
+std::string heatmap(const std::string& title, const std::vector<std::vector<double>>& v,
+                    const std::vector<std::string>& col_labels, const std::string& row_name) {
+  const size_t rows = v.size(), cols = rows ? v[0].size() : 0;
+  std::ostringstream o;
+  o << "<figure><figcaption>" << esc(title) << "</figcaption>";
+  if (rows == 0 || cols == 0) {
+    o << "<p class=\"none\">no data</p></figure>";
+    return o.str();
+  }
+  const double cw = std::max(3.0, std::min(24.0, 520.0 / static_cast<double>(cols)));
+  const double ch = std::max(3.0, std::min(14.0, 220.0 / static_cast<double>(rows)));
+  const double L = 50, T = 6, W = L + cw * static_cast<double>(cols) + 10,
+               H = T + ch * static_cast<double>(rows) + 22;
+  o << "<svg viewBox=\"0 0 " << W << " " << H << "\" width=\"" << W << "\" height=\"" << H
+    << "\" role=\"img\">";
+  for (size_t r = 0; r < rows; ++r) {
+    for (size_t c = 0; c < cols; ++c) {
+      o << "<rect x=\"" << L + cw * static_cast<double>(c) << "\" y=\""
+        << T + ch * static_cast<double>(r) << "\" width=\"" << cw << "\" height=\"" << ch
+        << "\" fill=\"" << load_colour(v[r][c]) << "\"><title>" << esc(row_name) << " " << r
+        << ", " << esc(col_labels[c]) << ": " << fmt(v[r][c], 3) << "</title></rect>";
+    }
+  }
+  o << "<text x=\"" << L - 4 << "\" y=\"" << T + 10 << "\" class=\"yt\">" << esc(row_name)
+    << " 0</text><text x=\"" << L - 4 << "\" y=\"" << T + ch * static_cast<double>(rows)
+    << "\" class=\"yt\">" << rows - 1 << "</text>";
+  o << "<text x=\"" << L << "\" y=\"" << H - 18 << "\" class=\"xs\">" << esc(col_labels.front())
+    << "</text><text x=\"" << W - 10 << "\" y=\"" << H - 18 << "\" class=\"xe\">"
+    << esc(col_labels.back()) << "</text>";
+  o << "</svg></figure>";
+  return o.str();
+}
+
+struct MoeTrace {
+  std::vector<int64_t> steps;
+  std::map<int64_t, std::vector<std::vector<double>>> load;  ///< layer -> [step][expert]/mean
+  std::vector<double> imbalance;                             ///< mean max/mean per logged step
+  nlohmann::json last;                                       ///< last moe.layers
+};
+
+MoeTrace moe_trace(const RunSummary& r) {
+  MoeTrace t;
+  for (const auto& m : r.metrics) {
+    if (!m.contains("moe")) continue;
+    t.steps.push_back(m.value("step", int64_t(0)));
+    double imb = 0;
+    int n = 0;
+    for (const auto& l : m["moe"]["layers"]) {
+      std::vector<double> c = l.value("tokens_per_expert", std::vector<double>{});
+      double mean = 0;
+      for (double x : c) mean += x;
+      mean = c.empty() ? 0 : mean / static_cast<double>(c.size());
+      for (double& x : c) x = mean > 0 ? x / mean : 0;
+      t.load[l.value("layer", int64_t(-1))].push_back(c);
+      if (l.contains("max_mean") && l["max_mean"].is_number()) {
+        imb += l["max_mean"].get<double>();
+        ++n;
+      }
+    }
+    t.imbalance.push_back(n ? imb / n : std::nan(""));
+    t.last = m["moe"]["layers"];
+  }
+  return t;
+}
+
+const char* kStyle =
+    "body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}"
+    "h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ccc}"
+    "h3{font-size:15px}table{border-collapse:collapse;font-size:13px;margin:8px 0}"
+    "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}"
+    "td.l,th.l{text-align:left}.failed{background:#fde2e2}.grid-c{display:flex;flex-wrap:wrap;"
+    "gap:12px}figure{margin:6px 0}figcaption{font-size:13px;font-weight:600;margin-bottom:2px}"
+    "svg text{font-size:11px;fill:#333}.plot{fill:#fff;stroke:#999}.grid{stroke:#e5e5e5}"
+    ".yt{text-anchor:end}.xt{text-anchor:middle}.xl{text-anchor:middle}.xs{text-anchor:start}"
+    ".xe{text-anchor:end}.none{color:#888;font-size:13px}";
+
+std::string results_table_html(const std::vector<RunSummary>& runs,
+                               const std::vector<std::string>& keys) {
+  std::ostringstream o;
+  o << "<table><tr><th class=\"l\">run</th>";
+  for (const auto& k : keys) o << "<th class=\"l\">" << esc(k) << "</th>";
+  o << "<th>status</th><th>final val NELBO</th><th>best val NELBO</th><th>tokens</th>"
+       "<th>tokens/s</th><th>params</th><th>active params</th><th>train GFLOP/token</th>"
+       "<th>train PFLOP</th><th>max/mean load</th><th>LBL</th><th>wall s</th>"
+       "<th class=\"l\">error</th></tr>";
+  for (const auto& r : runs) {
+    const double fpt = num(r.info, "train_flops_per_token");
+    o << "<tr" << (r.status == "failed" ? " class=\"failed\"" : "") << "><td class=\"l\">"
+      << esc(r.name) << "</td>";
+    for (const auto& k : keys) {
+      const auto& vals = r.cell.is_object() ? r.cell.value("values", nlohmann::json::object())
+                                            : nlohmann::json::object();
+      o << "<td class=\"l\">" << esc(vals.value(k, std::string())) << "</td>";
+    }
+    o << "<td>" << esc(r.status) << "</td><td>" << fmt_fixed(r.final_val_nelbo, 4) << "</td><td>"
+      << fmt_fixed(r.best_val_nelbo, 4) << "</td><td>" << fmt(r.tokens, 6) << "</td><td>"
+      << fmt_fixed(r.tokens_per_s, 0) << "</td><td>" << fmt(num(r.info, "parameters"), 6)
+      << "</td><td>" << fmt(num(r.info, "active_parameters"), 6) << "</td><td>"
+      << fmt(fpt / 1e9, 4) << "</td><td>" << (fpt > 0 ? fmt(fpt * r.tokens / 1e15, 4) : "")
+      << "</td><td>" << fmt_fixed(r.final_max_mean, 3) << "</td><td>" << fmt_fixed(r.final_lbl, 4)
+      << "</td><td>" << fmt_fixed(r.wall_s, 0) << "</td><td class=\"l\">" << esc(r.error)
+      << "</td></tr>";
+  }
+  o << "</table>";
+  return o.str();
+}
+
+std::vector<std::string> varied_keys(const std::vector<RunSummary>& runs) {
+  std::vector<std::string> keys;
+  for (const auto& r : runs) {
+    if (!r.cell.is_object() || !r.cell.contains("values")) continue;
+    for (const auto& [k, v] : r.cell["values"].items()) {
+      if (std::find(keys.begin(), keys.end(), k) == keys.end()) keys.push_back(k);
+    }
+  }
+  return keys;
+}
+
+std::string html_report(const std::string& title, const std::vector<RunSummary>& runs) {
+  std::ostringstream o;
+  o << "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>" << esc(title)
+    << "</title><style>" << kStyle << "</style></head><body><h1>" << esc(title) << "</h1>";
+  o << "<h2>Results</h2>" << results_table_html(runs, varied_keys(runs));
+
+  auto curves = [&](const char* what, auto&& value) {
+    std::vector<Series> s;
+    for (const auto& r : runs) {
+      Series ser{r.name, {}};
+      for (const auto& m : r.metrics) {
+        const double v = value(m);
+        if (std::isfinite(v)) ser.pts.emplace_back(num(m, "tokens", 0) / 1e6, v);
+      }
+      s.push_back(std::move(ser));
+    }
+    return line_chart(what, "training tokens (millions)", s);
+  };
+  o << "<h2>Curves</h2><div class=\"grid-c\">";
+  o << curves("training loss (diffusion terms)", [](const nlohmann::json& m) {
+    return m.contains("loss") ? m["loss"].get<double>() : std::nan("");
+  });
+  o << curves("validation NELBO (nats/token)", [](const nlohmann::json& m) {
+    return m.contains("val_nelbo") ? m["val_nelbo"].get<double>() : std::nan("");
+  });
+  o << curves("learning rate", [](const nlohmann::json& m) {
+    return m.contains("lr") ? m["lr"].get<double>() : std::nan("");
+  });
+  o << "</div>";
+
+  std::vector<Series> imb;
+  std::ostringstream moe;
+  for (const auto& r : runs) {
+    MoeTrace t = moe_trace(r);
+    if (t.steps.empty()) continue;
+    Series s{r.name, {}};
+    for (size_t i = 0; i < t.steps.size(); ++i) {
+      s.pts.emplace_back(static_cast<double>(t.steps[i]), t.imbalance[i]);
+    }
+    imb.push_back(std::move(s));
+    moe << "<h3>" << esc(r.name) << "</h3><div class=\"grid-c\">";
+    std::vector<std::string> cols;
+    for (int64_t st : t.steps) cols.push_back("step " + std::to_string(st));
+    for (const auto& [layer, rows] : t.load) {
+      // rows: [step][expert] -> show experts as rows, steps as columns
+      const size_t E = rows.empty() ? 0 : rows[0].size();
+      std::vector<std::vector<double>> m(E, std::vector<double>(rows.size(), std::nan("")));
+      for (size_t c = 0; c < rows.size(); ++c) {
+        for (size_t e = 0; e < E && e < rows[c].size(); ++e) m[e][c] = rows[c][e];
+      }
+      moe << heatmap(str("layer ", layer, ": expert load / mean over training"), m, cols,
+                     "expert");
+    }
+    moe << "</div><p class=\"none\">expert rows, logged steps as columns; blue: below the "
+           "mean load, white: the mean, red: twice the mean or more</p>";
+    // Load imbalance by mask-ratio bucket at the last logged step.
+    moe << "<table><tr><th class=\"l\">layer</th>";
+    bool header = false;
+    std::ostringstream rows;
+    for (const auto& l : t.last) {
+      rows << "<tr><td class=\"l\">" << l.value("layer", -1) << "</td>";
+      for (const auto& b : l.value("by_mask_ratio", nlohmann::json::array())) {
+        if (!header) {
+          moe << "<th>mask ratio [" << fmt(b["mask_ratio"][0].get<double>(), 2) << ", "
+              << fmt(b["mask_ratio"][1].get<double>(), 2) << ")</th>";
+        }
+        const double v = num(b, "max_mean", std::nan(""));
+        rows << "<td style=\"background:" << load_colour(std::isfinite(v) ? v - 0.0 : v) << "\">"
+             << fmt_fixed(v, 3) << "</td>";
+      }
+      header = true;
+      rows << "</tr>";
+    }
+    moe << "</tr>" << rows.str()
+        << "</table><p class=\"none\">max/mean expert load of the tokens of each mask-ratio "
+           "bucket, last logging interval</p>";
+  }
+  if (!imb.empty()) {
+    o << "<h2>Routing</h2>"
+      << line_chart("load imbalance: max/mean tokens per expert (mean over MoE layers)",
+                    "optimizer step", imb)
+      << moe.str();
+  }
+  o << "<p class=\"none\">Written by mixdiff report; self-contained (no scripts, no network).</p>"
+       "</body></html>\n";
+  return o.str();
+}
+
+}  // namespace
+
+RunSummary RunSummary::read(const std::string& dir) {
+  RunSummary r;
+  r.dir = dir;
+  r.name = fs::path(dir).filename().string();
+  r.info = read_json(dir + "/run.json");
+  r.cell = read_json(dir + "/cell.json");
+  if (r.cell.is_object()) {
+    r.name = r.cell.value("name", r.name);
+    r.status = r.cell.value("status", std::string());
+    r.error = r.cell.value("error", std::string());
+  }
+  if (fs::exists(dir + "/metrics.jsonl")) {
+    std::ifstream in(dir + "/metrics.jsonl");
+    std::string line;
+    while (std::getline(in, line)) {
+      auto j = nlohmann::json::parse(line, nullptr, false);
+      if (!j.is_discarded()) r.metrics.push_back(std::move(j));
+    }
+  }
+  std::vector<double> tps;
+  for (const auto& m : r.metrics) {
+    if (m.contains("val_nelbo")) {
+      const double v = m["val_nelbo"].get<double>();
+      r.final_val_nelbo = v;
+      r.best_val_nelbo = r.best_val_nelbo < 0 ? v : std::min(r.best_val_nelbo, v);
+    }
+    r.tokens = std::max(r.tokens, num(m, "tokens", 0));
+    r.wall_s = std::max(r.wall_s, num(m, "elapsed_s", 0));
+    if (m.contains("tokens_per_s")) tps.push_back(m["tokens_per_s"].get<double>());
+    if (m.contains("aux") && m["aux"].contains("load_balance")) {
+      r.final_lbl = m["aux"]["load_balance"].get<double>();
+    }
+    if (m.contains("moe")) {
+      double s = 0;
+      int n = 0;
+      for (const auto& l : m["moe"]["layers"]) {
+        if (l.contains("max_mean") && l["max_mean"].is_number()) {
+          s += l["max_mean"].get<double>();
+          ++n;
+        }
+      }
+      if (n) r.final_max_mean = s / n;
+    }
+  }
+  if (!tps.empty()) {  // the first interval includes start-up
+    double s = 0;
+    for (size_t i = tps.size() > 1 ? 1 : 0; i < tps.size(); ++i) s += tps[i];
+    r.tokens_per_s = s / static_cast<double>(tps.size() > 1 ? tps.size() - 1 : 1);
+  }
+  if (r.status.empty()) {
+    if (!r.info.is_object()) {
+      r.status = "pending";
+    } else {
+      const double steps = num(r.info, "steps", 0);
+      const double last = r.metrics.empty() ? 0 : num(r.metrics.back(), "step", 0);
+      r.status = steps > 0 && last >= steps ? "finished" : "partial";
+    }
+  }
+  return r;
+}
+
+std::vector<RunSummary> read_sweep(const std::string& sweep_dir) {
+  std::vector<RunSummary> runs;
+  if (!fs::is_directory(sweep_dir)) return runs;
+  for (const auto& e : fs::directory_iterator(sweep_dir)) {
+    if (!e.is_directory()) continue;
+    const std::string d = e.path().string();
+    if (fs::exists(d + "/cell.json") || fs::exists(d + "/run.json")) {
+      runs.push_back(RunSummary::read(d));
+    }
+  }
+  std::sort(runs.begin(), runs.end(), [](const RunSummary& a, const RunSummary& b) {
+    const int64_t ia = a.cell.is_object() ? a.cell.value("index", int64_t(1 << 30)) : (1 << 30);
+    const int64_t ib = b.cell.is_object() ? b.cell.value("index", int64_t(1 << 30)) : (1 << 30);
+    return ia != ib ? ia < ib : a.name < b.name;
+  });
+  return runs;
+}
+
+namespace {
+
+std::string csv_field(const std::string& s) {
+  if (s.find_first_of(",\"\n") == std::string::npos) return s;
+  std::string o = "\"";
+  for (char c : s) o += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return o + "\"";
+}
+
+std::vector<std::vector<std::string>> result_rows(const std::vector<RunSummary>& runs,
+                                                  const std::vector<std::string>& keys) {
+  std::vector<std::vector<std::string>> rows;
+  std::vector<std::string> head{"run"};
+  head.insert(head.end(), keys.begin(), keys.end());
+  for (const char* h : {"status", "final_val_nelbo", "best_val_nelbo", "tokens", "tokens_per_s",
+                        "parameters", "active_parameters", "train_flops_per_token", "train_flops",
+                        "max_mean_load", "load_balance", "wall_s", "error"}) {
+    head.push_back(h);
+  }
+  rows.push_back(head);
+  for (const auto& r : runs) {
+    std::vector<std::string> row{r.name};
+    const auto vals = r.cell.is_object() ? r.cell.value("values", nlohmann::json::object())
+                                         : nlohmann::json::object();
+    for (const auto& k : keys) row.push_back(vals.value(k, std::string()));
+    const double fpt = num(r.info, "train_flops_per_token");
+    row.push_back(r.status);
+    row.push_back(fmt_fixed(r.final_val_nelbo, 4));
+    row.push_back(fmt_fixed(r.best_val_nelbo, 4));
+    row.push_back(r.tokens > 0 ? fmt_fixed(r.tokens, 0) : "");
+    row.push_back(fmt_fixed(r.tokens_per_s, 0));
+    row.push_back(r.info.is_object() ? fmt_fixed(num(r.info, "parameters"), 0) : "");
+    row.push_back(r.info.is_object() ? fmt_fixed(num(r.info, "active_parameters"), 0) : "");
+    row.push_back(fpt > 0 ? fmt(fpt, 6) : "");
+    row.push_back(fpt > 0 && r.tokens > 0 ? fmt(fpt * r.tokens, 6) : "");
+    row.push_back(fmt_fixed(r.final_max_mean, 3));
+    row.push_back(fmt_fixed(r.final_lbl, 4));
+    row.push_back(fmt_fixed(r.wall_s, 0));
+    row.push_back(r.error);
+    rows.push_back(row);
+  }
+  return rows;
+}
+
+}  // namespace
+
+std::string results_csv(const std::vector<RunSummary>& runs, const std::vector<std::string>& keys) {
+  std::ostringstream o;
+  for (const auto& row : result_rows(runs, keys)) {
+    for (size_t i = 0; i < row.size(); ++i) o << (i ? "," : "") << csv_field(row[i]);
+    o << "\n";
+  }
+  return o.str();
+}
+
+std::string results_markdown(const std::vector<RunSummary>& runs,
+                             const std::vector<std::string>& keys) {
+  std::ostringstream o;
+  const auto rows = result_rows(runs, keys);
+  for (size_t r = 0; r < rows.size(); ++r) {
+    o << "|";
+    for (const auto& c : rows[r]) {
+      std::string v = c;
+      std::replace(v.begin(), v.end(), '|', '/');
+      std::replace(v.begin(), v.end(), '\n', ' ');
+      o << " " << v << " |";
+    }
+    o << "\n";
+    if (r == 0) {
+      o << "|";
+      for (size_t i = 0; i < rows[0].size(); ++i) o << "---|";
+      o << "\n";
+    }
+  }
+  return o.str();
+}
+
+std::string write_report(const std::string& dir) {
+  if (!fs::is_directory(dir)) throw InputError(str(dir, ": no such run or sweep folder"));
+  std::vector<RunSummary> runs;
+  std::string title;
+  if (fs::exists(dir + "/run.json")) {
+    runs.push_back(RunSummary::read(dir));
+    title = "MixDiff run " + runs[0].name;
+  } else {
+    runs = read_sweep(dir);
+    if (runs.empty()) {
+      throw InputError(str(dir, ": holds neither run.json nor sweep cells (folders with "
+                                "run.json or cell.json)"));
+    }
+    title = "MixDiff sweep " + fs::path(dir).filename().string();
+  }
+  const std::string path = dir + "/report.html";
+  write_file_atomic(path, html_report(title, runs));
+  return path;
+}
+
+}  // namespace mixdiff

@@ -1,0 +1,57 @@
+// Sweep files (recipes/sweeps/*.yaml): a base recipe plus axes over dotted recipe keys, expanded
+// into named cells. No LibTorch here; `mixdiff sweep` (src/app/sweep_cmd.cpp) validates and runs
+// the cells.
+//
+//   name: balancing                    # runs go to runs/<name>/<cell>/
+//   base: ../quickstart_moe.yaml       # relative to the sweep file
+//   set: {train.steps: 300}            # overrides for every cell (optional)
+//   axes:                              # the cells are the product of all axes (and seeds)
+//     - grid: {model.moe.router.top_k: [2, 4], model.moe.d_expert: [176, 88]}   # product
+//     - zip:  {optim.lr: [0.002, 0.003], lr_schedule.warmup_steps: [50, 100]}  # side by side
+//     - list:                          # explicit override sets, each with a label
+//         - {label: none, set: {losses: [{kind: masked_diffusion_elbo}]}}
+//         - {label: global, set: {losses.1.scope: global}}
+//   seeds: [0, 1]                      # an axis over the recipe key `seed` (optional)
+//   cell_name: "{label}_k{model.moe.router.top_k}_s{seed}"   # optional template
+//   budget: {tokens: 1.2e6}            # or {flops: 3e15}: train.steps per cell (optional)
+//
+// Placeholders of cell_name are `label`, `seed` and any varied dotted key; the default joins the
+// labels and the varied values. Values are YAML (scalars, lists, maps) and are applied exactly
+// like `--set key=value`.
+#pragma once
+
+#include <map>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace mixdiff {
+
+struct SweepCell {
+  int index = 0;
+  std::string name;
+  /// Every override of this cell in order (common `set`, then the axes, then the seed), as
+  /// (dotted key, YAML text in flow style).
+  std::vector<std::pair<std::string, std::string>> overrides;
+  /// The varied keys and their values (flow YAML), for plans and tables; `label` when labelled.
+  std::map<std::string, std::string> values;
+};
+
+struct SweepSpec {
+  std::string file;  ///< the sweep file
+  std::string name;
+  std::string base;  ///< absolute path of the base recipe
+  std::vector<std::string> varied_keys;  ///< in axis order (label and seed included when present)
+  std::vector<SweepCell> cells;
+  std::optional<double> budget_tokens, budget_flops;
+
+  /// Parses and expands `file`. Unknown keys, empty or ragged axes, bad templates and duplicate
+  /// cell names throw ConfigError naming file, line and key.
+  static SweepSpec load(const std::string& file);
+};
+
+/// Flow-style, single-line YAML of a YAML text ("{kind: aux_free, rate: 0.001}").
+std::string yaml_flow(const std::string& yaml_text);
+
+}  // namespace mixdiff
