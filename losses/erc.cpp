@@ -10,7 +10,7 @@
 // RECONSTRUCTED (no public code): the normalisation 1/n^2 and whether alpha multiplies the
 // diagonal are the spec's reconstruction; alpha (default 1.0) and the recipe weight (lambda,
 // proposed 1.0) are configurable. The perturbation noise comes from a generator seeded by
-// (seed, forward step, layer), so a resumed run draws the same noise. Null-expert slots have no
+// (seed, optimizer step, micro-batch, layer), so a resumed run draws the same noise. Null-expert slots have no
 // expert weights and are left out. fp32 throughout.
 #include <torch/torch.h>
 
@@ -54,7 +54,8 @@ class Erc : public RoutingLoss {
       dist.fill_diagonal_(std::numeric_limits<float>::infinity());
       auto eps = std::get<0>(dist.min(1)) / (2 * R.norm(2, 1).clamp_min(1e-12));
       auto gen = at::make_generator<at::CPUGeneratorImpl>(
-          static_cast<uint64_t>(seed_) * 1000003ULL + static_cast<uint64_t>(r.ctx.step) * 131ULL +
+          static_cast<uint64_t>(seed_) * 1000003ULL +
+          (static_cast<uint64_t>(r.ctx.step) * 64 + static_cast<uint64_t>(r.ctx.micro)) * 131ULL +
           static_cast<uint64_t>(r.ctx.layer + 1));
       auto u = torch::rand({n, D}, gen).to(R.device());
       delta = 1 + (2 * u - 1) * eps.unsqueeze(1);

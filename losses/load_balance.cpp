@@ -10,7 +10,8 @@
 //                    optimizer step so far and over data-parallel ranks (GlobalLoad), P from the
 //                    local tokens and normalised by the LOCAL token count, which is the corrected
 //                    normalisation of algorithms.md 6.2 (no 1/DP factor under gradient averaging)
-// Logged values are the unweighted loss averaged over layers, so 1.0 means balanced.
+// N is the number of slots the router could choose (the visible ones when a candidate schedule
+// hides some). Logged values are the unweighted loss averaged over layers, so 1.0 is balanced.
 #include <torch/torch.h>
 
 #include "core/errors.h"
@@ -30,7 +31,10 @@ class LoadBalance : public RoutingLoss {
 
   at::Tensor layer_loss(const RoutingRecord& r) override {
     const auto& d = r.decision;
-    const int64_t T = d.probs_TS.size(0), S = d.probs_TS.size(1);
+    const int64_t T = d.probs_TS.size(0);
+    // N: the slots the router could choose (only the visible ones under a candidate schedule).
+    const int64_t S = d.n_visible > 0 ? d.n_visible : d.probs_TS.size(1);
+    const int64_t W = d.probs_TS.size(1);
     auto w = valid_weights(r.ctx.valid_T, T).to(d.probs_TS.device());
     auto pw = d.probs_TS * w.unsqueeze(1);
     if (scope_ == "sequence") {
@@ -38,8 +42,8 @@ class LoadBalance : public RoutingLoss {
                   "[load_balance] scope: sequence needs the sequence ids of the tokens");
       const int64_t B = r.ctx.n_seq;
       auto seq = r.ctx.seq_T.to(d.probs_TS.device());
-      auto c = torch::zeros({B, S}, d.probs_TS.options()).index_add(0, seq, d.lb_map_TS);
-      auto p = torch::zeros({B, S}, d.probs_TS.options()).index_add(0, seq, pw);
+      auto c = torch::zeros({B, W}, d.probs_TS.options()).index_add(0, seq, d.lb_map_TS);
+      auto p = torch::zeros({B, W}, d.probs_TS.options()).index_add(0, seq, pw);
       auto n = torch::zeros({B}, w.options()).index_add(0, seq, w);
       auto has = (n > 0).to(torch::kFloat32);
       auto f = c / c.sum(1, true).clamp_min(1.0);

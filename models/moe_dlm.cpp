@@ -17,19 +17,7 @@ std::shared_ptr<ModelBase> build(const ConfigNode& c) {
   const TransformerOptions o = TransformerOptions::from(c);
   ConfigNode moe = c.at("moe");
   const MoeOptions mo = MoeOptions::from(moe, o.d_model);
-  const int64_t first_dense = moe.get<int64_t>("first_k_dense", 0);
-  if (first_dense < 0 || first_dense > o.n_layer) {
-    moe.fail("first_k_dense", str("expected 0..n_layer (", o.n_layer, "), got ", first_dense));
-  }
-  std::string pattern = moe.get<std::string>("layer_pattern", "");
-  if (pattern.empty()) {
-    pattern = std::string(static_cast<size_t>(first_dense), 'D') +
-              std::string(static_cast<size_t>(o.n_layer - first_dense), 'M');
-  } else if (static_cast<int64_t>(pattern.size()) != o.n_layer ||
-             pattern.find_first_not_of("DM") != std::string::npos) {
-    moe.fail("layer_pattern", str("expected ", o.n_layer, " letters D (dense) or M (MoE), got '",
-                                  pattern, "'"));
-  }
+  const std::string pattern = read_block_pattern(moe, o.n_layer);
   ConfigNode router_cfg = moe.at("router");
   const std::string router_kind = router_cfg.get<std::string>("kind");
   const RouterDims dims{o.d_model, mo.n_expert};

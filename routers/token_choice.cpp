@@ -20,7 +20,9 @@
 //   balancer     a selection offset from the `balancers` registry (aux_free, bip) or none; it
 //                enters the selection scores (before the group scores, as LLaDA2.0 does), never
 //                the gates.
-// Ties in the top-K go to the lower expert index. Router math is fp32.
+// Slots the layer hides this forward (RoutingContext::visible_S: UniPool masks, ReXMoE's PSR) get
+// -inf logits: zero probability, never selected. Ties in the top-K go to the lower expert index.
+// Router math is fp32.
 #include <torch/torch.h>
 
 #include <limits>
@@ -108,6 +110,12 @@ class TokenChoiceRouter : public RouterBase {
     d.weight_SD = weight_;
     d.logits_TS = torch::nn::functional::linear(x_TD.to(torch::kFloat32),
                                                 weight_.to(torch::kFloat32));
+    const at::Tensor vis = slot_visibility(ctx, n_expert_, S);
+    if (vis.defined()) {  // invisible slots: -inf logits (zero probability, never selected)
+      d.logits_TS = d.logits_TS.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
+      d.n_visible = vis.sum().item<int64_t>();
+      TORCH_CHECK(d.n_visible >= K, "[token_choice] ", d.n_visible, " visible slots for top-", K);
+    }
     at::Tensor scores;  // what the gates are read from
     if (o_.sigmoid) {
       scores = torch::sigmoid(d.logits_TS);
@@ -124,12 +132,13 @@ class TokenChoiceRouter : public RouterBase {
       if (balancer_) {
         sel = sel + balancer_->offset(scores.detach(), K, ctx.valid_T, update).unsqueeze(0);
       }
+      if (vis.defined()) sel = sel.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
       const bool grouped = o_.n_group > 1 && o_.topk_group < o_.n_group;
       if (grouped) sel = group_limit(sel);
       idx = topk_indices(sel, K);
       // Balancing losses count the unbiased, ungrouped top-K of the probabilities; without an
       // offset or a group limit that is the selection itself (top-K of logits = of softmax).
-      const bool plain = !balancer_ && !grouped;
+      const bool plain = !balancer_ && !grouped && !vis.defined();
       d.lb_map_TS = selection_map(plain ? idx : topk_indices(d.probs_TS.detach(), K), S,
                                   ctx.valid_T);
       if (balancer_ && update) balancer_->observe(slot_counts(idx, S, ctx.valid_T));

@@ -8,6 +8,8 @@
 // experts masked and clean tokens take.
 #include <torch/torch.h>
 
+#include <limits>
+
 #include "core/errors.h"
 #include "moe/router.h"
 
@@ -35,6 +37,11 @@ class TopPRouter : public RouterBase {
     d.weight_SD = weight_;
     d.logits_TS = torch::nn::functional::linear(x_TD.to(torch::kFloat32),
                                                 weight_.to(torch::kFloat32));
+    const at::Tensor vis = slot_visibility(ctx, n_expert_, n_expert_);
+    if (vis.defined()) {
+      d.logits_TS = d.logits_TS.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
+      d.n_visible = vis.sum().item<int64_t>();
+    }
     d.probs_TS = torch::softmax(d.logits_TS, -1);
     at::Tensor idx, keep;
     {

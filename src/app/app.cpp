@@ -19,6 +19,7 @@
 #include "data/prepare.h"
 #include "data/tokenizer.h"
 #include "infer/sampler.h"
+#include "moe/capacity.h"
 #include "moe/router.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
@@ -105,6 +106,8 @@ int cmd_train(const TrainArgs& a) {
     if (env.rank == 0) {
       std::cout << "resumed from " << ckpt << " at step " << trainer.state().step << std::endl;
     }
+  } else {
+    trainer.initialize_from_checkpoint();
   }
   return trainer.fit();
 }
@@ -190,7 +193,7 @@ void configure_process() {
 
 std::vector<RegistryListing> list_registries() {
   return {models_registry().listing(),      routers_registry().listing(),
-          balancers_registry().listing(),
+          balancers_registry().listing(),   capacity_schedules_registry().listing(),
           samplers_registry().listing(),
           losses_registry().listing(),      schedules_registry().listing(),
           data_sources_registry().listing(), optimizers_registry().listing(),

@@ -76,6 +76,15 @@ struct ReportArgs {
 /// `mixdiff report`: writes report.html into the folder.
 int cmd_report(const ReportArgs& a);
 
+struct UpcycleArgs {
+  std::string ckpt;    ///< source run or checkpoint
+  std::string recipe;  ///< target recipe (its `upcycle:` section configures the method)
+  std::string out;     ///< run folder to write (default runs/<target name>)
+  std::vector<std::string> overrides;
+};
+/// `mixdiff upcycle`: dense -> MoE or E -> mE, written as a resumable run (src/app/upcycle.cpp).
+int cmd_upcycle(const UpcycleArgs& a);
+
 struct LaunchArgs {
   int nnodes = 1;
   int node_rank = 0;

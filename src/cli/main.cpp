@@ -93,6 +93,17 @@ int run(int argc, char** argv) {
   rp->add_option("path", rep.path, "run folder (runs/NAME) or sweep folder (runs/SWEEP)")
       ->required();
 
+  mixdiff::UpcycleArgs up;
+  auto* uc = app.add_subcommand(
+      "upcycle", "dense -> MoE or E -> mE experts from a checkpoint, as a resumable run");
+  uc->add_option("--ckpt", up.ckpt, "source run folder or checkpoint folder")->required();
+  uc->add_option("--recipe", up.recipe, "target recipe (its upcycle: section sets the method)")
+      ->required();
+  uc->add_option("--out", up.out, "run folder to write (default runs/<target name>)");
+  uc->add_option("--set", up.overrides, kSetHelp)->allow_extra_args(false);
+  uc->footer("Then: mixdiff train --resume OUT. The checkpoint's trainer_state.json records the "
+             "provenance.");
+
   mixdiff::LaunchArgs la;
   auto* l = app.add_subcommand(
       "launch", "start data-parallel workers of this binary (torchrun-style; c10d Gloo)");
@@ -154,6 +165,7 @@ int run(int argc, char** argv) {
   if (dp->parsed()) return mixdiff::cmd_data_prepare(prep);
   if (bml->parsed()) return mixdiff::cmd_bench_moe_layer(bm);
   if (sc->parsed()) return mixdiff::cmd_sweep(sw);
+  if (uc->parsed()) return mixdiff::cmd_upcycle(up);
   if (rp->parsed()) return mixdiff::cmd_report(rep);
   if (l->parsed()) {
     la.command = worker;

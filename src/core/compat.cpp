@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <stdexcept>
+#include <type_traits>
 
 // Debian's LibTorch exports USE_C10D_GLOO and ships the gloo headers (libgloo-dev); a PyTorch
 // wheel may lack the gloo headers, in which case this build has no Gloo process group.
@@ -33,6 +34,44 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 const char* torch_version() { return TORCH_VERSION; }
+
+namespace {
+
+template <class Map>
+typename Map::key_type state_key(const Map&, const at::Tensor& p) {
+  using K = typename Map::key_type;
+  if constexpr (std::is_same_v<K, std::string>) {
+    return c10::guts::to_string(p.unsafeGetTensorImpl());
+  } else {
+    return reinterpret_cast<K>(p.unsafeGetTensorImpl());
+  }
+}
+
+}  // namespace
+
+AdamMoments adamw_moments(torch::optim::Optimizer& opt, const at::Tensor& param) {
+  auto& st = opt.state();
+  auto it = st.find(state_key(st, param));
+  if (it == st.end()) return {};
+  const auto* s = dynamic_cast<const torch::optim::AdamWParamState*>(it->second.get());
+  if (!s) return {};
+  return {s->step(), s->exp_avg(), s->exp_avg_sq()};
+}
+
+void set_adamw_moments(torch::optim::Optimizer& opt, const at::Tensor& param,
+                       const AdamMoments& m) {
+  auto& st = opt.state();
+  const auto key = state_key(st, param);
+  if (!m.exp_avg.defined()) {
+    st.erase(key);
+    return;
+  }
+  auto s = std::make_unique<torch::optim::AdamWParamState>();
+  s->step(m.step);
+  s->exp_avg(m.exp_avg.clone());
+  s->exp_avg_sq(m.exp_avg_sq.clone());
+  st[key] = std::move(s);
+}
 
 namespace {
 

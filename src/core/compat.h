@@ -26,6 +26,22 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 /// "1.13.0" or "2.5.1": the LibTorch this binary was built against.
 const char* torch_version();
 
+/// Adam(W) state of one parameter. The optimizer keys its state by a string of the tensor's
+/// address in LibTorch 1.13 and by the address itself in 2.x; these two functions hide that.
+struct AdamMoments {
+  int64_t step = 0;
+  at::Tensor exp_avg, exp_avg_sq;  ///< undefined: the parameter has no state yet
+};
+}  // namespace mixdiff::compat
+
+namespace torch::optim {
+class Optimizer;
+}
+
+namespace mixdiff::compat {
+AdamMoments adamw_moments(torch::optim::Optimizer& opt, const at::Tensor& param);
+void set_adamw_moments(torch::optim::Optimizer& opt, const at::Tensor& param, const AdamMoments& m);
+
 /// Collectives of one c10d process group. LibTorch 1.13 derives ProcessGroupGloo from
 /// c10d::ProcessGroup, 2.x from c10d::Backend; both keep the collective signatures used here, so
 /// the concrete backend is held and called directly (no 2.x dispatcher layer).

@@ -31,9 +31,11 @@ struct ModelInput {
   /// Optional bool [B, L]: false at padding positions, which never count in routing statistics
   /// or routing losses. Undefined: every position is real.
   at::Tensor valid_BL;
-  /// Counter of this forward (training: step * grad_accum + micro-batch), for routing code that
-  /// draws noise (ERC) so that resumed runs draw the same.
+  /// Optimizer step and micro-batch of this forward (training): routing schedules (ReXMoE's
+  /// progressive candidate pool) and routing noise (ERC) depend on them, so that resumed runs
+  /// route and draw the same.
   int64_t step = 0;
+  int64_t micro = 0;
 };
 
 struct ModelOutput {

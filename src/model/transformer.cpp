@@ -5,6 +5,8 @@
 #include "core/errors.h"
 #include "moe/moe_layer.h"
 
+#include <set>
+
 namespace mixdiff {
 
 TransformerOptions TransformerOptions::from(const ConfigNode& c) {
@@ -44,20 +46,39 @@ TransformerOptions TransformerOptions::from(const ConfigNode& c) {
   return o;
 }
 
+std::string read_block_pattern(const ConfigNode& moe, int64_t n_layer) {
+  const int64_t first_dense = moe.get<int64_t>("first_k_dense", 0);
+  if (first_dense < 0 || first_dense > n_layer) {
+    moe.fail("first_k_dense", str("expected 0..n_layer (", n_layer, "), got ", first_dense));
+  }
+  std::string pattern = moe.get<std::string>("layer_pattern", "");
+  if (pattern.empty()) {
+    return std::string(static_cast<size_t>(first_dense), 'D') +
+           std::string(static_cast<size_t>(n_layer - first_dense), 'M');
+  }
+  if (static_cast<int64_t>(pattern.size()) != n_layer ||
+      pattern.find_first_not_of("DM") != std::string::npos) {
+    moe.fail("layer_pattern",
+             str("expected ", n_layer, " letters D (dense) or M (MoE), got '", pattern, "'"));
+  }
+  return pattern;
+}
+
 TransformerDlm::TransformerDlm(const TransformerOptions& o, const FeedForwardFactory& ffn,
-                               std::string kind)
+                               std::string kind, const SharedModules& shared)
     : o_(o), kind_(std::move(kind)) {
+  for (const auto& [name, m] : shared) register_module(name, m);
   AttentionOptions a{o.d_model, o.n_head, o.n_kv_head, o.head_dim, o.qk_norm, o.norm_eps};
   embed_ = register_parameter("embed", torch::empty({o.vocab_size + 1, o.d_model}));
   auto layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < o.n_layer; ++i) {
     auto f = ffn(i);
-    auto* m = dynamic_cast<MoeLayer*>(f.get());
-    if (m) {
+    const auto routed = f->routed_layers();
+    for (MoeLayer* m : routed) {
       m->set_block_index(i);
       moe_.push_back(m);
     }
-    pattern_ += m ? 'M' : 'D';
+    pattern_ += routed.empty() ? 'D' : 'M';
     blocks_.push_back(std::make_shared<TransformerBlock>(a, std::move(f)));
     layers->push_back(blocks_.back());
   }
@@ -93,6 +114,7 @@ ModelOutput TransformerDlm::forward(const ModelInput& in) {
     ctx.seq_T = torch::arange(B, torch::kLong).repeat_interleave(L);
     ctx.n_seq = B;
     ctx.step = in.step;
+    ctx.micro = in.micro;
   }
   for (size_t i = 0; i < blocks_.size(); ++i) {
     ctx.layer = static_cast<int64_t>(i);
@@ -119,13 +141,17 @@ std::string TransformerDlm::describe() const {
 }
 
 int64_t TransformerDlm::num_active_parameters() const {
-  int64_t inactive = 0;
+  // Routed experts count as used K times per routed layer (capped by the pool), everything else
+  // once. Pools shared by several layers are counted once in the total.
+  std::set<const ExpertPool*> pools;
+  int64_t routed_total = 0, routed_active = 0;
   for (const MoeLayer* m : moe_) {
-    const auto& o = m->options();
-    const int64_t k = std::min(m->router().top_k(), o.n_expert);
-    inactive += (o.n_expert - k) * 3 * o.d_model * o.d_expert;
+    const auto& mo = m->options();
+    const int64_t per_expert = 3 * mo.d_model * mo.d_expert;
+    if (pools.insert(&m->pool()).second) routed_total += m->pool().n_expert() * per_expert;
+    routed_active += std::min(m->router().top_k(), mo.n_expert) * per_expert;
   }
-  return num_parameters() - inactive;
+  return num_parameters() - routed_total + std::min(routed_active, routed_total);
 }
 
 double TransformerDlm::train_flops_per_token(int64_t L) const {
@@ -133,19 +159,15 @@ double TransformerDlm::train_flops_per_token(int64_t L) const {
   const double H = static_cast<double>(o_.n_head), Hk = static_cast<double>(o_.n_kv_head);
   const double attn = (H + 2 * Hk) * hd * D + D * H * hd;  // wqkv + wo
   double matmul = static_cast<double>(o_.vocab_size) * D;   // output head
-  size_t m = 0;
   for (size_t i = 0; i < blocks_.size(); ++i) {
     matmul += attn;
-    if (pattern_[i] == 'M') {
-      const MoeLayer* l = moe_[m++];
-      const auto& mo = l->options();
-      const double k = static_cast<double>(std::min(l->router().top_k(), mo.n_expert));
-      const double slots = static_cast<double>(mo.n_expert);  // router width (lower bound)
-      matmul += 3 * D * (k * static_cast<double>(mo.d_expert) + static_cast<double>(mo.d_shared)) +
-                slots * D;
-    } else {
-      matmul += 3 * D * static_cast<double>(o_.d_ff);
-    }
+    if (pattern_[i] == 'D') matmul += 3 * D * static_cast<double>(o_.d_ff);
+  }
+  for (const MoeLayer* l : moe_) {  // every routed layer call (CoE: every iteration)
+    const auto& mo = l->options();
+    const double k = static_cast<double>(std::min(l->router().top_k(), mo.n_expert));
+    matmul += 3 * D * (k * static_cast<double>(mo.d_expert) + static_cast<double>(mo.d_shared)) +
+              static_cast<double>(mo.n_expert) * D;  // router
   }
   const double attention = 12.0 * static_cast<double>(o_.n_layer) * static_cast<double>(L) * H * hd;
   return 6.0 * matmul + attention;

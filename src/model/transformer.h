@@ -44,10 +44,19 @@ struct TransformerOptions {
 /// Builds the feed-forward of block `layer`.
 using FeedForwardFactory = std::function<std::shared_ptr<FeedForward>(int64_t layer)>;
 
+/// Modules the blocks share (an expert pool used by several layers), registered once on the
+/// model under their name before the weights are initialised.
+using SharedModules = std::vector<std::pair<std::string, std::shared_ptr<torch::nn::Module>>>;
+
+/// Which blocks of an MoE model are MoE: `moe.layer_pattern` (one letter per block, D or M) or
+/// all but the first `moe.first_k_dense`. Reads those keys of `moe`.
+std::string read_block_pattern(const ConfigNode& moe, int64_t n_layer);
+
 class TransformerDlm : public ModelBase {
  public:
   /// `kind` names the model in describe().
-  TransformerDlm(const TransformerOptions& o, const FeedForwardFactory& ffn, std::string kind);
+  TransformerDlm(const TransformerOptions& o, const FeedForwardFactory& ffn, std::string kind,
+                 const SharedModules& shared = {});
 
   ModelOutput forward(const ModelInput& in) override;
   int64_t vocab_size() const override { return o_.vocab_size; }

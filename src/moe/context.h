@@ -18,6 +18,9 @@ struct RoutingContext {
   at::Tensor valid_T;       ///< bool [T], false for padding; undefined means every token is real
   int64_t n_seq = 0;        ///< B
   int64_t step = 0;         ///< optimizer step (training) or denoising step (inference)
+  int64_t micro = 0;        ///< micro-batch of the optimizer step (training)
+  at::Tensor visible_S;     ///< bool [S_real], router slots this forward may choose (undefined:
+                            ///< all); set by the MoE layer (UniPool masks, ReXMoE's schedule)
 };
 
 /// Sums a statistics tensor over data-parallel ranks in place (identity in one process). Routing

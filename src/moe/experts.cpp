@@ -114,12 +114,18 @@ at::Tensor grouped_swiglu(const at::Tensor& xs, const std::vector<int64_t>& coun
   return GroupedSwiGLU::apply(xs, wg, wu, wd, counts);
 }
 
-ExpertPool::ExpertPool(int64_t n_expert, int64_t d_model, int64_t d_expert)
+ExpertPool::ExpertPool(int64_t n_expert, int64_t d_model, int64_t d_expert, bool track_usage)
     : n_expert_(n_expert), d_model_(d_model), d_expert_(d_expert) {
   TORCH_CHECK(n_expert > 0 && d_model > 0 && d_expert > 0, "[ExpertPool] sizes must be positive");
   w_gate_ = register_parameter("w_gate", torch::empty({n_expert, d_expert, d_model}));
   w_up_ = register_parameter("w_up", torch::empty({n_expert, d_expert, d_model}));
   w_down_ = register_parameter("w_down", torch::empty({n_expert, d_model, d_expert}));
+  if (track_usage) {
+    usage_.emplace();
+    usage_->prev_M = register_buffer("usage_prev", torch::zeros({n_expert}));
+    usage_->ready = register_buffer("usage_ready", torch::zeros({1}));
+    usage_->sum_M = torch::zeros({n_expert});
+  }
 }
 
 at::Tensor ExpertPool::forward(const at::Tensor& x, const at::Tensor& token_A,

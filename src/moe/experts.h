@@ -15,6 +15,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,9 +26,22 @@ enum class Dispatch { kSorted, kLoop };
 /// "sorted" or "loop"; anything else throws std::invalid_argument.
 Dispatch parse_dispatch(const std::string& name);
 
+/// Pool-level usage of a pool shared by several layers (UniPool's one-step-behind statistics):
+/// the layer-averaged expert counts of the previous micro-batch (buffers, so a resumed run has
+/// them) and the running sum of the current one.
+struct PoolUsage {
+  at::Tensor prev_M;   ///< buffer: layer-averaged counts of the previous micro-batch
+  at::Tensor ready;    ///< buffer [1]: 1 once prev_M holds a micro-batch
+  at::Tensor sum_M;    ///< this micro-batch so far
+  int64_t seen = 0;    ///< layers added this micro-batch
+};
+
 class ExpertPool : public torch::nn::Module {
  public:
-  ExpertPool(int64_t n_expert, int64_t d_model, int64_t d_expert);
+  /// `track_usage`: keep PoolUsage (pools shared by several layers).
+  ExpertPool(int64_t n_expert, int64_t d_model, int64_t d_expert, bool track_usage = false);
+  /// Null unless the pool tracks usage.
+  PoolUsage* usage() { return usage_ ? &*usage_ : nullptr; }
 
   /// y_TD[t] = sum over assignments a with token_A[a] = t of gate_A[a] * FFN_{expert_A[a]}(x_t).
   at::Tensor forward(const at::Tensor& x_TD, const at::Tensor& token_A, const at::Tensor& expert_A,
@@ -42,6 +56,7 @@ class ExpertPool : public torch::nn::Module {
  private:
   int64_t n_expert_, d_model_, d_expert_;
   at::Tensor w_gate_, w_up_, w_down_;
+  std::optional<PoolUsage> usage_;
 };
 
 /// SwiGLU of rows grouped by expert: rows [off_e, off_e + counts[e]) of xs_AD go through expert e.

@@ -71,8 +71,27 @@ at::Tensor real_token_mean(const at::Tensor& v_T, const RoutingContext& ctx) {
 
 // ---------------------------------------------------------------------------------------------
 
+at::Tensor VisibilitySchedule::at(int64_t step, bool training) const {
+  at::Tensor v = fixed_S;
+  if (order_S.defined() && training) {
+    const int64_t S = order_S.size(0);
+    const double frac = ramp_steps > 0 ? std::min(1.0, static_cast<double>(step) /
+                                                           static_cast<double>(ramp_steps))
+                                       : 1.0;
+    const auto n = std::min<int64_t>(
+        S, start + static_cast<int64_t>(std::llround(static_cast<double>(S - start) * frac)));
+    if (n < S) {
+      auto prog = torch::zeros({S}, torch::kBool);
+      prog.index_fill_(0, order_S.narrow(0, 0, n), true);
+      v = v.defined() ? (v & prog) : prog;
+    }
+  }
+  return v;
+}
+
 void GlobalLoad::reset() {
   counts_S = at::Tensor();
+  last_counts_S = at::Tensor();
   prob_sum_S = at::Tensor();
   tokens = 0;
   micro = 0;
@@ -97,6 +116,7 @@ void RoutingStats::reset() {
   counts_E_ = torch::zeros({n_expert_}, torch::kFloat64);
   bucket_counts_NE_ = torch::zeros({buckets_, n_expert_}, torch::kFloat64);
   bucket_tokens_N_ = torch::zeros({buckets_}, torch::kFloat64);
+  per_token_hist_ = torch::zeros({9}, torch::kFloat64);
   tokens_ = entropy_sum_ = routed_ = kept_ = 0;
 }
 
@@ -112,6 +132,8 @@ void RoutingStats::add(const RoutingDecision& d, const at::Tensor& kept_token_A,
   kept_ += static_cast<double>(kept_expert_A.numel());
   auto ex = kept_expert_A.to(torch::kCPU);
   counts_E_ += torch::bincount(ex, {}, n_expert_).to(torch::kFloat64);
+  auto per_tok = torch::bincount(kept_token_A.to(torch::kCPU), {}, T).clamp_max(8);
+  per_token_hist_ += torch::bincount(per_tok, w.to(torch::kCPU).to(torch::kFloat64), 9);
   auto p = d.probs_TS.detach();
   auto ent = -(p * p.clamp_min(1e-30).log()).sum(1);
   entropy_sum_ += (ent * w).sum().item<double>();
@@ -129,7 +151,8 @@ void RoutingStats::add(const RoutingDecision& d, const at::Tensor& kept_token_A,
 void RoutingStats::reduce(const StatReducer& r) {
   if (!r) return;
   auto scalars = torch::tensor({tokens_, entropy_sum_, routed_, kept_}, torch::kFloat64);
-  auto packed = torch::cat({counts_E_, bucket_counts_NE_.reshape({-1}), bucket_tokens_N_, scalars});
+  auto packed = torch::cat({counts_E_, bucket_counts_NE_.reshape({-1}), bucket_tokens_N_,
+                            per_token_hist_, scalars});
   r(packed);
   int64_t off = 0;
   auto take = [&](at::Tensor& t) {
@@ -139,6 +162,7 @@ void RoutingStats::reduce(const StatReducer& r) {
   take(counts_E_);
   take(bucket_counts_NE_);
   take(bucket_tokens_N_);
+  take(per_token_hist_);
   take(scalars);
   tokens_ = scalars[0].item<double>();
   entropy_sum_ = scalars[1].item<double>();
@@ -172,6 +196,9 @@ nlohmann::json RoutingStats::to_json() const {
   j["entropy"] = tokens_ > 0 ? entropy_sum_ / tokens_ : 0.0;
   j["dropped"] = routed_ > 0 ? 1.0 - kept_ / routed_ : 0.0;
   j["experts_per_token"] = tokens_ > 0 ? kept_ / tokens_ : 0.0;
+  j["experts_per_token_hist"] = std::vector<double>(
+      per_token_hist_.data_ptr<double>(), per_token_hist_.data_ptr<double>() + 9);
+  j["unrouted"] = tokens_ > 0 ? per_token_hist_[0].item<double>() / tokens_ : 0.0;
   nlohmann::json buckets = nlohmann::json::array();
   for (int64_t b = 0; b < buckets_; ++b) {
     const double lo = static_cast<double>(b) / static_cast<double>(buckets_);
@@ -187,18 +214,32 @@ nlohmann::json RoutingStats::to_json() const {
 
 // ---------------------------------------------------------------------------------------------
 
-MoeLayer::MoeLayer(const MoeOptions& o, std::shared_ptr<RouterBase> router)
-    : o_(o), stats_(o.n_expert, o.stat_buckets) {
+MoeLayer::MoeLayer(const MoeOptions& o, std::shared_ptr<RouterBase> router, LayerExperts experts)
+    : o_(o), ex_(std::move(experts)), stats_(o.n_expert, o.stat_buckets) {
   router_ = register_module("router", std::move(router));
-  pool_ = register_module("experts", std::make_shared<ExpertPool>(o.n_expert, o.d_model,
-                                                                   o.d_expert));
-  if (o.n_shared > 0) {
+  owns_pool_ = !ex_.pool;
+  if (owns_pool_) {
+    pool_ = register_module("experts", std::make_shared<ExpertPool>(o.n_expert, o.d_model,
+                                                                     o.d_expert));
+  } else {
+    pool_ = ex_.pool;  // registered once by its owner
+    TORCH_CHECK(!ex_.candidates_S.defined() || ex_.candidates_S.size(0) == o.n_expert,
+                "[MoeLayer] ", ex_.candidates_S.size(0), " candidates for ", o.n_expert, " slots");
+    TORCH_CHECK(ex_.candidates_S.defined() || pool_->n_expert() == o.n_expert,
+                "[MoeLayer] a shared pool of ", pool_->n_expert(), " experts needs candidates for ",
+                o.n_expert, " slots");
+  }
+  if (ex_.shared) {
+    shared_ = ex_.shared;
+  } else if (o.n_shared > 0) {
     shared_ = register_module("shared", std::make_shared<SwiGLU>(o.d_model, o.d_shared));
   }
 }
 
 std::string MoeLayer::describe() const {
-  return str(o_.n_expert, " experts x ", o_.d_expert,
+  return str(o_.n_expert, owns_pool_ ? " experts x " : str(" slots of a shared pool of ",
+                                                            pool_->n_expert(), " experts x "),
+             o_.d_expert,
              o_.n_shared > 0 ? str(" + ", o_.n_shared, " shared (", o_.d_shared, ")") : "",
              ", ", router_->describe(),
              o_.capacity_factor > 0
@@ -225,8 +266,8 @@ at::Tensor MoeLayer::capacity_keep(const at::Tensor& expert_A, const at::Tensor&
 at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_in) {
   const int64_t D = x_BLD.size(-1);
   const int64_t T = x_BLD.numel() / D;
-  RoutingContext empty;
-  const RoutingContext& ctx = ctx_in ? *ctx_in : empty;
+  RoutingContext ctx = ctx_in ? *ctx_in : RoutingContext{};
+  if (ex_.visibility.active()) ctx.visible_S = ex_.visibility.at(ctx.step, is_training());
   auto x = x_BLD.reshape({T, D});
   RoutingDecision d = router_->route(x, ctx);
   at::Tensor tok = d.token_A, ex = d.expert_A, gate = d.gate_A;
@@ -244,7 +285,8 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
       gate = gate.index_select(0, keep);
     }
   }
-  auto y = pool_->forward(x, tok, ex, gate, o_.dispatch);
+  const auto pool_ex = ex_.candidates_S.defined() ? ex_.candidates_S.index_select(0, ex) : ex;
+  auto y = pool_->forward(x, tok, pool_ex, gate, o_.dispatch);
   if (shared_) y = y + shared_->forward(x, nullptr);
 
   if (updates_state(*this)) {
@@ -256,13 +298,14 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
                                 w.sum().reshape({1})});
       if (reduce_) reduce_(packed);
       auto counts = packed.narrow(0, 0, S), probs = packed.narrow(0, S, S);
+      global_.last_counts_S = counts.clone();
       global_.counts_S = global_.counts_S.defined() ? global_.counts_S + counts : counts.clone();
       global_.prob_sum_S = global_.prob_sum_S.defined() ? global_.prob_sum_S + probs : probs.clone();
       global_.tokens += packed[2 * S].item<double>();
       global_.micro += 1;
     }
     if (!aux_.empty()) {
-      RoutingRecord r{d, ctx, *pool_, global_};
+      RoutingRecord r{d, ctx, *pool_, global_, ex_.candidates_S, ex_.pool_users};
       at::Tensor total;
       if (aux_values_.size() != aux_.size()) aux_values_.assign(aux_.size(), 0.0);
       for (size_t i = 0; i < aux_.size(); ++i) {
@@ -296,6 +339,7 @@ nlohmann::json MoeLayer::take_stats(const StatReducer& reduce) {
   if (stats_.empty()) return nullptr;
   nlohmann::json j = stats_.to_json();
   j["global_lbl"] = last_global_lbl_;
+  if (iteration_ >= 0) j["iteration"] = iteration_;
   stats_.reset();
   return j;
 }

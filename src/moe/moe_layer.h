@@ -53,10 +53,39 @@ struct MoeOptions {
   static MoeOptions from(const ConfigNode& moe, int64_t d_model);
 };
 
+/// Which router slots a layer may choose at a step: a fixed mask (UniPool's per-layer visibility)
+/// and/or a progressive schedule (ReXMoE's PSR: `start` slots of `order_S` visible at step 0,
+/// growing linearly to all of them at `ramp_steps`). Outside training every slot of the fixed
+/// mask is visible.
+struct VisibilitySchedule {
+  at::Tensor fixed_S;     ///< bool [S]; undefined: every slot
+  at::Tensor order_S;     ///< int64 [S]: slots in the order they become visible; undefined: none
+  int64_t start = 0;      ///< slots visible at step 0 under the schedule
+  int64_t ramp_steps = 0; ///< steps until every slot is visible
+  /// bool [S] for this step, or undefined when every slot is visible.
+  at::Tensor at(int64_t step, bool training) const;
+  bool active() const { return fixed_S.defined() || order_S.defined(); }
+};
+
+class ExpertPool;
+
+/// What a layer routes into. Defaults: the layer owns a pool of n_expert experts and routes
+/// slot e to expert e (vanilla MoE). Shared pools (UniPool, Chain-of-Experts' iterations,
+/// ReXMoE's groups) are owned and registered by the model; `candidates_S` maps the router's slots
+/// to pool experts.
+struct LayerExperts {
+  std::shared_ptr<ExpertPool> pool;  ///< null: own pool
+  at::Tensor candidates_S;           ///< int64 [S]: pool expert of each router slot
+  std::shared_ptr<SwiGLU> shared;    ///< null: own shared experts (when n_shared > 0)
+  VisibilitySchedule visibility;
+  int64_t pool_users = 1;            ///< routed layers drawing on `pool` (pool-level losses)
+};
+
 /// Per-step buffer of global-batch routing statistics (one per layer).
 struct GlobalLoad {
   at::Tensor counts_S;    ///< unbiased top-K counts, summed over micro-batches (and ranks)
   at::Tensor prob_sum_S;  ///< sum of probs over real tokens, no grad (for the exact value)
+  at::Tensor last_counts_S;  ///< the latest forward's counts alone (summed over ranks)
   double tokens = 0;      ///< real tokens (summed like the counts)
   int64_t micro = 0;      ///< forwards added this step
   void reset();
@@ -65,14 +94,14 @@ struct GlobalLoad {
   double value() const;
 };
 
-class ExpertPool;
-
 /// What a routing loss sees of one layer's forward.
 struct RoutingRecord {
   const RoutingDecision& decision;
   const RoutingContext& ctx;
-  const ExpertPool& pool;
+  ExpertPool& pool;
   const GlobalLoad& global;
+  at::Tensor candidates_S;  ///< pool expert of each slot (undefined: identity)
+  int64_t pool_users = 1;   ///< routed layers sharing `pool`
 };
 
 /// Mean of a per-token quantity over the real tokens of `ctx` (padding excluded).
@@ -105,7 +134,8 @@ class RoutingStats {
   bool empty() const { return tokens_ == 0; }
   /// Sums the accumulated statistics over data-parallel ranks (before to_json).
   void reduce(const StatReducer& r);
-  /// tokens_per_expert, max_mean, cv, dead, entropy, dropped, experts_per_token, by_mask_ratio.
+  /// tokens_per_expert, max_mean, cv, dead, entropy, dropped, experts_per_token,
+  /// experts_per_token_hist, unrouted, by_mask_ratio.
   nlohmann::json to_json() const;
   void reset();
 
@@ -114,14 +144,16 @@ class RoutingStats {
   at::Tensor counts_E_;         ///< fp64
   at::Tensor bucket_counts_NE_; ///< fp64 [buckets, E]
   at::Tensor bucket_tokens_N_;  ///< fp64 [buckets]
+  at::Tensor per_token_hist_;   ///< fp64 [9]: real tokens with 0, 1, ..., 7, >= 8 experts
   double tokens_ = 0, entropy_sum_ = 0, routed_ = 0, kept_ = 0;
 };
 
 class MoeLayer : public FeedForward {
  public:
-  MoeLayer(const MoeOptions& o, std::shared_ptr<RouterBase> router);
+  MoeLayer(const MoeOptions& o, std::shared_ptr<RouterBase> router, LayerExperts experts = {});
 
   at::Tensor forward(const at::Tensor& x_BLD, const RoutingContext* ctx) override;
+  std::vector<MoeLayer*> routed_layers() override { return {this}; }
 
   /// Routing losses to attach (set by the trainer from the recipe's `losses`).
   void set_aux_losses(std::vector<WeightedRoutingLoss> terms) { aux_ = std::move(terms); }
@@ -142,10 +174,18 @@ class MoeLayer : public FeedForward {
   /// Index of the transformer block this layer sits in (set by the backbone).
   void set_block_index(int64_t i) { block_ = i; }
   int64_t block_index() const { return block_; }
+  /// Chain-of-Experts iteration of this routing step (-1: plain MoE layer).
+  void set_iteration(int64_t c) { iteration_ = c; }
+  int64_t iteration() const { return iteration_; }
+  /// Pool-expert index of each router slot (undefined: identity).
+  const at::Tensor& candidates() const { return ex_.candidates_S; }
+  /// Whether the pool and shared experts are this layer's own (counted with it).
+  bool owns_pool() const { return owns_pool_; }
 
   RouterBase& router() { return *router_; }
   const RouterBase& router() const { return *router_; }
   ExpertPool& pool() { return *pool_; }
+  const ExpertPool& pool() const { return *pool_; }
   const GlobalLoad& global_load() const { return global_; }
   const MoeOptions& options() const { return o_; }
   std::string describe() const;
@@ -160,6 +200,8 @@ class MoeLayer : public FeedForward {
   std::shared_ptr<RouterBase> router_;
   std::shared_ptr<ExpertPool> pool_;
   std::shared_ptr<SwiGLU> shared_;
+  LayerExperts ex_;
+  bool owns_pool_ = true;
   std::vector<WeightedRoutingLoss> aux_;
   std::vector<double> aux_values_;
   double aux_scale_ = 1.0;
@@ -168,6 +210,7 @@ class MoeLayer : public FeedForward {
   RoutingStats stats_;
   StatReducer reduce_;
   int64_t block_ = -1;
+  int64_t iteration_ = -1;
 };
 
 /// Returns act unchanged; backward gives `aux` the gradient `scale` (Megatron's

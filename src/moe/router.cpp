@@ -67,6 +67,14 @@ at::Tensor selection_map(const at::Tensor& idx_TK, int64_t n_slots, const at::Te
   return map;
 }
 
+at::Tensor slot_visibility(const RoutingContext& ctx, int64_t n_real, int64_t n_slots) {
+  if (!ctx.visible_S.defined()) return {};
+  TORCH_CHECK(ctx.visible_S.size(0) == n_real, "[router] visibility over ", ctx.visible_S.size(0),
+              " slots for a router of ", n_real);
+  if (n_slots == n_real) return ctx.visible_S;
+  return torch::cat({ctx.visible_S, torch::ones({n_slots - n_real}, torch::kBool)});
+}
+
 void fill_assignments(RoutingDecision& d, const at::Tensor& idx_TK, const at::Tensor& gate_TK,
                       const at::Tensor& valid_T) {
   const int64_t T = idx_TK.size(0), K = idx_TK.size(1);

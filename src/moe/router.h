@@ -37,8 +37,11 @@ struct RoutingDecision {
   at::Tensor lb_map_TS;  ///< fp32 0/1 [T, S], no grad: the unbiased, ungrouped selection that
                          ///< load-balancing losses count (algorithms.md 6.6); padding rows are 0
   at::Tensor weight_SD;  ///< router embeddings (the linear router's rows) for ERC; may be undefined
+  at::Tensor scores_TS;  ///< raw gate scores when they are not probs_TS (NormRouter), else undefined
   int64_t n_expert = 0;  ///< real experts E
   int64_t top_k = 0;     ///< K (the largest number of slots a token may take)
+  int64_t n_visible = 0; ///< slots the router could choose this forward (0: all S); the
+                         ///< load-balancing losses count only these
 };
 
 /// Per-slot selection offset that balances expert load without a loss.
@@ -110,6 +113,10 @@ at::Tensor slot_counts(const at::Tensor& idx_TK, int64_t n_slots, const at::Tens
 
 /// fp32 0/1 [T, S] map of `idx_TK` with padding rows zeroed, no grad.
 at::Tensor selection_map(const at::Tensor& idx_TK, int64_t n_slots, const at::Tensor& valid_T);
+
+/// bool [S] visibility of all S slots from ctx.visible_S over the first n_real slots (null slots
+/// are always visible), or undefined when everything is visible.
+at::Tensor slot_visibility(const RoutingContext& ctx, int64_t n_real, int64_t n_slots);
 
 /// COO assignments from a [T, K] selection and its gates: drops null slots (>= n_expert) and
 /// padding tokens.

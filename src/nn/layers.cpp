@@ -102,7 +102,7 @@ TransformerBlock::TransformerBlock(const AttentionOptions& a, std::shared_ptr<Fe
 at::Tensor TransformerBlock::forward(const at::Tensor& x, const RotaryTables& rope,
                                      const at::Tensor& bias, const RoutingContext* ctx) {
   auto h = x + attn_->forward(attn_norm_->forward(x), rope, bias);
-  return h + ffn_->forward(ffn_norm_->forward(h), ctx);
+  return ffn_->residual(h, ffn_norm_->forward(h), ctx);
 }
 
 void init_transformer_weights(torch::nn::Module& m, double std, int64_t n_layer) {

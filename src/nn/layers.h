@@ -10,6 +10,7 @@
 #include <torch/nn/module.h>
 
 #include <memory>
+#include <vector>
 
 #include "moe/context.h"
 
@@ -64,9 +65,19 @@ class Attention : public torch::nn::Module {
 
 /// A token-wise feed-forward: dense SwiGLU or an MoE layer. `ctx` (may be null) tells an MoE
 /// layer what its router may condition on; a dense FFN ignores it.
+class MoeLayer;
+
 class FeedForward : public torch::nn::Module {
  public:
   virtual at::Tensor forward(const at::Tensor& x_BLD, const RoutingContext* ctx) = 0;
+  /// The block's feed-forward half: h + ffn(normed). A feed-forward with its own residual
+  /// topology (Chain-of-Experts) overrides it.
+  virtual at::Tensor residual(const at::Tensor& h, const at::Tensor& normed,
+                              const RoutingContext* ctx) {
+    return h + forward(normed, ctx);
+  }
+  /// The routed MoE layers inside (one for an MoE layer, C for Chain-of-Experts, none if dense).
+  virtual std::vector<MoeLayer*> routed_layers() { return {}; }
 };
 
 /// w_down (silu(w_gate x) * (w_up x)); w_gate, w_up [F, D], w_down [D, F].

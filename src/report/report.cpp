@@ -171,7 +171,7 @@ std::string heatmap(const std::string& title, const std::vector<std::vector<doub
   const size_t rows = v.size(), cols = rows ? v[0].size() : 0;
   std::ostringstream o;
   o << "<figure><figcaption>" << esc(title) << "</figcaption>";
-  if (rows == 0 || cols == 0) {
+  if (rows == 0 || cols == 0 || col_labels.empty()) {
     o << "<p class=\"none\">no data</p></figure>";
     return o.str();
   }
@@ -186,7 +186,8 @@ std::string heatmap(const std::string& title, const std::vector<std::vector<doub
       o << "<rect x=\"" << L + cw * static_cast<double>(c) << "\" y=\""
         << T + ch * static_cast<double>(r) << "\" width=\"" << cw << "\" height=\"" << ch
         << "\" fill=\"" << load_colour(v[r][c]) << "\"><title>" << esc(row_name) << " " << r
-        << ", " << esc(col_labels[c]) << ": " << fmt(v[r][c], 3) << "</title></rect>";
+        << ", " << esc(c < col_labels.size() ? col_labels[c] : std::to_string(c)) << ": "
+        << fmt(v[r][c], 3) << "</title></rect>";
     }
   }
   o << "<text x=\"" << L - 4 << "\" y=\"" << T + 10 << "\" class=\"yt\">" << esc(row_name)
@@ -201,10 +202,17 @@ std::string heatmap(const std::string& title, const std::vector<std::vector<doub
 
 struct MoeTrace {
   std::vector<int64_t> steps;
-  std::map<int64_t, std::vector<std::vector<double>>> load;  ///< layer -> [step][expert]/mean
+  /// "layer L" (or "layer L, iteration C" for Chain-of-Experts) -> [step][expert] / mean
+  std::map<std::string, std::vector<std::vector<double>>> load;
   std::vector<double> imbalance;                             ///< mean max/mean per logged step
   nlohmann::json last;                                       ///< last moe.layers
 };
+
+std::string layer_label(const nlohmann::json& l) {
+  std::string s = "layer " + std::to_string(l.value("layer", int64_t(-1)));
+  if (l.contains("iteration")) s += ", iteration " + std::to_string(l["iteration"].get<int64_t>());
+  return s;
+}
 
 MoeTrace moe_trace(const RunSummary& r) {
   MoeTrace t;
@@ -219,7 +227,7 @@ MoeTrace moe_trace(const RunSummary& r) {
       for (double x : c) mean += x;
       mean = c.empty() ? 0 : mean / static_cast<double>(c.size());
       for (double& x : c) x = mean > 0 ? x / mean : 0;
-      t.load[l.value("layer", int64_t(-1))].push_back(c);
+      t.load[layer_label(l)].push_back(c);
       if (l.contains("max_mean") && l["max_mean"].is_number()) {
         imb += l["max_mean"].get<double>();
         ++n;
@@ -334,8 +342,7 @@ std::string html_report(const std::string& title, const std::vector<RunSummary>&
       for (size_t c = 0; c < rows.size(); ++c) {
         for (size_t e = 0; e < E && e < rows[c].size(); ++e) m[e][c] = rows[c][e];
       }
-      moe << heatmap(str("layer ", layer, ": expert load / mean over training"), m, cols,
-                     "expert");
+      moe << heatmap(layer + ": expert load / mean over training", m, cols, "expert");
     }
     moe << "</div><p class=\"none\">expert rows, logged steps as columns; blue: below the "
            "mean load, white: the mean, red: twice the mean or more</p>";
@@ -344,7 +351,7 @@ std::string html_report(const std::string& title, const std::vector<RunSummary>&
     bool header = false;
     std::ostringstream rows;
     for (const auto& l : t.last) {
-      rows << "<tr><td class=\"l\">" << l.value("layer", -1) << "</td>";
+      rows << "<tr><td class=\"l\">" << esc(layer_label(l)) << "</td>";
       for (const auto& b : l.value("by_mask_ratio", nlohmann::json::array())) {
         if (!header) {
           moe << "<th>mask ratio [" << fmt(b["mask_ratio"][0].get<double>(), 2) << ", "

@@ -18,6 +18,7 @@
 #include "moe/moe_layer.h"
 #include "report/report.h"
 #include "train/checkpoint.h"
+#include "core/safetensors.h"
 
 namespace mixdiff {
 
@@ -182,6 +183,16 @@ TrainerParts build_trainer_parts(const ConfigNode& recipe) {
   for (MoeLayer* l : p.model->moe_layers()) l->set_aux_losses(routing);
 
   p.options = TrainOptions::from(recipe);
+  if (recipe.has("upcycle")) UpcycleOptions::from(recipe.at("upcycle"));
+  if (recipe.has("init")) {
+    ConfigNode init = recipe.at("init");
+    p.init_checkpoint = init.get<std::string>("checkpoint");
+    p.init_routers = init.get<std::string>("routers", "keep");
+    if (p.init_routers != "keep" && p.init_routers != "fresh") {
+      init.fail("routers", "expected keep or fresh, got '" + p.init_routers + "'");
+    }
+    resolve_checkpoint(p.init_checkpoint);  // a missing checkpoint fails before training
+  }
   ConfigNode optim = recipe.at("optim");
   p.optimizer = optimizers_registry().create(optim.get<std::string>("kind"), optim.path() + ".kind",
                                              optim, *p.model);
@@ -226,6 +237,7 @@ void Trainer::restore(const std::string& ckpt_dir) {
     state_.data_cursor = s.at("data_cursor").get<int64_t>();
     state_.elapsed_s = s.value("elapsed_s", 0.0);
     state_.last_val_nelbo = s.value("last_val_nelbo", -1.0);
+    state_.provenance = s.value("provenance", nlohmann::json());
     if (s.at("seed").get<int64_t>() != parts_.seed) {
       throw CheckpointError(str(ckpt_dir, ": checkpoint was trained with seed ",
                                 s.at("seed").get<int64_t>(), ", the recipe says ", parts_.seed));
@@ -244,6 +256,50 @@ void Trainer::restore(const std::string& ckpt_dir) {
     }
     write_file_atomic(mp, kept);
   }
+}
+
+void Trainer::initialize_from_checkpoint() {
+  if (parts_.init_checkpoint.empty()) return;
+  const std::string ckpt = resolve_checkpoint(parts_.init_checkpoint);
+  verify_checkpoint(ckpt);
+  std::map<std::string, std::string> meta;
+  TensorMap src = load_safetensors(ckpt + "/model.safetensors", &meta);
+  int64_t copied = 0;
+  nlohmann::json fresh = nlohmann::json::array(), dropped = nlohmann::json::array();
+  torch::NoGradGuard ng;
+  for (auto& kv : model_state(*parts_.model)) {
+    const std::string& name = kv.first;
+    const bool router = name.find(".router.") != std::string::npos;
+    auto it = src.find(name);
+    const bool fits = it != src.end() && it->second.sizes() == kv.second.sizes();
+    if (fits && !(router && parts_.init_routers == "fresh")) {
+      kv.second.copy_(it->second);
+      ++copied;
+    } else if (router) {
+      fresh.push_back(name);
+    } else {
+      throw CheckpointError(str(ckpt, ": init: the model's tensor '", name, "' ",
+                                it == src.end() ? "is missing there" : "has another shape there"));
+    }
+    if (it != src.end()) src.erase(it);
+  }
+  for (const auto& kv : src) {
+    if (kv.first.find(".router.") == std::string::npos) {
+      throw CheckpointError(str(ckpt, ": init: its tensor '", kv.first,
+                                "' has no place in this model (recipe and checkpoint differ)"));
+    }
+    dropped.push_back(kv.first);
+  }
+  state_.provenance = {{"method", "init"},
+                       {"source_checkpoint", fs::absolute(ckpt).string()},
+                       {"source_model", meta["model"]},
+                       {"source_model_fnv1a64", fnv1a64_file(ckpt + "/model.safetensors")},
+                       {"routers", parts_.init_routers},
+                       {"copied_tensors", copied},
+                       {"fresh_router_tensors", fresh},
+                       {"dropped_router_tensors", dropped}};
+  log(str("init: ", copied, " tensors from ", ckpt, " (", fresh.size(), " router tensors fresh, ",
+          dropped.size(), " dropped)"));
 }
 
 double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm,
@@ -274,7 +330,8 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm,
     DiffusionBatch batch = corrupt_with(x0, t.narrow(0, r * B, B), u.narrow(0, r * B, B),
                                         *parts_.schedule, model.mask_id());
     ModelInput in(batch.xt_BL, batch.index_M);
-    in.step = step * o.grad_accum + m;
+    in.step = step;
+    in.micro = m;
     ModelOutput out = model.forward(in);
     at::Tensor total;
     for (auto& l : parts_.losses) {
@@ -396,6 +453,7 @@ std::string Trainer::write_checkpoint(bool replicas_identical) {
                      {"last_val_nelbo", state_.last_val_nelbo},
                      {"world_size", world()},
                      {"replicas_identical", replicas_identical}};
+  if (!state_.provenance.is_null()) c.trainer_state["provenance"] = state_.provenance;
   return save_checkpoint(run_dir_, state_.step, c, parts_.options.keep_checkpoints);
 }
 

@@ -43,6 +43,21 @@ struct TrainOptions {
   static TrainOptions from(const ConfigNode& recipe);
 };
 
+/// The recipe's `upcycle` section, read by `mixdiff upcycle` (src/app/upcycle.cpp) and
+/// validated with every recipe that has one.
+struct UpcycleOptions {
+  std::string selection = "uniform";  ///< uniform | utility
+  std::string metric = "weight_norm";  ///< weight_norm | gradient_squared | weight_grad_product | approx_fisher
+  int64_t max_duplicates = 3;
+  int64_t utility_batches = 4;
+  std::string copies = "dormant";      ///< dormant (function-preserving) | paper (bias + noise)
+  double dormant_margin = 10.0;
+  std::string optimizer = "copy";      ///< copy | reset
+  bool reset_step = false;
+  int64_t seed = 0;
+  static UpcycleOptions from(const ConfigNode& section);
+};
+
 struct WeightedLoss {
   std::string name;
   double weight = 1.0;
@@ -61,6 +76,10 @@ struct TrainerParts {
   TrainOptions options;
   int64_t seed = 0;
   std::string name;  ///< run name (recipe key `name`): the default run folder is runs/<name>
+  /// Recipe `init: {checkpoint: RUN_OR_CKPT, routers: keep|fresh}`: a fresh run starts from
+  /// that checkpoint's weights (retrofitting, e.g. token choice -> expert choice).
+  std::string init_checkpoint;
+  std::string init_routers = "keep";
   /// Data parallelism (null or world 1: one process). Set by the caller after the recipe is
   /// validated, because rendezvous waits for the other ranks.
   std::shared_ptr<DataParallel> dp;
@@ -77,6 +96,7 @@ struct TrainerState {
   int64_t data_cursor = 0; ///< training sequences consumed (the data stream position)
   double elapsed_s = 0;    ///< wall time spent training before this process
   double last_val_nelbo = -1;
+  nlohmann::json provenance;  ///< where the weights came from (upcycling), carried by checkpoints
 };
 
 /// Set by SIGINT/SIGTERM handlers (the signal number); the trainer checkpoints and stops.
@@ -90,6 +110,11 @@ class Trainer {
   Trainer(TrainerParts parts, std::string run_dir, std::string recipe_yaml);
   /// Restores model, optimizer and state from a verified checkpoint folder.
   void restore(const std::string& ckpt_dir);
+  /// Fresh run with `init:`: copies every tensor of the init checkpoint by name and shape.
+  /// Router tensors (names with ".router.") whose shape differs, that the source lacks, or all of
+  /// them with routers: fresh, keep the new router's initialisation; any other mismatch is a
+  /// CheckpointError. The provenance goes into every checkpoint of the run.
+  void initialize_from_checkpoint();
   /// Runs to options.steps. Returns 0 when finished, 128 + signal when stopped by a signal
   /// (after saving a checkpoint).
   int fit();

@@ -130,6 +130,13 @@ TEST(E2ECli, EveryShippedRecipeTrainsAndGenerates) {
     }
   }
   ASSERT_GE(recipes.size(), 3u);
+  // Experiment recipes (minutes to hours) are validated as `mixdiff train` would build them.
+  for (const auto& e : fs::directory_iterator(test::source_dir() + "/recipes/experiments")) {
+    auto v = run_mixdiff({"inspect", "--recipe", e.path().string(), "--set",
+                          "data.path=" + d + "/data", "--set", "data.prepare=null", "--set",
+                          "init=null"});
+    EXPECT_EQ(v.status, 0) << e.path() << ": " << v.err;
+  }
   for (const auto& r : recipes) {
     SCOPED_TRACE(r.string());
     const std::string run = d + "/runs/recipe_" + r.parent_path().filename().string() + "_" +
@@ -154,7 +161,7 @@ TEST(E2ECli, EveryShippedRecipeTrainsAndGenerates) {
     EXPECT_NE(g.out.find("sample: "), std::string::npos) << g.out;
     auto i = run_mixdiff({"inspect", "--ckpt", run});
     ASSERT_EQ(i.status, 0) << i.err;
-    const bool moe = test::read_text(r.string()).find("moe_dlm") != std::string::npos;
+    const bool moe = test::read_text(r.string()).find("\n  moe:") != std::string::npos;
     EXPECT_EQ(i.out.find("routing of the last logging interval") != std::string::npos, moe)
         << i.out;
     if (moe) {

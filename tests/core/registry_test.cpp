@@ -14,12 +14,14 @@ namespace {
 
 TEST(UnitRegistry, EveryExtensionPointHasItsBuiltIns) {
   std::map<std::string, std::set<std::string>> want = {
-      {"models", {"dense_dlm", "moe_dlm"}},
-      {"routers", {"token_choice", "top_p"}},
+      {"models", {"dense_dlm", "moe_dlm", "unipool_dlm", "coe_dlm", "rexmoe_dlm"}},
+      {"routers", {"token_choice", "top_p", "norm_router", "expert_choice"}},
       {"balancers", {"aux_free", "bip"}},
+      {"capacity_schedules", {"constant", "linear", "linear_reverse", "cosine", "cosine_reverse",
+                              "bell", "bell_gaussian", "bell_gaussian_reverse"}},
       {"samplers", {"llada", "confidence_threshold"}},
       {"losses", {"masked_diffusion_elbo", "masked_ce", "load_balance", "z_loss", "erc",
-                  "router_entropy"}},
+                  "router_entropy", "pool_balance"}},
       {"schedules", {"linear", "cosine"}},
       {"data_sources", {"token_shards"}},
       {"optimizers", {"adamw"}},

@@ -133,7 +133,7 @@ TEST(ComponentModel, BadOptionsNameTheKey) {
     build_model(u);
     FAIL();
   } catch (const ConfigError& e) {
-    EXPECT_NE(std::string(e.what()).find("unknown models 'dense_dlm2' (known: dense_dlm"),
+    EXPECT_NE(std::string(e.what()).find("unknown models 'dense_dlm2' (known: coe_dlm, dense_dlm"),
               std::string::npos) << e.what();
   }
 }

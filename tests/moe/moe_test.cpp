@@ -338,7 +338,7 @@ TEST(UnitLosses, LoadBalanceAndZLossMatchHandComputedValues) {
   ExpertPool pool(2, 2, 2);
   GlobalLoad g;
   RoutingContext ctx;
-  RoutingRecord rec{d, ctx, pool, g};
+  RoutingRecord rec{d, ctx, pool, g, {}, 1};
   const double p00 = 1 / (1 + std::exp(-2.0)), p10 = 1 / (1 + std::exp(-1.0));
   // f = (1, 0), P = ((p00 + p10) / 2, ...): LBL = 2 * (p00 + p10) / 2.
   EXPECT_NEAR(make_loss("{kind: load_balance}")->layer_loss(rec).item<double>(), p00 + p10, 1e-6);
@@ -347,7 +347,7 @@ TEST(UnitLosses, LoadBalanceAndZLossMatchHandComputedValues) {
               (z0 * z0 + z1 * z1) / 2, 1e-5);
   // Balanced routing gives LBL = 1.
   auto bal = decision_from(torch::tensor({{1.0f, 0.0f}, {0.0f, 1.0f}}), 1);
-  RoutingRecord rb{bal, ctx, pool, g};
+  RoutingRecord rb{bal, ctx, pool, g, {}, 1};
   EXPECT_NEAR(make_loss("{kind: load_balance}")->layer_loss(rb).item<double>(), 1.0, 1e-6);
 }
 
@@ -365,10 +365,10 @@ TEST(UnitLosses, SequenceScopeAveragesThePerSequenceLoss) {
   for (int s = 0; s < 2; ++s) {
     auto ds = decision_from(logits.narrow(0, 3 * s, 3), 2);
     RoutingContext c1;
-    RoutingRecord r1{ds, c1, pool, g};
+    RoutingRecord r1{ds, c1, pool, g, {}, 1};
     expect += micro->layer_loss(r1).item<double>() / 2;
   }
-  RoutingRecord rec{d, ctx, pool, g};
+  RoutingRecord rec{d, ctx, pool, g, {}, 1};
   EXPECT_NEAR(make_loss("{kind: load_balance, scope: sequence}")->layer_loss(rec).item<double>(),
               expect, 1e-6);
 }
@@ -391,13 +391,13 @@ TEST(UnitLosses, GlobalBatchLoadBalanceOverFourMicroBatchesEqualsTheConcatenatio
     g.counts_S = g.counts_S.defined() ? g.counts_S + counts : counts;
     g.prob_sum_S = g.prob_sum_S.defined() ? g.prob_sum_S + probs : probs;
     g.tokens += static_cast<double>(parts[m].size(0));
-    RoutingRecord rec{d, ctx, pool, g};
+    RoutingRecord rec{d, ctx, pool, g, {}, 1};
     last_loss = global->layer_loss(rec);
     (void)last_grad_norm;
   }
   auto all = decision_from(torch::cat(parts), K);
   GlobalLoad none;
-  RoutingRecord rall{all, ctx, pool, none};
+  RoutingRecord rall{all, ctx, pool, none, {}, 1};
   const double concat = make_loss("{kind: load_balance}")->layer_loss(rall).item<double>();
   EXPECT_NEAR(g.value(), concat, 1e-6);
   // The last micro-batch's loss uses the whole step's counts: f equals the concatenation's f.
@@ -420,7 +420,7 @@ TEST(UnitLosses, PaddingNeverCountsInRoutingLosses) {
   RoutingContext none;
   for (const char* k : {"{kind: load_balance}", "{kind: z_loss}", "{kind: router_entropy}"}) {
     auto l = make_loss(k);
-    RoutingRecord a{d, with_pad, pool, g}, b{real, none, pool, g};
+    RoutingRecord a{d, with_pad, pool, g, {}, 1}, b{real, none, pool, g, {}, 1};
     EXPECT_NEAR(l->layer_loss(a).item<double>(), l->layer_loss(b).item<double>(), 1e-6) << k;
   }
 }
@@ -449,7 +449,7 @@ TEST(UnitLosses, ErcGradientsPushTowardsBothConstraints) {
   double first = 0, last = 0;
   for (int i = 0; i < 20; ++i) {
     RoutingDecision d = layer->router().route(torch::randn({4, 8}), ctx);
-    RoutingRecord r{d, ctx, layer->pool(), gl};
+    RoutingRecord r{d, ctx, layer->pool(), gl, {}, 1};
     opt.zero_grad();
     auto v = erc->layer_loss(r);
     v.backward();
@@ -480,7 +480,7 @@ TEST(ComponentMoe, AuxLossReachesTheRouterWithoutChangingTheForward) {
   RoutingDecision d = layer->router().route(x.reshape({12, 16}), {});
   GlobalLoad g;
   RoutingContext ctx;
-  RoutingRecord r{d, ctx, layer->pool(), g};
+  RoutingRecord r{d, ctx, layer->pool(), g, {}, 1};
   (make_loss("{kind: load_balance}")->layer_loss(r) * 0.125).backward();
   EXPECT_LT(max_diff(got, w.grad()), 1e-7);
   EXPECT_GT(got.abs().max().item<double>(), 0);

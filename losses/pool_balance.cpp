@@ -1,0 +1,71 @@
+// pool_balance: UniPool's pool-level load-balancing loss (arXiv 2605.06665; algorithms.md 2.2),
+// for pools shared by several layers (model.kind unipool_dlm or rexmoe_dlm). With f_bar the
+// expert counts of the PREVIOUS micro-batch averaged over the N_L layers that share the pool
+// (no gradient; one step behind, as the paper's PoolAuxLossAccumulator), P_l the sum over the
+// layer's real tokens of its raw router scores (NormRouter's S, or the probabilities) mapped to
+// pool experts, M the pool size, K the layer's top-K and T its token count, each layer adds
+//   M * sum_i f_bar_i P_l,i / (K T^2 N_L)
+// (the switch LBL on the layer-averaged pool usage; no loss before the first micro-batch). Counts
+// are the unbiased top-K, summed over data-parallel ranks; f_bar is a buffer of the pool, so a
+// resumed run continues with it.
+#include <torch/torch.h>
+
+#include "core/errors.h"
+#include "moe/experts.h"
+#include "moe/moe_layer.h"
+
+namespace mixdiff {
+namespace {
+
+class PoolBalance : public RoutingLoss {
+ public:
+  at::Tensor layer_loss(const RoutingRecord& r) override {
+    PoolUsage* u = r.pool.usage();
+    TORCH_CHECK(u, "[pool_balance] the layer's experts are not a shared pool (use model.kind "
+                   "unipool_dlm or rexmoe_dlm)");
+    const auto& d = r.decision;
+    const int64_t S = d.n_expert, M = r.pool.n_expert();
+    auto w = valid_weights(r.ctx.valid_T, d.probs_TS.size(0)).to(d.probs_TS.device());
+    const at::Tensor& scores = d.scores_TS.defined() ? d.scores_TS : d.probs_TS;
+    auto P_slots = (scores.narrow(1, 0, S) * w.unsqueeze(1)).sum(0);
+    at::Tensor counts = r.global.last_counts_S.defined() ? r.global.last_counts_S.narrow(0, 0, S)
+                                                         : d.lb_map_TS.narrow(1, 0, S).sum(0);
+    auto to_pool = [&](const at::Tensor& v) {
+      return r.candidates_S.defined()
+                 ? torch::zeros({M}, v.options()).index_add(0, r.candidates_S.to(v.device()), v)
+                 : v;
+    };
+    auto P = to_pool(P_slots);
+    const double T = w.sum().item<double>();
+    const auto N = static_cast<double>(r.pool_users);
+    at::Tensor loss;
+    if (u->ready.item<double>() > 0 && T > 0) {
+      // A copy: the buffer is updated in place below, before the backward pass.
+      loss = (u->prev_M.to(P.device()).clone() * P).sum() * static_cast<double>(M) /
+             (static_cast<double>(d.top_k) * T * T * N);
+    } else {
+      loss = P.sum() * 0.0;
+    }
+    {
+      torch::NoGradGuard ng;
+      u->sum_M.add_(to_pool(counts.detach()).to(u->sum_M.device()));
+      if (++u->seen >= r.pool_users) {
+        u->prev_M.copy_(u->sum_M / N);
+        u->ready.fill_(1.0);
+        u->sum_M.zero_();
+        u->seen = 0;
+      }
+    }
+    return loss;
+  }
+};
+
+MIXDIFF_REGISTER(losses_registry(), "pool_balance",
+                 "UniPool pool-level LBL on the previous micro-batch's layer-averaged pool usage "
+                 "(shared pools only)",
+                 [](const ConfigNode&) -> std::shared_ptr<LossTerm> {
+                   return std::make_shared<PoolBalance>();
+                 });
+
+}  // namespace
+}  // namespace mixdiff

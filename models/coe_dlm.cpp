@@ -1,0 +1,121 @@
+// coe_dlm: Chain-of-Experts (arXiv 2506.18945; algorithms.md section 3). Each MoE block runs C
+// routing iterations over ONE set of experts (and one shared expert), each iteration with its
+// own router (router.top_k is K' = K / C, the experts per iteration) and its own routing losses
+// and telemetry ("iteration" in metrics.jsonl). Residual topology, `model.moe.residual`:
+//   code   (the released code, default): x0 = norm(h); x_c = x_{c-1} + MoE_c(x_{c-1}); out = x_C
+//          (the block's input h is dropped; no norm between iterations)
+//   paper  x0 = h; x_c = x_{c-1} + MoE_c(norm_c(x_{c-1})), norm_1 the block's FFN norm and one
+//          more RMSNorm per later iteration (a clean pre-norm reading of the paper's formula; not
+//          in the repository)
+//   outer  inner residual off: x0 = norm(h); x_c = MoE_c(x_{c-1}); out = h + x_C (the ablation
+//          that performed like plain MoE)
+// With C = 1, `paper` and `outer` are exactly the vanilla MoE block; `code` is not (it drops h).
+#include <torch/nn/module.h>
+#include <torch/torch.h>
+
+#include "core/errors.h"
+#include "model/transformer.h"
+#include "moe/moe_layer.h"
+
+namespace mixdiff {
+namespace {
+
+class ChainOfExperts : public FeedForward {
+ public:
+  ChainOfExperts(const MoeOptions& mo, int64_t iterations, std::string residual,
+                 const std::function<std::shared_ptr<RouterBase>()>& make_router, double eps)
+      : residual_(std::move(residual)) {
+    pool_ = register_module("experts",
+                            std::make_shared<ExpertPool>(mo.n_expert, mo.d_model, mo.d_expert));
+    if (mo.n_shared > 0) {
+      shared_ = register_module("shared", std::make_shared<SwiGLU>(mo.d_model, mo.d_shared));
+    }
+    auto iters = register_module("iters", torch::nn::ModuleList());
+    for (int64_t c = 0; c < iterations; ++c) {
+      LayerExperts ex;
+      ex.pool = pool_;
+      ex.shared = shared_;
+      auto l = std::make_shared<MoeLayer>(mo, make_router(), std::move(ex));
+      l->set_iteration(c);
+      iters_.push_back(l);
+      iters->push_back(l);
+    }
+    if (residual_ == "paper") {
+      auto norms = register_module("norms", torch::nn::ModuleList());
+      for (int64_t c = 1; c < iterations; ++c) {
+        norms_.push_back(std::make_shared<RMSNorm>(mo.d_model, eps));
+        norms->push_back(norms_.back());
+      }
+    }
+  }
+
+  at::Tensor forward(const at::Tensor& normed, const RoutingContext* ctx) override {
+    return residual(torch::zeros_like(normed), normed, ctx);
+  }
+
+  at::Tensor residual(const at::Tensor& h, const at::Tensor& normed,
+                      const RoutingContext* ctx) override {
+    const auto C = iters_.size();
+    if (residual_ == "paper") {
+      at::Tensor x = h;
+      for (size_t c = 0; c < C; ++c) {
+        x = x + iters_[c]->forward(c == 0 ? normed : norms_[c - 1]->forward(x), ctx);
+      }
+      return x;
+    }
+    at::Tensor x = normed;
+    for (size_t c = 0; c < C; ++c) {
+      x = residual_ == "code" ? x + iters_[c]->forward(x, ctx) : iters_[c]->forward(x, ctx);
+    }
+    return residual_ == "outer" ? h + x : x;
+  }
+
+  std::vector<MoeLayer*> routed_layers() override {
+    std::vector<MoeLayer*> out;
+    for (auto& l : iters_) out.push_back(l.get());
+    return out;
+  }
+
+ private:
+  std::string residual_;
+  std::shared_ptr<ExpertPool> pool_;
+  std::shared_ptr<SwiGLU> shared_;
+  std::vector<std::shared_ptr<MoeLayer>> iters_;
+  std::vector<std::shared_ptr<RMSNorm>> norms_;
+};
+
+std::shared_ptr<ModelBase> build(const ConfigNode& c) {
+  const TransformerOptions o = TransformerOptions::from(c);
+  ConfigNode moe = c.at("moe");
+  const std::string pattern = read_block_pattern(moe, o.n_layer);
+  const MoeOptions mo = MoeOptions::from(moe, o.d_model);
+  const int64_t C = moe.get<int64_t>("iterations", 2);
+  if (C < 1) moe.fail("iterations", str("expected at least 1 iteration, got ", C));
+  const std::string residual = moe.get<std::string>("residual", "code");
+  if (residual != "code" && residual != "paper" && residual != "outer") {
+    moe.fail("residual", "expected code, paper or outer, got '" + residual + "'");
+  }
+  ConfigNode router_cfg = moe.at("router");
+  const std::string router_kind = router_cfg.get<std::string>("kind");
+  const RouterDims dims{o.d_model, mo.n_expert};
+  auto make_router = [&] {
+    return routers_registry().create(router_kind, router_cfg.path() + ".kind", router_cfg, dims);
+  };
+  return std::make_shared<TransformerDlm>(
+      o,
+      [&](int64_t layer) -> std::shared_ptr<FeedForward> {
+        if (pattern[static_cast<size_t>(layer)] == 'D') {
+          return std::make_shared<SwiGLU>(o.d_model, o.d_ff);
+        }
+        return std::make_shared<ChainOfExperts>(mo, C, residual, make_router, o.norm_eps);
+      },
+      "coe_dlm");
+}
+
+MIXDIFF_REGISTER(models_registry(), "coe_dlm",
+                 "Chain-of-Experts: C routing iterations per MoE block over one expert set, a "
+                 "router per iteration; residual: code|paper|outer",
+                 [](const ConfigNode& c) { return build(c); });
+
+}  // namespace
+}  // namespace mixdiff

@@ -1,0 +1,151 @@
+// expert_choice: expert-choice routing for diffusion LMs (EC-DLM, arXiv 2604.01622; algorithms.md
+// section 9). Each expert takes the C tokens it scores highest within a routing group, so every
+// expert processes exactly C tokens of every group: balance by construction, no auxiliary loss.
+//   group: sequence (default; each sequence routes alone, with the capacity of its own mask
+//          ratio) or batch (all tokens of the forward, capacity from the mean mask ratio)
+//   capacity: {kind: <capacity_schedules>, ...}: nominal experts per token k(r) of the group's
+//          realised mask ratio r; C = max(1, floor(L k / E)) for L real tokens, E experts
+//   gates: post_softmax (the paper's scripts: experts choose on raw logits; each token's gates are
+//          a softmax over the experts that chose it), pre_softmax (softmax over experts first,
+//          experts choose on the probabilities, gates are those probabilities), sigmoid (choose on
+//          logits, gates sigmoid / sum over the experts that chose the token)
+// Tokens no expert chose get no routed output (the residual and shared experts only); the
+// telemetry reports that fraction (`unrouted`) and the histogram of experts per token. At
+// inference the group is the forward's tokens and r the current fraction of [MASK], so the
+// samplers route with EC as training did. EC-DLM's shared/routed norm scaling (`phi(|S_t|)`) is
+// not implemented.
+#include <torch/torch.h>
+
+#include <cmath>
+#include <limits>
+
+#include "core/errors.h"
+#include "moe/capacity.h"
+#include "moe/router.h"
+
+namespace mixdiff {
+namespace {
+
+class ExpertChoiceRouter : public RouterBase {
+ public:
+  ExpertChoiceRouter(const ConfigNode& c, const RouterDims& dims) : n_expert_(dims.n_expert) {
+    group_ = c.get<std::string>("group", "sequence");
+    if (group_ != "sequence" && group_ != "batch") {
+      c.fail("group", "expected sequence or batch, got '" + group_ + "'");
+    }
+    gates_ = c.get<std::string>("gates", "post_softmax");
+    if (gates_ != "post_softmax" && gates_ != "pre_softmax" && gates_ != "sigmoid") {
+      c.fail("gates", "expected post_softmax, pre_softmax or sigmoid, got '" + gates_ + "'");
+    }
+    schedule_ = build_capacity_schedule(c.at("capacity"));
+    weight_ = register_parameter("weight", torch::empty({n_expert_, dims.d_model}));
+    torch::NoGradGuard ng;
+    weight_.normal_(0.0, 0.02);
+  }
+
+  /// Capacity of a group of `L` real tokens at mask ratio `r`.
+  int64_t capacity(int64_t L, double r) const {
+    const double k = schedule_->k(r);
+    return std::min<int64_t>(
+        L, std::max<int64_t>(1, static_cast<int64_t>(std::floor(static_cast<double>(L) * k /
+                                                                static_cast<double>(n_expert_)))));
+  }
+
+  RoutingDecision route(const at::Tensor& x_TD, const RoutingContext& ctx) override {
+    const int64_t T = x_TD.size(0), E = n_expert_;
+    RoutingDecision d;
+    d.n_expert = E;
+    d.top_k = top_k();
+    d.weight_SD = weight_;
+    auto z = torch::nn::functional::linear(x_TD.to(torch::kFloat32), weight_.to(torch::kFloat32));
+    const at::Tensor vis = slot_visibility(ctx, E, E);
+    if (vis.defined()) {
+      z = z.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
+      d.n_visible = vis.sum().item<int64_t>();
+    }
+    d.logits_TS = z;
+    d.probs_TS = torch::softmax(z, -1);
+    // Groups: [G, Lg] token ids.
+    const bool by_seq = group_ == "sequence" && ctx.seq_T.defined() && ctx.n_seq > 0 &&
+                        T % ctx.n_seq == 0;
+    const int64_t G = by_seq ? ctx.n_seq : 1, Lg = T / G;
+    at::Tensor R;  // bool [T, E]
+    {
+      torch::NoGradGuard ng;
+      at::Tensor sel = gates_ == "pre_softmax" ? d.probs_TS.detach() : z.detach();
+      if (ctx.valid_T.defined()) {
+        sel = sel.masked_fill(ctx.valid_T.logical_not().unsqueeze(1),
+                              -std::numeric_limits<float>::infinity());
+      }
+      auto valid = ctx.valid_T.defined() ? ctx.valid_T.view({G, Lg}).sum(1).to(torch::kCPU)
+                                         : torch::full({G}, Lg, torch::kLong);
+      at::Tensor ratio;
+      if (ctx.mask_ratio_B.defined()) ratio = ctx.mask_ratio_B.to(torch::kCPU).to(torch::kFloat64);
+      std::vector<int64_t> caps(static_cast<size_t>(G));
+      int64_t cmax = 1;
+      for (int64_t g = 0; g < G; ++g) {
+        const double r = !ratio.defined() ? 0.5
+                         : by_seq         ? ratio[g].item<double>()
+                                          : ratio.mean().item<double>();
+        caps[static_cast<size_t>(g)] = capacity(valid[g].item<int64_t>(), r);
+        cmax = std::max(cmax, caps[static_cast<size_t>(g)]);
+      }
+      cmax = std::min(cmax, Lg);
+      // Per group, each expert's top-cmax tokens; picks beyond the group's capacity dropped.
+      auto s = sel.view({G, Lg, E}).transpose(1, 2);                 // [G, E, Lg]
+      auto picked = topk_indices(s.reshape({G * E, Lg}), cmax).view({G, E, cmax});
+      auto rank_ok = torch::arange(cmax, torch::kLong).view({1, 1, cmax}) <
+                     torch::tensor(caps, torch::kLong).view({G, 1, 1});
+      R = torch::zeros({G, E, Lg}, torch::kBool).scatter_(2, picked, rank_ok.expand({G, E, cmax}));
+      R = R.transpose(1, 2).reshape({T, E});                          // [T, E]
+      if (ctx.valid_T.defined()) R = R & ctx.valid_T.unsqueeze(1);
+      if (vis.defined()) R = R & vis.unsqueeze(0);
+      d.lb_map_TS = R.to(torch::kFloat32);
+    }
+    at::Tensor gate_TE;
+    if (gates_ == "pre_softmax") {
+      gate_TE = d.probs_TS;
+    } else if (gates_ == "sigmoid") {
+      auto s = torch::sigmoid(z) * R.to(torch::kFloat32);
+      gate_TE = s / s.sum(-1, true).clamp_min(1e-20);
+    } else {  // sparse softmax over the experts that chose each token (no NaN on empty rows)
+      auto zm = z.masked_fill(R.logical_not(), -std::numeric_limits<float>::infinity());
+      auto mx = std::get<0>(zm.max(-1, true)).detach();
+      mx = mx.masked_fill(torch::isinf(mx), 0.0);
+      auto e = torch::exp(z.masked_fill(R.logical_not(), 0.0) - mx) * R.to(torch::kFloat32);
+      gate_TE = e / e.sum(-1, true).clamp_min(1e-30);
+    }
+    auto nz = R.nonzero();  // row-major: token ids non-decreasing
+    d.token_A = nz.select(1, 0).contiguous();
+    d.expert_A = nz.select(1, 1).contiguous();
+    d.gate_A = gate_TE.index({d.token_A, d.expert_A});
+    return d;
+  }
+
+  int64_t top_k() const override {
+    return std::max<int64_t>(1, static_cast<int64_t>(std::llround(schedule_->mean_k())));
+  }
+
+  std::string describe() const override {
+    return str("expert_choice (", group_, " groups, ", gates_, ", capacity ", schedule_->name,
+               " k in [", format_double(schedule_->k_min), ", ", format_double(schedule_->k_max),
+               "], mean ", format_double(std::round(schedule_->mean_k() * 1000) / 1000), ")");
+  }
+
+ private:
+  int64_t n_expert_;
+  std::string group_, gates_;
+  std::shared_ptr<CapacitySchedule> schedule_;
+  at::Tensor weight_;
+};
+
+MIXDIFF_REGISTER(routers_registry(), "expert_choice",
+                 "expert-choice routing (EC-DLM): each expert takes its top-C tokens per "
+                 "sequence (or batch), C from a capacity schedule over the mask ratio; keys: "
+                 "capacity, group, gates",
+                 [](const ConfigNode& c, const RouterDims& d) -> std::shared_ptr<RouterBase> {
+                   return std::make_shared<ExpertChoiceRouter>(c, d);
+                 });
+
+}  // namespace
+}  // namespace mixdiff

@@ -1,0 +1,141 @@
+// norm_router: UniPool's NormRouter (arXiv 2605.06665; algorithms.md 2.2). Per layer, logits
+// Z = x W^T (fp32) over the layer's slots; slots the layer may not see are set to 0 BEFORE the
+// row-wise L2 normalisation (never -inf there: squaring would overflow); then
+//   S = relu(Z / (||Z||_2 + 1e-8)) * a * c0
+// with a learnable per-layer scale `a` (parameter `scale`, init 1) and the constant
+// c0 = E_{x ~ N(0, I_S)} [ 1 / ||topK(relu(x / ||x||))||_2 ] estimated by Monte-Carlo (1e5 samples,
+// fixed seed; draws with no positive coordinate are left out; `init: one` sets c0 = 1), so the
+// selected scores have about unit norm at init.
+// Selection: top-K of S (+ a balancer's offset), invisible slots -inf; gates are the raw S of the
+// chosen slots: no softmax, no renormalisation (optional `scaling`). The balancing losses see
+// S / sum(S); the pool-level loss reads the raw S (RoutingDecision::scores_TS).
+#include <torch/torch.h>
+
+#include <limits>
+#include <map>
+#include <mutex>
+
+#include "core/errors.h"
+#include "moe/router.h"
+
+namespace mixdiff {
+namespace {
+
+/// c0 for (S, K), cached: the same for every layer of a model.
+double monte_carlo_c0(int64_t S, int64_t K) {
+  static std::mutex mu;
+  static std::map<std::pair<int64_t, int64_t>, double> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find({S, K});
+  if (it != cache.end()) return it->second;
+  torch::NoGradGuard ng;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(20260526);
+  const int64_t total = 100000, chunk = 10000;
+  double sum = 0;
+  int64_t kept = 0;
+  for (int64_t done = 0; done < total; done += chunk) {
+    auto x = torch::randn({chunk, S}, gen);
+    auto r = torch::relu(x / x.norm(2, -1, true));
+    auto n = std::get<0>(r.topk(K, -1)).norm(2, -1);
+    // A draw with every coordinate negative has no positive score at all (probability 2^-S);
+    // it is left out, as it routes nothing.
+    auto ok = n > 0;
+    sum += (1.0 / n.masked_select(ok)).sum().item<double>();
+    kept += ok.sum().item<int64_t>();
+  }
+  const double c0 = sum / static_cast<double>(std::max<int64_t>(kept, 1));
+  cache.emplace(std::make_pair(S, K), c0);
+  return c0;
+}
+
+class NormRouter : public RouterBase {
+ public:
+  NormRouter(const ConfigNode& c, const RouterDims& dims) : n_expert_(dims.n_expert) {
+    top_k_ = c.get<int64_t>("top_k");
+    if (top_k_ <= 0 || top_k_ > n_expert_) {
+      c.fail("top_k", str("expected 1..", n_expert_, ", got ", top_k_));
+    }
+    const std::string init = c.get<std::string>("init", "monte_carlo");
+    if (init != "monte_carlo" && init != "one") {
+      c.fail("init", "expected monte_carlo or one, got '" + init + "'");
+    }
+    c0_ = init == "one" ? 1.0 : monte_carlo_c0(n_expert_, top_k_);
+    scaling_ = c.get<double>("scaling", 1.0);
+    if (!(scaling_ > 0)) c.fail("scaling", "expected a positive factor");
+    weight_ = register_parameter("weight", torch::empty({n_expert_, dims.d_model}));
+    scale_ = register_parameter("scale", torch::ones({1}));
+    {
+      torch::NoGradGuard ng;
+      weight_.normal_(0.0, 0.02);
+    }
+    if (auto b = build_balancer(c.section("balancer"), n_expert_)) {
+      balancer_ = register_module("balancer", std::move(b));
+    }
+  }
+
+  RoutingDecision route(const at::Tensor& x_TD, const RoutingContext& ctx) override {
+    const int64_t S = n_expert_, K = top_k_;
+    RoutingDecision d;
+    d.n_expert = S;
+    d.top_k = K;
+    d.weight_SD = weight_;
+    auto z = torch::nn::functional::linear(x_TD.to(torch::kFloat32), weight_.to(torch::kFloat32));
+    const at::Tensor vis = slot_visibility(ctx, S, S);
+    if (vis.defined()) {
+      z = z.masked_fill(vis.logical_not(), 0.0);  // before the norm, never -inf
+      d.n_visible = vis.sum().item<int64_t>();
+      TORCH_CHECK(d.n_visible >= K, "[norm_router] ", d.n_visible, " visible slots for top-", K);
+    }
+    d.logits_TS = z;
+    auto s = torch::relu(z / (z.norm(2, -1, true) + 1e-8)) * scale_.to(torch::kFloat32) * c0_;
+    d.scores_TS = s;
+    d.probs_TS = s / (s.sum(-1, true) + 1e-20);
+    const bool update = updates_state(*this);
+    at::Tensor idx;
+    {
+      torch::NoGradGuard ng;
+      at::Tensor sel = s.detach();
+      if (balancer_) sel = sel + balancer_->offset(sel, K, ctx.valid_T, update).unsqueeze(0);
+      if (vis.defined()) {
+        sel = sel.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
+      }
+      idx = topk_indices(sel, K);
+      auto unbiased = vis.defined() ? s.detach().masked_fill(vis.logical_not(), -1.0) : s.detach();
+      d.lb_map_TS = selection_map(balancer_ || vis.defined() ? topk_indices(unbiased, K) : idx, S,
+                                  ctx.valid_T);
+      if (balancer_ && update) balancer_->observe(slot_counts(idx, S, ctx.valid_T));
+    }
+    auto gate = s.gather(1, idx);
+    if (scaling_ != 1.0) gate = gate * scaling_;
+    fill_assignments(d, idx, gate, ctx.valid_T);
+    return d;
+  }
+
+  void step_end(const StatReducer& reduce) override {
+    if (balancer_) balancer_->step_end(reduce);
+  }
+  void set_reducer(const StatReducer& reduce) override {
+    if (balancer_) balancer_->set_reducer(reduce);
+  }
+  int64_t top_k() const override { return top_k_; }
+  std::string describe() const override {
+    return str("norm_router top-", top_k_, " (c0 ", format_double(c0_), ")",
+               balancer_ ? ", " + balancer_->describe() : "");
+  }
+
+ private:
+  int64_t n_expert_, top_k_ = 1;
+  double c0_ = 1.0, scaling_ = 1.0;
+  at::Tensor weight_, scale_;
+  std::shared_ptr<Balancer> balancer_;
+};
+
+MIXDIFF_REGISTER(routers_registry(), "norm_router",
+                 "UniPool NormRouter: relu(L2-normalised logits) * learnable scale * c0, raw "
+                 "scores as gates; keys: top_k, init (monte_carlo|one), scaling, balancer",
+                 [](const ConfigNode& c, const RouterDims& d) -> std::shared_ptr<RouterBase> {
+                   return std::make_shared<NormRouter>(c, d);
+                 });
+
+}  // namespace
+}  // namespace mixdiff
