@@ -77,6 +77,7 @@ class ExpertChoiceRouter : public RouterBase {
         sel = sel.masked_fill(ctx.valid_T.logical_not().unsqueeze(1),
                               -std::numeric_limits<float>::infinity());
       }
+      sel = restrict_to_allowed(sel, ctx, E);
       auto valid = ctx.valid_T.defined() ? ctx.valid_T.view({G, Lg}).sum(1).to(torch::kCPU)
                                          : torch::full({G}, Lg, torch::kLong);
       at::Tensor ratio;

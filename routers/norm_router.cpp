@@ -90,7 +90,7 @@ class NormRouter : public RouterBase {
     auto s = torch::relu(z / (z.norm(2, -1, true) + 1e-8)) * scale_.to(torch::kFloat32) * c0_;
     d.scores_TS = s;
     d.probs_TS = s / (s.sum(-1, true) + 1e-20);
-    const bool update = updates_state(*this);
+    const bool update = updates_state(*this, ctx);
     at::Tensor idx;
     {
       torch::NoGradGuard ng;
@@ -99,9 +99,11 @@ class NormRouter : public RouterBase {
       if (vis.defined()) {
         sel = sel.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
       }
+      sel = restrict_to_allowed(sel, ctx, S);
       idx = topk_indices(sel, K);
       auto unbiased = vis.defined() ? s.detach().masked_fill(vis.logical_not(), -1.0) : s.detach();
-      d.lb_map_TS = selection_map(balancer_ || vis.defined() ? topk_indices(unbiased, K) : idx, S,
+      const bool plain = !balancer_ && !vis.defined() && !ctx.allowed_TS.defined();
+      d.lb_map_TS = selection_map(plain ? idx : topk_indices(unbiased, K), S,
                                   ctx.valid_T);
       if (balancer_ && update) balancer_->observe(slot_counts(idx, S, ctx.valid_T));
     }

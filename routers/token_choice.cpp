@@ -124,7 +124,7 @@ class TokenChoiceRouter : public RouterBase {
       d.probs_TS = torch::softmax(d.logits_TS, -1);
       scores = d.probs_TS;
     }
-    const bool update = updates_state(*this);
+    const bool update = updates_state(*this, ctx);
     at::Tensor idx;
     {
       torch::NoGradGuard ng;
@@ -133,12 +133,13 @@ class TokenChoiceRouter : public RouterBase {
         sel = sel + balancer_->offset(scores.detach(), K, ctx.valid_T, update).unsqueeze(0);
       }
       if (vis.defined()) sel = sel.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
+      sel = restrict_to_allowed(sel, ctx, n_expert_);
       const bool grouped = o_.n_group > 1 && o_.topk_group < o_.n_group;
       if (grouped) sel = group_limit(sel);
       idx = topk_indices(sel, K);
       // Balancing losses count the unbiased, ungrouped top-K of the probabilities; without an
       // offset or a group limit that is the selection itself (top-K of logits = of softmax).
-      const bool plain = !balancer_ && !grouped && !vis.defined();
+      const bool plain = !balancer_ && !grouped && !vis.defined() && !ctx.allowed_TS.defined();
       d.lb_map_TS = selection_map(plain ? idx : topk_indices(d.probs_TS.detach(), K), S,
                                   ctx.valid_T);
       if (balancer_ && update) balancer_->observe(slot_counts(idx, S, ctx.valid_T));

@@ -46,13 +46,16 @@ class TopPRouter : public RouterBase {
     at::Tensor idx, keep;
     {
       torch::NoGradGuard ng;
-      auto sorted = d.probs_TS.detach().sort(/*stable=*/true, -1, /*descending=*/true);
+      at::Tensor p = d.probs_TS.detach();
+      if (ctx.allowed_TS.defined()) p = p.masked_fill(ctx.allowed_TS.logical_not(), 0.0);
+      auto sorted = p.sort(/*stable=*/true, -1, /*descending=*/true);
       auto vals = std::get<0>(sorted).narrow(1, 0, max_k_);
       idx = std::get<1>(sorted).narrow(1, 0, max_k_).contiguous();
       // Keep slot j while the mass before it is still below p: the crossing expert is kept.
       auto before = vals.cumsum(1) - vals;
       keep = before < p_;
       keep.select(1, 0).fill_(true);
+      if (ctx.allowed_TS.defined()) keep = keep & (vals > 0);
       if (ctx.valid_T.defined()) keep = keep & ctx.valid_T.unsqueeze(1);
       d.lb_map_TS = torch::zeros_like(d.probs_TS).scatter_(1, idx, keep.to(torch::kFloat32));
     }

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include "core/compat.h"
@@ -118,6 +119,11 @@ int cmd_generate(const GenerateArgs& a) {
   ConfigNode recipe = load_recipe(ckpt + "/recipe.yaml", a.overrides);
   auto model = load_checkpoint_model(ckpt, recipe);
   GenerateSettings g = GenerateSettings::from(recipe);
+  if (recipe.has("infer")) {  // inference-time block routing
+    auto b = BlockRoutingConfig::from(recipe.at("infer").section("block_routing"));
+    model->set_block_routing(b.policy->restricts() ? b.policy : nullptr, b.block_size);
+    recipe.at("infer").check_unknown_keys();
+  }
   recipe.at("model").check_unknown_keys();
   recipe.at("generate").check_unknown_keys();
   recipe.check_overrides_used();
@@ -129,6 +135,41 @@ int cmd_generate(const GenerateArgs& a) {
   std::vector<std::string> prompts = a.prompts.empty() ? std::vector<std::string>{g.prompt}
                                                        : a.prompts;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(g.seed));
+  g.sampler->set_eos(tok.eos_id());
+  if (g.sampler->supports_padding() && prompts.size() > 1) {
+    // One left-padded batch of every prompt (x num_samples).
+    std::vector<std::vector<int32_t>> enc;
+    size_t P = 0;
+    for (const auto& p : prompts) {
+      enc.push_back(tok.encode(p));
+      P = std::max(P, enc.back().size());
+    }
+    const int64_t B = static_cast<int64_t>(prompts.size()) * g.num_samples;
+    auto x = torch::full({B, static_cast<int64_t>(P)}, tok.eos_id(), torch::kLong);
+    auto valid = torch::zeros({B, static_cast<int64_t>(P)}, torch::kBool);
+    for (int64_t r = 0; r < B; ++r) {
+      const auto& ids = enc[static_cast<size_t>(r / g.num_samples)];
+      const int64_t pad = static_cast<int64_t>(P - ids.size());
+      for (size_t i = 0; i < ids.size(); ++i) x[r][pad + static_cast<int64_t>(i)] = ids[i];
+      valid[r].narrow(0, pad, static_cast<int64_t>(ids.size())).fill_(true);
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    SampleResult res = g.sampler->generate_padded(*model, x, valid, gen);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    for (int64_t r = 0; r < B; ++r) {
+      const auto& prompt = prompts[static_cast<size_t>(r / g.num_samples)];
+      auto gen_ids = res.tokens_BL[r].narrow(0, static_cast<int64_t>(P), g.sampler->gen_length());
+      std::cout << "prompt: " << prompt << "\n"
+                << "sample: " << prompt << text_until_eos(tok, gen_ids) << "\n";
+    }
+    const double toks = static_cast<double>(B * g.sampler->gen_length());
+    std::cout << std::fixed << std::setprecision(2) << "generated " << B << " x "
+              << g.sampler->gen_length() << " tokens in " << secs << " s (" << toks / secs
+              << " tokens/s, " << res.forwards << " forwards, "
+              << toks / static_cast<double>(std::max<int64_t>(1, res.forwards))
+              << " tokens per forward)" << std::endl;
+    return 0;
+  }
   for (const auto& prompt : prompts) {
     std::vector<int32_t> ids = tok.encode(prompt);
     auto p = torch::empty({g.num_samples, static_cast<int64_t>(ids.size())}, torch::kLong);
@@ -161,6 +202,18 @@ int cmd_eval(const EvalArgs& a) {
   auto model = load_checkpoint_model(ckpt, recipe);
   auto data = build_data_source(recipe.at("data"));
   TrainOptions o = TrainOptions::from(recipe);
+  const bool blocks = recipe.has("infer");
+  BlockEvalSettings bs;
+  std::optional<GenerateSettings> g;
+  if (blocks) {
+    bs = BlockEvalSettings::from(recipe);
+    bs.eval_sequences = o.eval_sequences;
+    bs.eval_batch_size = o.eval_batch_size;
+    bs.eval_seed = static_cast<uint64_t>(o.eval_seed);
+    g = GenerateSettings::from(recipe);
+    recipe.at("infer").check_unknown_keys();
+    recipe.at("generate").check_unknown_keys();
+  }
   recipe.at("eval").check_unknown_keys();
   recipe.check_overrides_used();
   if (data->vocab_size() != model->vocab_size()) {
@@ -169,7 +222,9 @@ int cmd_eval(const EvalArgs& a) {
   }
   auto val = data->val_sequences(o.eval_sequences);
   const auto t0 = std::chrono::steady_clock::now();
-  NelboResult r = validation_nelbo(*model, val, o.eval_batch_size, static_cast<uint64_t>(o.eval_seed));
+  NelboResult r = validation_nelbo(*model, val, o.eval_batch_size,
+                                   static_cast<uint64_t>(o.eval_seed), 0, 1, {},
+                                   o.objective == "block" ? o.diffusion_block : 0);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::cout << std::fixed << std::setprecision(4) << "eval " << ckpt << " (step "
             << state.at("step").get<int64_t>() << "): val nelbo " << r.nelbo
@@ -182,6 +237,10 @@ int cmd_eval(const EvalArgs& a) {
                       {"val_ppl_bound", r.ppl_bound},
                       {"val_unigram_entropy", r.unigram_entropy},
                       {"tokens", r.tokens}};
+  if (blocks) {
+    Tokenizer tok = Tokenizer::load(ckpt + "/tokenizer");
+    j["block_routing"] = run_block_eval(*model, *data, bs, *g, tok);
+  }
   std::cout << j.dump() << std::endl;
   return 0;
 }
@@ -194,6 +253,7 @@ void configure_process() {
 std::vector<RegistryListing> list_registries() {
   return {models_registry().listing(),      routers_registry().listing(),
           balancers_registry().listing(),   capacity_schedules_registry().listing(),
+          block_routing_registry().listing(),
           samplers_registry().listing(),
           losses_registry().listing(),      schedules_registry().listing(),
           data_sources_registry().listing(), optimizers_registry().listing(),

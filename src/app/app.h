@@ -6,9 +6,17 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "core/registry.h"
+#include "moe/block_routing.h"
 
 namespace mixdiff {
+
+class ModelBase;
+class DataSource;
+class Tokenizer;
+struct GenerateSettings;
 
 struct TrainArgs {
   std::string recipe;                  ///< may be empty with --resume (the checkpoint's recipe)
@@ -58,6 +66,21 @@ struct BenchMoeArgs {
 };
 /// `mixdiff bench moe-layer`: MoE layer vs dense FFN of equal active FLOPs, over E.
 int cmd_bench_moe_layer(const BenchMoeArgs& a);
+
+/// The recipe's `infer` section for block-routing evaluation (src/app/block_eval.cpp):
+/// infer.block_routing {kind, block_size, policy keys}, infer.infill {samples, context, span, seed}.
+struct BlockEvalSettings {
+  BlockRoutingConfig routing;
+  int64_t samples = 64, context = 64, span = 4;
+  uint64_t seed = 7;
+  int64_t eval_sequences = 128, eval_batch_size = 32;
+  uint64_t eval_seed = 1234;
+  static BlockEvalSettings from(const ConfigNode& recipe);
+};
+/// Token-level vs block-routed: NELBO, infill exact match, unique experts, expert bytes per token,
+/// generation speed; prints a table and returns the JSON.
+nlohmann::json run_block_eval(ModelBase& model, DataSource& data, const BlockEvalSettings& s,
+                              GenerateSettings& g, const Tokenizer& tok);
 
 struct SweepArgs {
   std::string file;

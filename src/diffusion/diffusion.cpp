@@ -31,6 +31,25 @@ DiffusionBatch corrupt(const at::Tensor& x0_BL, const at::Tensor& t_B, const Noi
   return corrupt_with(x0_BL, t_B, torch::rand({x0_BL.size(0), x0_BL.size(1)}, gen), s, mask_id);
 }
 
+DiffusionBatch corrupt_per_token(const at::Tensor& x0_BL, const at::Tensor& t_BL,
+                                 const at::Tensor& u_BL, const NoiseSchedule& s, int64_t mask_id) {
+  TORCH_CHECK(t_BL.sizes() == x0_BL.sizes() && u_BL.sizes() == x0_BL.sizes(),
+              "[corrupt_per_token] expected x0_BL, t_BL and u_BL of one shape");
+  const int64_t B = x0_BL.size(0), L = x0_BL.size(1);
+  DiffusionBatch b;
+  b.x0_BL = x0_BL;
+  b.t_B = t_BL.mean(1);
+  auto p_BL = s.mask_prob(t_BL.reshape({-1})).view({B, L});
+  b.p_B = p_BL.mean(1);
+  b.masked_BL = u_BL < p_BL;
+  b.xt_BL = x0_BL.masked_fill(b.masked_BL, mask_id);
+  b.index_M = b.masked_BL.reshape({-1}).nonzero().squeeze(1);
+  b.target_M = x0_BL.reshape({-1}).index_select(0, b.index_M);
+  b.weight_M = s.elbo_weight(t_BL.reshape({-1})).index_select(0, b.index_M);
+  b.n_slots = B * L;
+  return b;
+}
+
 DiffusionBatch corrupt_with(const at::Tensor& x0_BL, const at::Tensor& t_B, const at::Tensor& u_BL,
                             const NoiseSchedule& s, int64_t mask_id) {
   TORCH_CHECK(x0_BL.dim() == 2 && t_B.dim() == 1 && t_B.size(0) == x0_BL.size(0) &&
@@ -60,28 +79,46 @@ at::Tensor masked_cross_entropy(const at::Tensor& logits_MV, const at::Tensor& t
 
 NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t batch_size,
                              uint64_t seed, int shard, int n_shards,
-                             const std::function<double(double)>& sum_over_shards) {
+                             const std::function<double(double)>& sum_over_shards,
+                             int64_t bd3_block) {
   torch::NoGradGuard ng;
   const bool was_training = model.is_training();
   model.eval();
   const int64_t N = x0_NL.size(0), L = x0_NL.size(1);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   // Stratified t in (0, 1]: one draw per stratum [i/N, (i+1)/N).
-  auto u = 1.0 - torch::rand({N}, gen).to(torch::kFloat64);  // (0, 1]
-  auto t_N = (torch::arange(N, torch::kFloat64) + u) / static_cast<double>(N);
+  // Masked diffusion: one t per sequence; block diffusion: one t per (sequence, block).
+  const int64_t nb = bd3_block > 0 ? (L + bd3_block - 1) / bd3_block : 1;
+  auto u = 1.0 - torch::rand({N * nb}, gen).to(torch::kFloat64);  // (0, 1]
+  auto t_all = ((torch::arange(N * nb, torch::kFloat64) + u) / static_cast<double>(N * nb))
+                   .view({N, nb});
+  auto t_NL = bd3_block > 0 ? t_all.repeat_interleave(bd3_block, 1).narrow(1, 0, L).contiguous()
+                            : t_all.expand({N, L}).contiguous();
   auto uu = torch::rand({N, L}, gen);
+  const at::Tensor bias = bd3_block > 0 ? bd3_training_bias(L, bd3_block) : at::Tensor();
+  const at::Tensor pos = torch::arange(L, torch::kLong);
   double total = 0;
   for (int64_t s = 0, bi = 0; s < N; s += batch_size, ++bi) {
     if (bi % n_shards != shard) continue;
     const int64_t n = std::min(batch_size, N - s);
     auto x0 = x0_NL.narrow(0, s, n);
-    auto t = t_N.narrow(0, s, n);
-    auto masked = uu.narrow(0, s, n).to(torch::kFloat64) < t.unsqueeze(1);
+    auto t = t_NL.narrow(0, s, n);
+    auto masked = uu.narrow(0, s, n).to(torch::kFloat64) < t;
     auto idx = masked.reshape({-1}).nonzero().squeeze(1);
     if (idx.numel() == 0) continue;
-    auto out = model.forward({x0.masked_fill(masked, model.mask_id()), idx});
-    auto ce = masked_cross_entropy(out.logits, x0.reshape({-1}).index_select(0, idx));
-    auto w = (1.0 / t).index_select(0, idx.div(L, "floor"));
+    auto xt = x0.masked_fill(masked, model.mask_id());
+    at::Tensor logits;
+    if (bd3_block > 0) {
+      auto row = idx.div(L, "floor");
+      ModelInput in(torch::cat({xt, x0}, 1), row * (2 * L) + (idx - row * L));
+      in.attn_bias = bias;
+      in.positions_L = torch::cat({pos, pos});
+      logits = model.forward(in).logits;
+    } else {
+      logits = model.forward(ModelInput(xt, idx)).logits;
+    }
+    auto ce = masked_cross_entropy(logits, x0.reshape({-1}).index_select(0, idx));
+    auto w = (1.0 / t.reshape({-1})).index_select(0, idx);
     total += (ce.to(torch::kFloat64) * w).sum().item<double>();
   }
   if (sum_over_shards) total = sum_over_shards(total);

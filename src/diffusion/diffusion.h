@@ -61,6 +61,12 @@ DiffusionBatch corrupt(const at::Tensor& x0_BL, const at::Tensor& t_B,
 DiffusionBatch corrupt_with(const at::Tensor& x0_BL, const at::Tensor& t_B, const at::Tensor& u_BL,
                             const NoiseSchedule& schedule, int64_t mask_id);
 
+/// With a diffusion time per token (block diffusion: one t per block): t_BL [B, L]. The ELBO
+/// weight of a masked position is its own t's.
+DiffusionBatch corrupt_per_token(const at::Tensor& x0_BL, const at::Tensor& t_BL,
+                                 const at::Tensor& u_BL, const NoiseSchedule& schedule,
+                                 int64_t mask_id);
+
 /// t_B ~ U[t_min, t_max] from `gen`, independent or stratified (NoiseSchedule::stratified).
 at::Tensor sample_t(int64_t B, const NoiseSchedule& schedule, at::Generator& gen);
 
@@ -94,9 +100,13 @@ struct NelboResult {
 /// Data-parallel evaluation: rank `shard` of `n_shards` evaluates every n_shards-th batch of the
 /// same draws and `sum_over_shards` adds the partial sums, so the result does not depend on the
 /// number of ranks.
+/// `bd3_block` > 0: the block-diffusion bound of a BD3-trained model, one t per block (stratified
+/// over all blocks) and the [x_t ; x_0] forward with BD3's mask, each block conditioned on the
+/// clean earlier blocks.
 NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t batch_size,
                              uint64_t seed, int shard = 0, int n_shards = 1,
-                             const std::function<double(double)>& sum_over_shards = {});
+                             const std::function<double(double)>& sum_over_shards = {},
+                             int64_t bd3_block = 0);
 
 /// Cross-entropy of `logits` [M, V] against `target` [M], per position (fp32).
 at::Tensor masked_cross_entropy(const at::Tensor& logits_MV, const at::Tensor& target_M);

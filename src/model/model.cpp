@@ -2,6 +2,8 @@
 
 #include <torch/nn/module.h>
 
+#include "moe/block_routing.h"
+
 #include <unordered_set>
 
 namespace mixdiff {
@@ -12,8 +14,14 @@ ModelRegistry& models_registry() {
 }
 
 std::shared_ptr<ModelBase> build_model(const ConfigNode& model_cfg) {
-  return models_registry().create(model_cfg.get<std::string>("kind"), model_cfg.path() + ".kind",
-                                  model_cfg);
+  auto m = models_registry().create(model_cfg.get<std::string>("kind"), model_cfg.path() + ".kind",
+                                    model_cfg);
+  // Trained block routing (dMoE): the same policy in training and, by default, at inference.
+  if (model_cfg.has("moe") && model_cfg.at("moe").has("block_routing")) {
+    auto b = BlockRoutingConfig::from(model_cfg.at("moe").at("block_routing"));
+    if (b.policy->restricts()) m->set_block_routing(b.policy, b.block_size);
+  }
+  return m;
 }
 
 int64_t ModelBase::num_parameters() const {

@@ -15,10 +15,24 @@
 
 #include "core/config.h"
 #include "core/registry.h"
+#include "nn/layers.h"
 
 namespace mixdiff {
 
 class MoeLayer;
+class BlockRoutingPolicy;
+
+/// Keys and values of every layer for the positions decoded so far (block diffusion decoding:
+/// the clean prefix is encoded once and extended block by block).
+struct KVCache {
+  std::vector<LayerKV> layers;
+  at::Tensor valid_BK;  ///< bool [B, length]: false at padding (undefined: all real)
+  int64_t length() const { return layers.empty() || !layers[0].k.defined() ? 0 : layers[0].k.size(2); }
+  void clear() {
+    layers.clear();
+    valid_BK = at::Tensor();
+  }
+};
 
 struct ModelInput {
   ModelInput(at::Tensor tokens, at::Tensor index = {})
@@ -36,6 +50,13 @@ struct ModelInput {
   /// route and draw the same.
   int64_t step = 0;
   int64_t micro = 0;
+  /// Rotary positions of the L tokens (int64 [L]); undefined: 0..L-1, or after the cache.
+  at::Tensor positions_L;
+  /// Additive attention bias [L, Lk] that replaces the model's own (BD3 training's mask).
+  at::Tensor attn_bias;
+  /// With a cache the tokens also attend to the cached positions; `cache_append` adds them.
+  KVCache* cache = nullptr;
+  bool cache_append = false;
 };
 
 struct ModelOutput {
@@ -65,6 +86,12 @@ class ModelBase : public torch::nn::Module {
   /// The model's MoE layers in depth order (empty for dense models): the trainer attaches
   /// routing losses, balancing updates and telemetry through them.
   virtual std::vector<MoeLayer*> moe_layers() { return {}; }
+  /// Block-level routing (algorithms.md section 10): the policy restricts the experts that the
+  /// tokens of each block of `block_size` positions may use (null: token-level routing).
+  virtual void set_block_routing(std::shared_ptr<BlockRoutingPolicy> policy, int64_t block_size) {}
+  /// Attention kind: "full" or "block_causal".
+  virtual std::string attention() const { return "full"; }
+  virtual int64_t attention_block() const { return 0; }
 };
 
 using ModelRegistry = Registry<std::shared_ptr<ModelBase>, const ConfigNode&>;

@@ -5,6 +5,7 @@
 #include "core/errors.h"
 #include "moe/moe_layer.h"
 
+#include <limits>
 #include <set>
 
 namespace mixdiff {
@@ -90,15 +91,50 @@ TransformerDlm::TransformerDlm(const TransformerOptions& o, const FeedForwardFac
   rope_ = RotaryTables::make(o.max_seq_len, o.head_dim, o.rope_theta);
 }
 
+void TransformerDlm::set_block_routing(std::shared_ptr<BlockRoutingPolicy> policy,
+                                       int64_t block_size) {
+  routing_block_ = policy ? block_size : 0;
+  for (MoeLayer* m : moe_) m->set_block_routing(policy);
+}
+
 ModelOutput TransformerDlm::forward(const ModelInput& in) {
   const auto& tok = in.tokens_BL;
   TORCH_CHECK(tok.dim() == 2, "[", kind_, "] expected tokens_BL of rank 2, got ", tok.sizes());
   const int64_t B = tok.size(0), L = tok.size(1);
-  TORCH_CHECK(L <= o_.max_seq_len, "[", kind_, "] sequence of ", L,
-              " tokens exceeds model.max_seq_len = ", o_.max_seq_len);
+  const int64_t offset = in.cache ? in.cache->length() : 0;
+  at::Tensor pos = in.positions_L;
+  if (!pos.defined() && offset > 0) pos = torch::arange(offset, offset + L, torch::kLong);
+  const at::Tensor q_pos = pos.defined() ? pos : torch::arange(L, torch::kLong);
+  TORCH_CHECK(L == 0 || q_pos.max().item<int64_t>() < o_.max_seq_len, "[", kind_,
+              "] position ", q_pos.max().item<int64_t>(), " exceeds model.max_seq_len = ",
+              o_.max_seq_len);
   auto x = embed_.index_select(0, tok.reshape({-1})).view({B, L, o_.d_model});  // [B, L, D]
+  const at::Tensor k_pos =
+      offset > 0 ? torch::cat({torch::arange(offset, torch::kLong), q_pos}) : q_pos;
   at::Tensor bias;
-  if (o_.attention == "block_causal") bias = block_causal_bias(L, o_.block_size);
+  if (in.attn_bias.defined()) {
+    bias = in.attn_bias;
+  } else if (o_.attention == "block_causal") {
+    bias = !pos.defined() ? block_causal_bias(L, o_.block_size)
+                          : block_causal_bias(q_pos, k_pos, o_.block_size);
+  }
+  // Padding keys are hidden from every query but their own (a query that sees no key at all would
+  // turn into NaN and leak through the values).
+  const bool pad = in.valid_BL.defined() || (in.cache && in.cache->valid_BK.defined());
+  at::Tensor kv_valid;
+  if (pad) {
+    auto cur = in.valid_BL.defined() ? in.valid_BL : torch::ones({B, L}, torch::kBool);
+    auto past = offset == 0 ? at::Tensor()
+                : in.cache->valid_BK.defined() ? in.cache->valid_BK
+                                               : torch::ones({B, offset}, torch::kBool);
+    kv_valid = past.defined() ? torch::cat({past, cur}, 1) : cur;  // [B, Lk]
+    auto self = k_pos.unsqueeze(0) == q_pos.unsqueeze(1);           // [L, Lk]
+    auto ok = kv_valid.unsqueeze(1) | self.unsqueeze(0);            // [B, L, Lk]
+    auto kb = torch::zeros(ok.sizes()).masked_fill(ok.logical_not(),
+                                                    -std::numeric_limits<float>::infinity());
+    kb = kb.unsqueeze(1);                                           // [B, 1, L, Lk]
+    bias = bias.defined() ? bias + kb : kb;
+  }
   RoutingContext ctx;
   if (!moe_.empty()) {
     auto masked = tok == mask_id();
@@ -115,11 +151,20 @@ ModelOutput TransformerDlm::forward(const ModelInput& in) {
     ctx.n_seq = B;
     ctx.step = in.step;
     ctx.micro = in.micro;
+    if (routing_block_ > 0) {  // chunks of the forward's own tokens (BD3's [x_t ; x_0] included)
+      const int64_t per_seq = L / routing_block_ + 1;
+      ctx.block_T = (torch::arange(B, torch::kLong).unsqueeze(1) * per_seq +
+                     torch::arange(L, torch::kLong).div(routing_block_, "floor").unsqueeze(0))
+                        .reshape({-1});
+    }
   }
+  if (in.cache && in.cache->layers.size() != blocks_.size()) in.cache->layers.resize(blocks_.size());
   for (size_t i = 0; i < blocks_.size(); ++i) {
     ctx.layer = static_cast<int64_t>(i);
-    x = blocks_[i]->forward(x, rope_, bias, moe_.empty() ? nullptr : &ctx);
+    x = blocks_[i]->forward(x, rope_, bias, moe_.empty() ? nullptr : &ctx, pos,
+                            in.cache ? &in.cache->layers[i] : nullptr, in.cache_append);
   }
+  if (in.cache && in.cache_append && pad) in.cache->valid_BK = kv_valid;
   x = norm_->forward(x);
   if (in.logits_index_M.defined()) {
     x = x.reshape({B * L, o_.d_model}).index_select(0, in.logits_index_M);  // [M, D]

@@ -65,6 +65,9 @@ class TransformerDlm : public ModelBase {
   int64_t num_active_parameters() const override;
   double train_flops_per_token(int64_t seq_len) const override;
   std::vector<MoeLayer*> moe_layers() override { return moe_; }
+  void set_block_routing(std::shared_ptr<BlockRoutingPolicy> policy, int64_t block_size) override;
+  std::string attention() const override { return o_.attention; }
+  int64_t attention_block() const override { return o_.block_size; }
   const TransformerOptions& options() const { return o_; }
 
  private:
@@ -76,6 +79,7 @@ class TransformerDlm : public ModelBase {
   std::vector<MoeLayer*> moe_;
   std::shared_ptr<RMSNorm> norm_;
   RotaryTables rope_;
+  int64_t routing_block_ = 0;  ///< > 0: block routing is on, with blocks of this many positions
 };
 
 }  // namespace mixdiff

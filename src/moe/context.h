@@ -21,6 +21,10 @@ struct RoutingContext {
   int64_t micro = 0;        ///< micro-batch of the optimizer step (training)
   at::Tensor visible_S;     ///< bool [S_real], router slots this forward may choose (undefined:
                             ///< all); set by the MoE layer (UniPool masks, ReXMoE's schedule)
+  at::Tensor block_T;       ///< int64 [T], routing block of each token (block routing on)
+  at::Tensor allowed_TS;    ///< bool [T, S_real], per-token slots allowed by a block routing
+                            ///< policy (the token's block coreset); undefined: all
+  bool probe = false;       ///< a routing pass that only informs a block policy: no state update
 };
 
 /// Sums a statistics tensor over data-parallel ranks in place (identity in one process). Routing

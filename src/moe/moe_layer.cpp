@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/errors.h"
+#include "moe/block_routing.h"
 
 namespace mixdiff {
 
@@ -29,6 +30,18 @@ struct AuxLossScaler : public torch::autograd::Function<AuxLossScaler> {
 };
 
 }  // namespace
+
+std::pair<double, int64_t> unique_experts_per_block(const at::Tensor& block_T,
+                                                    const at::Tensor& token_A,
+                                                    const at::Tensor& expert_A, int64_t n_expert,
+                                                    const at::Tensor& valid_T) {
+  torch::NoGradGuard ng;
+  auto blocks = valid_T.defined() ? block_T.masked_select(valid_T) : block_T;
+  const int64_t n_blocks = std::get<0>(at::_unique(blocks)).size(0);
+  if (expert_A.numel() == 0) return {0.0, n_blocks};
+  auto pairs = block_T.index_select(0, token_A) * n_expert + expert_A;
+  return {static_cast<double>(std::get<0>(at::_unique(pairs)).size(0)), n_blocks};
+}
 
 at::Tensor attach_aux_loss(const at::Tensor& act, const at::Tensor& aux, double scale) {
   return AuxLossScaler::apply(act, aux, scale);
@@ -269,6 +282,15 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
   RoutingContext ctx = ctx_in ? *ctx_in : RoutingContext{};
   if (ex_.visibility.active()) ctx.visible_S = ex_.visibility.at(ctx.step, is_training());
   auto x = x_BLD.reshape({T, D});
+  if (block_policy_ && block_policy_->restricts() && ctx.block_T.defined()) {
+    // Probe the token-level routing (no state changes), let the policy pick each block's coreset,
+    // then route inside it.
+    RoutingContext probe = ctx;
+    probe.probe = true;
+    RoutingDecision d0 = router_->route(x, probe);
+    ctx.allowed_TS = block_policy_->allowed(
+        BlockRoutingInput{d0, ctx.block_T, block_ * 16 + std::max<int64_t>(iteration_, 0), ctx.step});
+  }
   RoutingDecision d = router_->route(x, ctx);
   at::Tensor tok = d.token_A, ex = d.expert_A, gate = d.gate_A;
   const int64_t routed = tok.numel();
@@ -285,11 +307,16 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
       gate = gate.index_select(0, keep);
     }
   }
+  if (count_unique_ && ctx.block_T.defined()) {
+    auto [sum, blocks] = unique_experts_per_block(ctx.block_T, tok, ex, o_.n_expert, ctx.valid_T);
+    unique_.sum += sum;
+    unique_.blocks += blocks;
+  }
   const auto pool_ex = ex_.candidates_S.defined() ? ex_.candidates_S.index_select(0, ex) : ex;
   auto y = pool_->forward(x, tok, pool_ex, gate, o_.dispatch);
   if (shared_) y = y + shared_->forward(x, nullptr);
 
-  if (updates_state(*this)) {
+  if (updates_state(*this, ctx)) {
     {
       torch::NoGradGuard ng;
       auto w = valid_weights(ctx.valid_T, T).to(d.probs_TS.device());

@@ -181,6 +181,22 @@ class MoeLayer : public FeedForward {
   const at::Tensor& candidates() const { return ex_.candidates_S; }
   /// Whether the pool and shared experts are this layer's own (counted with it).
   bool owns_pool() const { return owns_pool_; }
+  /// Block routing (src/moe/block_routing.h); null: token-level.
+  void set_block_routing(std::shared_ptr<BlockRoutingPolicy> p) { block_policy_ = std::move(p); }
+  /// Distinct experts used by each routing block of each forward (algorithms.md 10.0).
+  struct UniqueExperts {
+    double sum = 0;      ///< sum over (forward, block) of the block's distinct experts
+    int64_t blocks = 0;  ///< (forward, block) pairs
+  };
+  void count_unique_experts(bool on) {
+    count_unique_ = on;
+    unique_ = {};
+  }
+  UniqueExperts take_unique_experts() {
+    auto u = unique_;
+    unique_ = {};
+    return u;
+  }
 
   RouterBase& router() { return *router_; }
   const RouterBase& router() const { return *router_; }
@@ -211,7 +227,17 @@ class MoeLayer : public FeedForward {
   StatReducer reduce_;
   int64_t block_ = -1;
   int64_t iteration_ = -1;
+  std::shared_ptr<BlockRoutingPolicy> block_policy_;
+  bool count_unique_ = false;
+  UniqueExperts unique_;
 };
+
+/// Distinct experts of every routing block: the sum over blocks of |experts used by the block's
+/// assignments| and the number of blocks (real tokens only).
+std::pair<double, int64_t> unique_experts_per_block(const at::Tensor& block_T,
+                                                    const at::Tensor& token_A,
+                                                    const at::Tensor& expert_A, int64_t n_expert,
+                                                    const at::Tensor& valid_T);
 
 /// Returns act unchanged; backward gives `aux` the gradient `scale` (Megatron's
 /// MoEAuxLossAutoScaler).

@@ -2,6 +2,8 @@
 
 #include <torch/torch.h>
 
+#include <limits>
+
 namespace mixdiff {
 
 RouterRegistry& routers_registry() {
@@ -45,8 +47,17 @@ at::Tensor topk_indices(const at::Tensor& scores, int64_t k) {
   return idx_asc.gather(-1, order).contiguous();
 }
 
-bool updates_state(const torch::nn::Module& m) {
-  return m.is_training() && at::GradMode::is_enabled();
+bool updates_state(const torch::nn::Module& m, const RoutingContext& ctx) {
+  return m.is_training() && at::GradMode::is_enabled() && !ctx.probe;
+}
+
+at::Tensor restrict_to_allowed(const at::Tensor& sel, const RoutingContext& ctx, int64_t n_real) {
+  if (!ctx.allowed_TS.defined()) return sel;
+  auto allowed = ctx.allowed_TS;
+  if (sel.size(1) > n_real) {
+    allowed = torch::cat({allowed, torch::ones({sel.size(0), sel.size(1) - n_real}, torch::kBool)}, 1);
+  }
+  return sel.masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
 }
 
 at::Tensor valid_weights(const at::Tensor& valid_T, int64_t T) {

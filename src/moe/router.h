@@ -102,8 +102,12 @@ RouterRegistry& routers_registry();
 at::Tensor topk_indices(const at::Tensor& scores_TS, int64_t k);
 
 /// Whether routing state may change: a training-mode module under grad mode (not validation, not
-/// generation, and not a no-grad recomputation).
-bool updates_state(const torch::nn::Module& m);
+/// generation, and not a no-grad recomputation), and not a probe pass of a block routing policy.
+bool updates_state(const torch::nn::Module& m, const RoutingContext& ctx);
+
+/// -inf where a block routing policy does not allow a slot (RoutingContext::allowed_TS over the
+/// first n_real slots; null slots stay allowed).
+at::Tensor restrict_to_allowed(const at::Tensor& sel_TS, const RoutingContext& ctx, int64_t n_real);
 
 /// fp32 [T] 1 for real tokens, 0 for padding (`valid_T` undefined: all ones).
 at::Tensor valid_weights(const at::Tensor& valid_T, int64_t T);

@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <limits>
 
 #include "core/compat.h"
 
@@ -29,12 +30,22 @@ RotaryTables RotaryTables::make(int64_t max_len, int64_t head_dim, double theta)
   return t;
 }
 
-at::Tensor apply_rotary(const at::Tensor& x, const RotaryTables& rope) {
+at::Tensor apply_rotary(const at::Tensor& x, const RotaryTables& rope, const at::Tensor& pos) {
   const int64_t L = x.size(2), half = x.size(3) / 2;
-  TORCH_CHECK(L <= rope.cos_LH.size(0), "[apply_rotary] sequence of ", L,
-              " tokens exceeds the rotary table (model.max_seq_len = ", rope.cos_LH.size(0), ")");
-  auto cos = rope.cos_LH.narrow(0, 0, L);
-  auto sin = rope.sin_LH.narrow(0, 0, L);
+  at::Tensor cos, sin;
+  if (pos.defined()) {
+    TORCH_CHECK(pos.size(0) == L, "[apply_rotary] ", pos.size(0), " positions for ", L, " tokens");
+    TORCH_CHECK(L == 0 || pos.max().item<int64_t>() < rope.cos_LH.size(0),
+                "[apply_rotary] position ", pos.max().item<int64_t>(),
+                " beyond the rotary table (model.max_seq_len = ", rope.cos_LH.size(0), ")");
+    cos = rope.cos_LH.index_select(0, pos);
+    sin = rope.sin_LH.index_select(0, pos);
+  } else {
+    TORCH_CHECK(L <= rope.cos_LH.size(0), "[apply_rotary] sequence of ", L,
+                " tokens exceeds the rotary table (model.max_seq_len = ", rope.cos_LH.size(0), ")");
+    cos = rope.cos_LH.narrow(0, 0, L);
+    sin = rope.sin_LH.narrow(0, 0, L);
+  }
   auto swapped = torch::cat({x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
   return x * cos + swapped * sin;
 }
@@ -45,6 +56,29 @@ at::Tensor block_causal_bias(int64_t L, int64_t block_size) {
   auto allowed = blk.unsqueeze(0) <= blk.unsqueeze(1);  // [Lq, Lk]: key block <= query block
   return torch::zeros({L, L}).masked_fill(allowed.logical_not(),
                                           -std::numeric_limits<float>::infinity());
+}
+
+at::Tensor block_causal_bias(const at::Tensor& q_pos, const at::Tensor& k_pos, int64_t block_size) {
+  TORCH_CHECK(block_size > 0, "[block_causal_bias] block_size must be positive");
+  auto qb = q_pos.div(block_size, "floor"), kb = k_pos.div(block_size, "floor");
+  auto allowed = kb.unsqueeze(0) <= qb.unsqueeze(1);
+  return torch::zeros({q_pos.size(0), k_pos.size(0)})
+      .masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
+}
+
+at::Tensor bd3_training_bias(int64_t L, int64_t block_size) {
+  TORCH_CHECK(block_size > 0, "[bd3_training_bias] block_size must be positive");
+  auto idx = torch::arange(2 * L, torch::kLong);
+  auto clean = idx >= L;                                    // second half: x_0
+  auto blk = (idx - clean.to(torch::kLong) * L).div(block_size, "floor");
+  auto qc = clean.unsqueeze(1), kc = clean.unsqueeze(0);
+  auto qb = blk.unsqueeze(1), kb = blk.unsqueeze(0);
+  auto same_block_noisy = qc.logical_not() & kc.logical_not() & (qb == kb);
+  auto noisy_to_earlier_clean = qc.logical_not() & kc & (kb < qb);
+  auto clean_causal = qc & kc & (kb <= qb);
+  auto allowed = same_block_noisy | noisy_to_earlier_clean | clean_causal;
+  return torch::zeros({2 * L, 2 * L})
+      .masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
 }
 
 Attention::Attention(const AttentionOptions& o) : o_(o) {
@@ -60,7 +94,8 @@ Attention::Attention(const AttentionOptions& o) : o_(o) {
 }
 
 at::Tensor Attention::forward(const at::Tensor& x, const RotaryTables& rope,
-                              const at::Tensor& bias) {
+                              const at::Tensor& bias, const at::Tensor& pos, LayerKV* kv,
+                              bool append) {
   const int64_t B = x.size(0), L = x.size(1), H = o_.n_head, Hk = o_.n_kv_head, hd = o_.head_dim;
   auto qkv = torch::nn::functional::linear(x, wqkv_);  // [B, L, (H + 2Hk) hd]
   auto q = qkv.narrow(-1, 0, H * hd).view({B, L, H, hd}).transpose(1, 2);  // [B, H, L, hd]
@@ -70,11 +105,20 @@ at::Tensor Attention::forward(const at::Tensor& x, const RotaryTables& rope,
     q = q_norm_->forward(q);
     k = k_norm_->forward(k);
   }
-  q = apply_rotary(q, rope);
-  k = apply_rotary(k, rope);
+  q = apply_rotary(q, rope, pos);
+  k = apply_rotary(k, rope, pos);
+  if (kv && kv->k.defined()) {  // cached keys first, then this forward's
+    k = torch::cat({kv->k, k}, 2);
+    v = torch::cat({kv->v, v}, 2);
+  }
+  if (kv && append) {
+    kv->k = k;
+    kv->v = v;
+  }
+  const int64_t Lk = k.size(2);
   if (Hk != H) {  // grouped-query attention: each KV head serves H / Hk query heads
-    k = k.unsqueeze(2).expand({B, Hk, H / Hk, L, hd}).reshape({B, H, L, hd});
-    v = v.unsqueeze(2).expand({B, Hk, H / Hk, L, hd}).reshape({B, H, L, hd});
+    k = k.unsqueeze(2).expand({B, Hk, H / Hk, Lk, hd}).reshape({B, H, Lk, hd});
+    v = v.unsqueeze(2).expand({B, Hk, H / Hk, Lk, hd}).reshape({B, H, Lk, hd});
   }
   auto o = compat::attention(q, k, v, bias);                    // [B, H, L, hd]
   o = o.transpose(1, 2).reshape({B, L, H * hd});                // [B, L, H hd]
@@ -100,8 +144,9 @@ TransformerBlock::TransformerBlock(const AttentionOptions& a, std::shared_ptr<Fe
 }
 
 at::Tensor TransformerBlock::forward(const at::Tensor& x, const RotaryTables& rope,
-                                     const at::Tensor& bias, const RoutingContext* ctx) {
-  auto h = x + attn_->forward(attn_norm_->forward(x), rope, bias);
+                                     const at::Tensor& bias, const RoutingContext* ctx,
+                                     const at::Tensor& pos, LayerKV* kv, bool append) {
+  auto h = x + attn_->forward(attn_norm_->forward(x), rope, bias, pos, kv, append);
   return ffn_->residual(h, ffn_norm_->forward(h), ctx);
 }
 

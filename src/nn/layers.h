@@ -34,12 +34,28 @@ struct RotaryTables {
   static RotaryTables make(int64_t max_len, int64_t head_dim, double theta);
 };
 
-/// x [B, H, L, hd] rotated by positions 0..L-1 of the tables.
-at::Tensor apply_rotary(const at::Tensor& x_BHLd, const RotaryTables& rope);
+/// x [B, H, L, hd] rotated by positions 0..L-1 of the tables, or by `pos_L` (int64 [L]).
+at::Tensor apply_rotary(const at::Tensor& x_BHLd, const RotaryTables& rope,
+                        const at::Tensor& pos_L = {});
 
 /// Additive attention bias [L, L]: 0 where query i may see key j, -inf elsewhere.
 /// block_causal: key block (j / block_size) <= query block (i / block_size).
 at::Tensor block_causal_bias(int64_t L, int64_t block_size);
+/// The same for queries at positions q_pos [Lq] and keys at k_pos [Lk] (a KV-cached forward).
+at::Tensor block_causal_bias(const at::Tensor& q_pos, const at::Tensor& k_pos, int64_t block_size);
+
+/// BD3-LM's vectorised training mask (arXiv 2503.09573; algorithms.md 1.6) for the input
+/// [x_t ; x_0] of length 2L (both halves at positions 0..L-1), additive [2L, 2L]:
+///   noisy query -> noisy key of the same block (bidirectional within a block);
+///   noisy query -> clean key of a strictly earlier block;
+///   clean query -> clean key of the same or an earlier block (block-causal clean half).
+at::Tensor bd3_training_bias(int64_t L, int64_t block_size);
+
+/// Keys and values of one attention layer for the positions already seen (after rotary, before
+/// grouped-query expansion): [B, Hkv, Lc, hd].
+struct LayerKV {
+  at::Tensor k, v;
+};
 
 struct AttentionOptions {
   int64_t d_model = 0;
@@ -53,8 +69,11 @@ struct AttentionOptions {
 class Attention : public torch::nn::Module {
  public:
   explicit Attention(const AttentionOptions& o);
-  /// x_BLD [B, L, D]; bias undefined (full attention) or broadcastable to [B, H, L, L].
-  at::Tensor forward(const at::Tensor& x_BLD, const RotaryTables& rope, const at::Tensor& bias);
+  /// x_BLD [B, L, D]; bias undefined (full attention) or broadcastable to [B, H, L, Lk].
+  /// `pos_L`: rotary positions of the L queries (undefined: 0..L-1). With `kv`, the queries also
+  /// attend to the cached keys (before their own); `append` adds this forward's keys to it.
+  at::Tensor forward(const at::Tensor& x_BLD, const RotaryTables& rope, const at::Tensor& bias,
+                     const at::Tensor& pos_L = {}, LayerKV* kv = nullptr, bool append = false);
 
  private:
   AttentionOptions o_;
@@ -95,7 +114,8 @@ class TransformerBlock : public torch::nn::Module {
  public:
   TransformerBlock(const AttentionOptions& attn, std::shared_ptr<FeedForward> ffn);
   at::Tensor forward(const at::Tensor& x_BLD, const RotaryTables& rope, const at::Tensor& bias,
-                     const RoutingContext* ctx = nullptr);
+                     const RoutingContext* ctx = nullptr, const at::Tensor& pos_L = {},
+                     LayerKV* kv = nullptr, bool append = false);
   FeedForward& ffn() { return *ffn_; }
   std::shared_ptr<FeedForward> ffn_ptr() const { return ffn_; }
 

@@ -101,6 +101,14 @@ TrainOptions TrainOptions::from(const ConfigNode& recipe) {
   if (o.keep_checkpoints < 0) t.fail("keep_checkpoints", "expected >= 0 (0 keeps all)");
   ConfigNode d = recipe.section("diffusion");
   o.random_length_prob = d.get<double>("random_length_prob", 0.0);
+  o.objective = d.get<std::string>("objective", "masked");
+  if (o.objective != "masked" && o.objective != "block") {
+    d.fail("objective", "expected masked or block, got '" + o.objective + "'");
+  }
+  if (o.objective == "block") {
+    o.diffusion_block = d.get<int64_t>("block_size", 32);
+    if (o.diffusion_block <= 0) d.fail("block_size", "expected a positive block size");
+  }
   if (!(o.random_length_prob >= 0 && o.random_length_prob <= 1)) {
     d.fail("random_length_prob", "expected a probability in [0, 1]");
   }
@@ -183,6 +191,14 @@ TrainerParts build_trainer_parts(const ConfigNode& recipe) {
   for (MoeLayer* l : p.model->moe_layers()) l->set_aux_losses(routing);
 
   p.options = TrainOptions::from(recipe);
+  if (p.options.objective == "block" &&
+      (p.model->attention() != "block_causal" ||
+       p.model->attention_block() != p.options.diffusion_block)) {
+    recipe.at("diffusion").fail(
+        "objective", str("block diffusion trains a block-causal model with the same block size: "
+                         "set model.attention: block_causal and model.block_size: ",
+                         p.options.diffusion_block));
+  }
   if (recipe.has("upcycle")) UpcycleOptions::from(recipe.at("upcycle"));
   if (recipe.has("init")) {
     ConfigNode init = recipe.at("init");
@@ -325,11 +341,37 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm,
       const int64_t len = torch::randint(1, x0.size(1) + 1, {1}, gen).item<int64_t>();
       x0 = x0.narrow(1, 0, len).contiguous();
     }
-    auto t = sample_t(W * B, *parts_.schedule, gen);
-    auto u = torch::rand({W * B, x0.size(1)}, gen);
-    DiffusionBatch batch = corrupt_with(x0, t.narrow(0, r * B, B), u.narrow(0, r * B, B),
-                                        *parts_.schedule, model.mask_id());
-    ModelInput in(batch.xt_BL, batch.index_M);
+    const int64_t Lb = x0.size(1);
+    DiffusionBatch batch;
+    at::Tensor bd3_bias;
+    if (o.objective == "block") {
+      // BD3-LM: one t per (sequence, block), stratified over all of the global batch's blocks.
+      const int64_t nb = (Lb + o.diffusion_block - 1) / o.diffusion_block;
+      auto t = sample_t(W * B * nb, *parts_.schedule, gen).view({W * B, nb});
+      auto u = torch::rand({W * B, Lb}, gen);
+      auto t_BL = t.narrow(0, r * B, B)
+                      .repeat_interleave(o.diffusion_block, 1)
+                      .narrow(1, 0, Lb)
+                      .contiguous();
+      batch = corrupt_per_token(x0, t_BL, u.narrow(0, r * B, B), *parts_.schedule,
+                                model.mask_id());
+      // The noisy half's masked positions within the [x_t ; x_0] input of length 2 Lb.
+      const auto row = batch.index_M.div(Lb, "floor");
+      batch.index_M = row * (2 * Lb) + (batch.index_M - row * Lb);
+      bd3_bias = bd3_training_bias(Lb, o.diffusion_block);
+    } else {
+      auto t = sample_t(W * B, *parts_.schedule, gen);
+      auto u = torch::rand({W * B, Lb}, gen);
+      batch = corrupt_with(x0, t.narrow(0, r * B, B), u.narrow(0, r * B, B), *parts_.schedule,
+                           model.mask_id());
+    }
+    ModelInput in(bd3_bias.defined() ? torch::cat({batch.xt_BL, x0}, 1) : batch.xt_BL,
+                  batch.index_M);
+    if (bd3_bias.defined()) {
+      in.attn_bias = bd3_bias;
+      auto pos = torch::arange(Lb, torch::kLong);
+      in.positions_L = torch::cat({pos, pos});
+    }
     in.step = step;
     in.micro = m;
     ModelOutput out = model.forward(in);
@@ -406,7 +448,8 @@ void Trainer::evaluate(nlohmann::json* metrics) {
   }
   NelboResult r = validation_nelbo(*parts_.model, val_seqs_, parts_.options.eval_batch_size,
                                    static_cast<uint64_t>(parts_.options.eval_seed),
-                                   dp_ ? dp_->rank() : 0, static_cast<int>(world()), sum);
+                                   dp_ ? dp_->rank() : 0, static_cast<int>(world()), sum,
+                                   parts_.options.objective == "block" ? parts_.options.diffusion_block : 0);
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   state_.last_val_nelbo = r.nelbo;

@@ -34,6 +34,10 @@ struct TrainOptions {
   int64_t ckpt_every = 0;  ///< 0: only at the end (and on interrupt)
   int64_t keep_checkpoints = 2;
   double random_length_prob = 0.0;  ///< LLaDA's 1%: truncate the batch to a random length
+  /// diffusion.objective: masked (one t per sequence, MDLM/LLaDA) or block (BD3-LM: one t per
+  /// block of diffusion.block_size, the vectorised [x_t ; x_0] forward with BD3's mask).
+  std::string objective = "masked";
+  int64_t diffusion_block = 0;
   int64_t eval_every = 0;           ///< 0: only at the end
   int64_t eval_sequences = 128;
   int64_t eval_batch_size = 32;

@@ -154,9 +154,12 @@ TEST(E2ECli, EveryShippedRecipeTrainsAndGenerates) {
     }
     auto t = run_mixdiff(args);
     ASSERT_EQ(t.status, 0) << t.err << t.out;
-    auto g = run_mixdiff({"generate", "--ckpt", run, "--set", "generate.sampler.gen_length=8",
-                          "--set", "generate.sampler.steps=8", "--set",
-                          "generate.sampler.block_length=8"});
+    const bool block_sampler = test::read_text(r.string()).find("block_diffusion") != std::string::npos;
+    auto g = block_sampler
+                 ? run_mixdiff({"generate", "--ckpt", run, "--set", "generate.sampler.gen_length=16"})
+                 : run_mixdiff({"generate", "--ckpt", run, "--set", "generate.sampler.gen_length=8",
+                                "--set", "generate.sampler.steps=8", "--set",
+                                "generate.sampler.block_length=8"});
     ASSERT_EQ(g.status, 0) << g.err;
     EXPECT_NE(g.out.find("sample: "), std::string::npos) << g.out;
     auto i = run_mixdiff({"inspect", "--ckpt", run});

@@ -74,7 +74,7 @@ double logit_diff(ModelBase& a, ModelBase& b) {
 const char* kRouterSoftmax = "{kind: token_choice, top_k: 2}";
 
 TEST(ComponentArch, UniPoolWithPartitionMasksEqualsVanillaMoe) {
-  for (const std::string router : {std::string(kRouterSoftmax),
+  for (const std::string& router : {std::string(kRouterSoftmax),
                                    std::string("{kind: norm_router, top_k: 2, init: one}")}) {
     SCOPED_TRACE(router);
     auto vanilla = model("moe_dlm", "{n_expert: 4, d_expert: 8, first_k_dense: 1, router: " + router + "}");

@@ -1,0 +1,229 @@
+// Block routing policies (src/moe/block_routing.h; algorithms.md section 10):
+//   token      no restriction (the baseline)
+//   dmoe       dMoE (arXiv 2605.30876): the scores of every token's top-K experts are summed over
+//              the block and normalised; the coreset is the smallest prefix of experts (by that
+//              share) whose cumulative share exceeds `p` (the crossing expert included); if it has
+//              fewer than `guard` experts, the top-`guard` instead (dMoE: p 0.6, guard 16 at
+//              inference, 12 in training)
+//   des_vote   DES-Vote (arXiv 2602.00879, RECONSTRUCTED): tokens vote with their gate weights;
+//              the coreset is the `budget` most voted experts
+//   des_seq    DES-Seq (NOT FOUND, proposed): the union over the block of every token's top-`k_prime`
+//              experts
+//   admission  LLaDA2.2-style admission: the `capacity` experts with the highest block-max score
+//   interval   TIDE-style interval refresh (arXiv 2605.20179): every `tau` denoising steps (and for
+//              every new block) the coreset becomes the `budget` experts the block's tokens chose
+//              most; in between the block keeps it
+// Scores: the router's raw scores where they differ from its probabilities (sigmoid, NormRouter),
+// else the probabilities.
+#include <torch/torch.h>
+
+#include <limits>
+#include <map>
+#include <utility>
+
+#include "core/errors.h"
+#include "moe/block_routing.h"
+
+namespace mixdiff {
+
+namespace {
+
+const at::Tensor& scores_of(const RoutingDecision& d) {
+  return d.scores_TS.defined() ? d.scores_TS : d.probs_TS;
+}
+
+/// [NB, S] sum over each block's tokens of `v_TS`.
+at::Tensor per_block_sum(const at::Tensor& v_TS, const at::Tensor& inv, int64_t NB) {
+  return torch::zeros({NB, v_TS.size(1)}, v_TS.options()).index_add(0, inv, v_TS);
+}
+
+/// [T, S] scores at each token's chosen slots, 0 elsewhere.
+at::Tensor chosen_scores(const RoutingDecision& d, int64_t S) {
+  const auto& s = scores_of(d);
+  auto out = torch::zeros({s.size(0), S}, s.options());
+  if (d.token_A.numel() == 0) return out;
+  return out.index_put({d.token_A, d.expert_A}, s.index({d.token_A, d.expert_A}));
+}
+
+/// bool [NB, S] marking the top-`n` of each row of `v`.
+at::Tensor top_mask(const at::Tensor& v, int64_t n) {
+  n = std::min<int64_t>(n, v.size(1));
+  return torch::zeros(v.sizes(), torch::kBool).scatter_(1, topk_indices(v, n), true);
+}
+
+class TokenLevel : public BlockRoutingPolicy {
+ public:
+  at::Tensor allowed(const BlockRoutingInput&) override { return {}; }
+  bool restricts() const override { return false; }
+  std::string describe() const override { return "token-level routing"; }
+};
+
+class Dmoe : public BlockRoutingPolicy {
+ public:
+  explicit Dmoe(const ConfigNode& c) {
+    p_ = c.get<double>("p", 0.6);
+    if (!(p_ > 0 && p_ <= 1)) c.fail("p", "expected a share in (0, 1]");
+    guard_ = c.get<int64_t>("guard", 16);
+    if (guard_ < 1) c.fail("guard", "expected at least 1 expert");
+  }
+  at::Tensor allowed(const BlockRoutingInput& in) override {
+    const auto& d = in.token_level;
+    const int64_t S = d.n_expert;
+    auto [ids, inv] = block_index(in.block_T);
+    const int64_t NB = ids.size(0);
+    auto v = per_block_sum(chosen_scores(d, S).detach(), inv, NB);
+    v = v / (v.sum(-1, true) + 1e-20);
+    auto sorted = v.sort(/*stable=*/true, -1, /*descending=*/true);
+    auto sv = std::get<0>(sorted), si = std::get<1>(sorted);
+    auto before = sv.cumsum(-1) - sv;
+    auto keep = before < p_;  // up to and including the expert that crosses p
+    keep.select(1, 0).fill_(true);
+    auto core = torch::zeros({NB, S}, torch::kBool).scatter_(1, si, keep);
+    auto small = core.sum(-1) < std::min(guard_, S);
+    if (small.any().item<bool>()) {
+      core = torch::where(small.unsqueeze(1), top_mask(v, guard_), core);
+    }
+    return core.index_select(0, inv);
+  }
+  std::string describe() const override {
+    return str("dmoe (p ", format_double(p_), ", guard ", guard_, ")");
+  }
+
+ private:
+  double p_ = 0.6;
+  int64_t guard_ = 16;
+};
+
+class DesVote : public BlockRoutingPolicy {
+ public:
+  explicit DesVote(const ConfigNode& c) : budget_(c.get<int64_t>("budget", 16)) {
+    if (budget_ < 1) c.fail("budget", "expected at least 1 expert");
+  }
+  at::Tensor allowed(const BlockRoutingInput& in) override {
+    const auto& d = in.token_level;
+    const int64_t S = d.n_expert;
+    auto [ids, inv] = block_index(in.block_T);
+    auto w = torch::zeros({scores_of(d).size(0), S});
+    if (d.token_A.numel() > 0) w.index_put_({d.token_A, d.expert_A}, d.gate_A.detach().to(torch::kFloat32));
+    auto votes = per_block_sum(w, inv, ids.size(0));
+    return top_mask(votes, budget_).index_select(0, inv);
+  }
+  std::string describe() const override { return str("des_vote (budget ", budget_, ")"); }
+
+ private:
+  int64_t budget_;
+};
+
+class DesSeq : public BlockRoutingPolicy {
+ public:
+  explicit DesSeq(const ConfigNode& c) : k_prime_(c.get<int64_t>("k_prime", 2)) {
+    if (k_prime_ < 1) c.fail("k_prime", "expected at least 1");
+  }
+  at::Tensor allowed(const BlockRoutingInput& in) override {
+    const auto& d = in.token_level;
+    const int64_t S = d.n_expert;
+    auto [ids, inv] = block_index(in.block_T);
+    auto s = scores_of(d).detach().narrow(1, 0, S);
+    auto mine = torch::zeros({s.size(0), S}).scatter_(1, topk_indices(s, std::min(k_prime_, S)), 1.0);
+    auto core = per_block_sum(mine, inv, ids.size(0)) > 0;
+    // Each token still needs K experts inside the union: fill up from the block's best.
+    const int64_t K = std::min(d.top_k, S);
+    auto small = core.sum(-1) < K;
+    if (small.any().item<bool>()) {
+      auto best = top_mask(per_block_sum(s, inv, ids.size(0)), K);
+      core = torch::where(small.unsqueeze(1), core | best, core);
+    }
+    return core.index_select(0, inv);
+  }
+  std::string describe() const override { return str("des_seq (k' ", k_prime_, ")"); }
+
+ private:
+  int64_t k_prime_;
+};
+
+class Admission : public BlockRoutingPolicy {
+ public:
+  explicit Admission(const ConfigNode& c) : capacity_(c.get<int64_t>("capacity", 16)) {
+    if (capacity_ < 1) c.fail("capacity", "expected at least 1 expert");
+  }
+  at::Tensor allowed(const BlockRoutingInput& in) override {
+    const auto& d = in.token_level;
+    const int64_t S = d.n_expert;
+    auto [ids, inv] = block_index(in.block_T);
+    const int64_t NB = ids.size(0);
+    auto s = scores_of(d).detach().narrow(1, 0, S).contiguous();
+    auto mx = torch::full({NB, S}, -std::numeric_limits<float>::infinity());
+    mx = mx.index_reduce(0, inv, s, "amax", /*include_self=*/true);
+    return top_mask(mx, capacity_).index_select(0, inv);
+  }
+  std::string describe() const override { return str("admission (capacity ", capacity_, ")"); }
+
+ private:
+  int64_t capacity_;
+};
+
+class Interval : public BlockRoutingPolicy {
+ public:
+  explicit Interval(const ConfigNode& c)
+      : tau_(c.get<int64_t>("tau", 4)), budget_(c.get<int64_t>("budget", 16)) {
+    if (tau_ < 1) c.fail("tau", "expected at least 1 step");
+    if (budget_ < 1) c.fail("budget", "expected at least 1 expert");
+  }
+  at::Tensor allowed(const BlockRoutingInput& in) override {
+    const auto& d = in.token_level;
+    const int64_t S = d.n_expert;
+    auto [ids, inv] = block_index(in.block_T);
+    const int64_t NB = ids.size(0);
+    auto counts = torch::zeros({scores_of(d).size(0), S});
+    if (d.token_A.numel() > 0) counts.index_put_({d.token_A, d.expert_A}, torch::ones({d.token_A.size(0)}));
+    auto fresh = top_mask(per_block_sum(counts, inv, NB), budget_);
+    auto core = torch::empty({NB, S}, torch::kBool);
+    for (int64_t b = 0; b < NB; ++b) {
+      const auto key = std::make_pair(in.layer, ids[b].item<int64_t>());
+      auto it = memory_.find(key);
+      if (it == memory_.end() || in.step % tau_ == 0) {
+        memory_[key] = fresh[b].clone();
+        core[b].copy_(fresh[b]);
+      } else {
+        core[b].copy_(it->second);
+      }
+    }
+    return core.index_select(0, inv);
+  }
+  void reset() override { memory_.clear(); }
+  std::string describe() const override {
+    return str("interval (tau ", tau_, ", budget ", budget_, ")");
+  }
+
+ private:
+  int64_t tau_, budget_;
+  std::map<std::pair<int64_t, int64_t>, at::Tensor> memory_;
+};
+
+template <class T>
+std::shared_ptr<BlockRoutingPolicy> make(const ConfigNode& c) {
+  return std::make_shared<T>(c);
+}
+
+MIXDIFF_REGISTER(block_routing_registry(), "token", "token-level routing (no restriction)",
+                 [](const ConfigNode&) -> std::shared_ptr<BlockRoutingPolicy> {
+                   return std::make_shared<TokenLevel>();
+                 });
+MIXDIFF_REGISTER(block_routing_registry(), "dmoe",
+                 "dMoE coreset: top-p of the block's summed top-K scores; keys: p (0.6), guard (16)",
+                 make<Dmoe>);
+MIXDIFF_REGISTER(block_routing_registry(), "des_vote",
+                 "DES-Vote: the `budget` experts with most gate-weighted votes; key: budget (16)",
+                 make<DesVote>);
+MIXDIFF_REGISTER(block_routing_registry(), "des_seq",
+                 "DES-Seq: union of every token's top-k' experts; key: k_prime (2)", make<DesSeq>);
+MIXDIFF_REGISTER(block_routing_registry(), "admission",
+                 "admission of the top-C experts by block-max score; key: capacity (16)",
+                 make<Admission>);
+MIXDIFF_REGISTER(block_routing_registry(), "interval",
+                 "TIDE-style interval refresh: the budget most chosen experts, kept for tau "
+                 "steps; keys: tau (4), budget (16)",
+                 make<Interval>);
+
+}  // namespace
+}  // namespace mixdiff
