@@ -7,6 +7,8 @@
 #            slower; installing libopenblas0-pthread switches libblas.so.3 to it.
 #   data:    the built-in English corpora: bible-kjv (KJV Bible), fortunes, wordnet-base
 #   tests:   with --tests also Debian's chromium (the report test opens report.html headless)
+#            and python3-torch + python3-yaml (the PyTorch reference of tools/reference/, used by
+#            the parity test; it imports only under /usr/bin/python3)
 # Usage: tools/setup.sh [--tests]   (as root, or with sudo available)
 set -euo pipefail
 
@@ -17,7 +19,7 @@ PACKAGES=(
   bible-kjv fortunes wordnet-base
 )
 
-if [ "${1:-}" = "--tests" ]; then PACKAGES+=(chromium); fi
+if [ "${1:-}" = "--tests" ]; then PACKAGES+=(chromium python3-torch python3-yaml); fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -67,6 +67,25 @@ struct BenchMoeArgs {
 /// `mixdiff bench moe-layer`: MoE layer vs dense FFN of equal active FLOPs, over E.
 int cmd_bench_moe_layer(const BenchMoeArgs& a);
 
+struct BenchTrainArgs {
+  std::string recipe;
+  std::vector<std::string> overrides;
+  int64_t steps = 10, warmup = 2, vocab = 4096;
+  bool profile = false;
+};
+/// `mixdiff bench train`: the trainer's step on random tokens: tokens/s (forward/backward), MFU,
+/// peak memory, and with --profile the time per component.
+int cmd_bench_train(const BenchTrainArgs& a);
+
+struct BenchGenerateArgs {
+  std::string ckpt;
+  std::vector<std::string> overrides;
+  int repeats = 3;
+  int64_t prompt_len = 8;
+};
+/// `mixdiff bench generate`: the checkpoint's sampler: tokens/s, forwards per token, peak memory.
+int cmd_bench_generate(const BenchGenerateArgs& a);
+
 /// The recipe's `infer` section for block-routing evaluation (src/app/block_eval.cpp):
 /// infer.block_routing {kind, block_size, policy keys}, infer.infill {samples, context, span, seed}.
 struct BlockEvalSettings {

@@ -1,9 +1,12 @@
+// Benchmarks, measured side by side in one process (README, "Benchmarks").
+//
 // `mixdiff bench moe-layer`: forward+backward time of one MoE layer against a dense SwiGLU of
 // the same active FLOPs (d_ff = K * d_expert), for several expert counts E at fixed K and expert
 // width, with the share of the layer's time spent outside the expert GEMMs (routing, sorting,
 // gathering, combining; the router's own forward+backward is shown apart). All cases are built first, warmed up twice, then timed in interleaved
 // rounds (dense, MoE E1, experts-only E1, MoE E2, ...) in one process; medians are reported and
 // the JSON line carries every number.
+#include <sys/resource.h>
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -20,9 +23,15 @@
 #include "core/config.h"
 #include "core/errors.h"
 #include "core/fs.h"
+#include "core/profile.h"
+#include "diffusion/diffusion.h"
+#include "infer/sampler.h"
 #include "moe/experts.h"
 #include "moe/moe_layer.h"
 #include "nn/layers.h"
+#include "train/checkpoint.h"
+#include "train/optim.h"
+#include "train/trainer.h"
 
 namespace mixdiff {
 
@@ -170,6 +179,169 @@ int cmd_bench_moe_layer(const BenchMoeArgs& a) {
             << "\n"
             << tbl.str() << j.dump() << std::endl;
   if (!a.json.empty()) write_file_atomic(a.json, j.dump(2) + "\n");
+  return 0;
+}
+
+}  // namespace mixdiff
+
+// ---------------------------------------------------------------------------------------------
+// `mixdiff bench train` / `mixdiff bench generate`: throughput of the training step and of
+// generation, peak memory, and model FLOPs utilisation against this machine's measured matmul
+// peak. The training bench feeds random tokens of the recipe's shape through exactly the
+// trainer's step (forward, loss terms, routing losses, backward, clipping, AdamW), so its numbers
+// compare with the PyTorch reference's (tools/reference/mixdiff_ref.py, same workload).
+
+namespace mixdiff {
+
+namespace {
+
+double peak_rss_mb() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_maxrss) / 1024.0;
+}
+
+/// GFLOP/s of a 1024^3 fp32 matmul (median of 5), the "peak" that MFU is measured against.
+double matmul_peak_gflops() {
+  torch::NoGradGuard ng;
+  auto a = torch::randn({1024, 1024}), b = torch::randn({1024, 1024});
+  std::vector<double> t;
+  for (int i = 0; i < 7; ++i) {
+    const double s = seconds([&] { auto c = torch::mm(a, b); });
+    if (i >= 2) t.push_back(s);
+  }
+  return 2.0 * 1024 * 1024 * 1024 / median(t) / 1e9;
+}
+
+}  // namespace
+
+int cmd_bench_train(const BenchTrainArgs& a) {
+  ConfigNode recipe = ConfigNode::from_file(a.recipe);
+  for (const auto& o : a.overrides) recipe.apply_override(o);
+  torch::set_num_threads(static_cast<int>(recipe.section("runtime").get<int64_t>("threads", 1)));
+  ConfigNode mc = recipe.at("model");
+  if (!mc.has("vocab_size")) mc.set<int64_t>("vocab_size", a.vocab);
+  torch::manual_seed(0);
+  auto model = build_model(mc);
+  ConfigNode sc = recipe.at("diffusion").at("schedule");
+  auto schedule = schedules_registry().create(sc.get<std::string>("kind"), "schedule", sc);
+  std::vector<WeightedLoss> terms;
+  std::vector<WeightedRoutingLoss> routing;
+  ConfigNode ls = recipe.at("losses");
+  for (size_t i = 0; i < ls.size(); ++i) {
+    WeightedLoss w{ls[i].get<std::string>("kind"), ls[i].get<double>("weight", 1.0), nullptr};
+    w.term = losses_registry().create(w.name, ls[i].path() + ".kind", ls[i]);
+    w.routing = w.term->is_routing();
+    if (w.routing) routing.push_back({w.name, w.weight, std::dynamic_pointer_cast<RoutingLoss>(w.term)});
+    terms.push_back(w);
+  }
+  for (MoeLayer* l : model->moe_layers()) {
+    l->set_aux_losses(routing);
+    l->set_aux_scale(1.0);
+  }
+  ConfigNode oc = recipe.at("optim");
+  auto opt = optimizers_registry().create(oc.get<std::string>("kind"), "optim", oc, *model);
+  const double clip = recipe.at("train").get<double>("grad_clip", 1.0);
+  const int64_t B = recipe.at("train").get<int64_t>("batch_size");
+  const int64_t L = recipe.at("data").get<int64_t>("seq_len");
+  const int64_t V = model->vocab_size();
+  model->train();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(1);
+  double fwd = 0, bwd = 0;
+  int64_t timed = 0;
+  if (a.profile) profile::g_enabled = true;
+  for (int64_t s = 0; s < a.warmup + a.steps; ++s) {
+    if (s == a.warmup) profile::take();  // drop the warm-up's profile
+    auto x0 = torch::randint(0, V, {B, L}, gen);
+    auto t = torch::rand({B}, gen);
+    auto u = torch::rand({B, L}, gen);
+    DiffusionBatch batch = corrupt_with(x0, t, u, *schedule, model->mask_id());
+    const auto t0 = std::chrono::steady_clock::now();
+    ModelOutput out;
+    {
+      profile::Scope f("forward");
+      out = model->forward(ModelInput(batch.xt_BL, batch.index_M));
+    }
+    at::Tensor total;
+    for (auto& w : terms) {
+      if (w.routing) continue;
+      auto v = w.term->compute(out, batch) * w.weight;
+      total = total.defined() ? total + v : v;
+    }
+    const auto t1 = std::chrono::steady_clock::now();
+    {
+      profile::Scope b("backward");
+      total.backward();
+    }
+    {
+      profile::Scope o("optimizer_and_clip");
+      if (clip > 0) torch::nn::utils::clip_grad_norm_(model->parameters(), clip);
+      opt->step();
+      opt->zero_grad();
+    }
+    for (MoeLayer* l : model->moe_layers()) {
+      l->take_aux_values();
+      l->step_end(StatReducer());
+      l->take_stats();
+    }
+    const auto t2 = std::chrono::steady_clock::now();
+    if (s >= a.warmup) {
+      fwd += std::chrono::duration<double>(t1 - t0).count();
+      bwd += std::chrono::duration<double>(t2 - t1).count();
+      ++timed;
+    }
+  }
+  profile::g_enabled = false;
+  const double tokens_per_s = static_cast<double>(timed * B * L) / (fwd + bwd);
+  const double peak = matmul_peak_gflops();
+  const double fpt = model->train_flops_per_token(L);
+  nlohmann::json j = {{"impl", "mixdiff"},
+                      {"what", "train"},
+                      {"recipe", a.recipe},
+                      {"tokens_per_s", tokens_per_s},
+                      {"forward_s_per_step", fwd / static_cast<double>(timed)},
+                      {"backward_optimizer_s_per_step", bwd / static_cast<double>(timed)},
+                      {"train_flops_per_token", fpt},
+                      {"matmul_peak_gflops", peak},
+                      {"mfu", fpt * tokens_per_s / (peak * 1e9)},
+                      {"peak_rss_mb", peak_rss_mb()},
+                      {"parameters", model->num_parameters()},
+                      {"active_parameters", model->num_active_parameters()}};
+  if (a.profile) {
+    nlohmann::json p = nlohmann::json::object();
+    for (const auto& [k, v] : profile::take()) p[k] = v / static_cast<double>(timed);
+    j["profile_s_per_step"] = p;
+  }
+  std::cout << j.dump() << std::endl;
+  return 0;
+}
+
+int cmd_bench_generate(const BenchGenerateArgs& a) {
+  const std::string ckpt = resolve_checkpoint(a.ckpt);
+  verify_checkpoint(ckpt);
+  ConfigNode recipe = ConfigNode::from_file(ckpt + "/recipe.yaml");
+  for (const auto& o : a.overrides) recipe.apply_override(o);
+  torch::set_num_threads(static_cast<int>(recipe.section("runtime").get<int64_t>("threads", 1)));
+  auto model = build_model(recipe.at("model"));
+  load_model_weights(*model, ckpt + "/model.safetensors");
+  model->eval();
+  GenerateSettings g = GenerateSettings::from(recipe);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(0);
+  auto prompt = torch::randint(0, model->vocab_size(), {1, a.prompt_len}, gen);
+  std::vector<double> t;
+  SampleResult r;
+  for (int i = 0; i <= a.repeats; ++i) {
+    const double s = seconds([&] { r = g.sampler->generate(*model, prompt, gen); });
+    if (i > 0) t.push_back(s);  // the first run warms up
+  }
+  const double G = static_cast<double>(g.sampler->gen_length());
+  nlohmann::json j = {{"impl", "mixdiff"},
+                      {"what", "generate"},
+                      {"checkpoint", ckpt},
+                      {"tokens_per_s", G / median(t)},
+                      {"forwards_per_token", static_cast<double>(r.forwards) / G},
+                      {"peak_rss_mb", peak_rss_mb()}};
+  std::cout << j.dump() << std::endl;
   return 0;
 }
 

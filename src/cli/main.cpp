@@ -153,6 +153,22 @@ int run(int argc, char** argv) {
       break;
     }
   }
+  mixdiff::BenchTrainArgs bt;
+  auto* btr = b->add_subcommand("train", "the training step on random tokens of a recipe's shape");
+  btr->add_option("recipe", bt.recipe, "recipe")->required();
+  btr->add_option("--set", bt.overrides, kSetHelp)->allow_extra_args(false);
+  btr->add_option("--steps", bt.steps, "timed steps")->capture_default_str();
+  btr->add_option("--warmup", bt.warmup, "untimed steps first")->capture_default_str();
+  btr->add_option("--vocab", bt.vocab, "vocabulary when the recipe leaves it to the data")
+      ->capture_default_str();
+  btr->add_flag("--profile", bt.profile, "time per component (attention, routing, experts, ...)");
+  mixdiff::BenchGenerateArgs bg;
+  auto* bge = b->add_subcommand("generate", "generation with a checkpoint's sampler");
+  bge->add_option("--ckpt", bg.ckpt, "run or checkpoint folder")->required();
+  bge->add_option("--set", bg.overrides, kSetHelp)->allow_extra_args(false);
+  bge->add_option("--repeats", bg.repeats, "timed generations (median)")->capture_default_str();
+  bge->add_option("--prompt-len", bg.prompt_len, "random prompt tokens")->capture_default_str();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& err) {
@@ -164,6 +180,8 @@ int run(int argc, char** argv) {
   if (i->parsed()) return mixdiff::cmd_inspect(in);
   if (dp->parsed()) return mixdiff::cmd_data_prepare(prep);
   if (bml->parsed()) return mixdiff::cmd_bench_moe_layer(bm);
+  if (btr->parsed()) return mixdiff::cmd_bench_train(bt);
+  if (bge->parsed()) return mixdiff::cmd_bench_generate(bg);
   if (sc->parsed()) return mixdiff::cmd_sweep(sw);
   if (uc->parsed()) return mixdiff::cmd_upcycle(up);
   if (rp->parsed()) return mixdiff::cmd_report(rep);

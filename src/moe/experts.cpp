@@ -2,6 +2,8 @@
 
 #include <torch/torch.h>
 
+#include "core/profile.h"
+
 #include <stdexcept>
 
 namespace mixdiff {
@@ -146,13 +148,19 @@ at::Tensor ExpertPool::forward(const at::Tensor& x, const at::Tensor& token_A,
     }
     return y;
   }
+  profile::Scope dispatch_scope("dispatch");
   auto order = std::get<1>(expert_A.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
   auto tok = token_A.index_select(0, order);
   auto gate = gate_A.index_select(0, order);
   auto counts_t = torch::bincount(expert_A, {}, n_expert_).to(torch::kCPU);
   std::vector<int64_t> counts(counts_t.data_ptr<int64_t>(),
                               counts_t.data_ptr<int64_t>() + n_expert_);
-  auto ys = grouped_swiglu(x.index_select(0, tok), counts, w_gate_, w_up_, w_down_);
+  auto xs = x.index_select(0, tok);
+  at::Tensor ys;
+  {
+    profile::Scope sc("experts");
+    ys = grouped_swiglu(xs, counts, w_gate_, w_up_, w_down_);
+  }
   return y.index_add(0, tok, ys * gate.unsqueeze(1).to(ys.dtype()));
 }
 

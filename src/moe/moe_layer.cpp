@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/errors.h"
+#include "core/profile.h"
 #include "moe/block_routing.h"
 
 namespace mixdiff {
@@ -291,8 +292,13 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
     ctx.allowed_TS = block_policy_->allowed(
         BlockRoutingInput{d0, ctx.block_T, block_ * 16 + std::max<int64_t>(iteration_, 0), ctx.step});
   }
-  RoutingDecision d = router_->route(x, ctx);
+  RoutingDecision d;
+  {
+    profile::Scope sc("routing");
+    d = router_->route(x, ctx);
+  }
   at::Tensor tok = d.token_A, ex = d.expert_A, gate = d.gate_A;
+  if (keep_last_) last_ = d;
   const int64_t routed = tok.numel();
   if (o_.capacity_factor > 0) {
     const double real = ctx.valid_T.defined() ? ctx.valid_T.sum().item<double>()
@@ -315,6 +321,7 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
   const auto pool_ex = ex_.candidates_S.defined() ? ex_.candidates_S.index_select(0, ex) : ex;
   auto y = pool_->forward(x, tok, pool_ex, gate, o_.dispatch);
   if (shared_) y = y + shared_->forward(x, nullptr);
+  profile::Scope stats_scope("routing_stats_and_aux");
 
   if (updates_state(*this, ctx)) {
     {

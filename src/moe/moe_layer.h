@@ -188,6 +188,9 @@ class MoeLayer : public FeedForward {
     double sum = 0;      ///< sum over (forward, block) of the block's distinct experts
     int64_t blocks = 0;  ///< (forward, block) pairs
   };
+  /// Keep a copy of the latest forward's routing decision (parity checks).
+  void keep_last_routing(bool on) { keep_last_ = on; }
+  const RoutingDecision& last_routing() const { return last_; }
   void count_unique_experts(bool on) {
     count_unique_ = on;
     unique_ = {};
@@ -230,6 +233,8 @@ class MoeLayer : public FeedForward {
   std::shared_ptr<BlockRoutingPolicy> block_policy_;
   bool count_unique_ = false;
   UniqueExperts unique_;
+  bool keep_last_ = false;
+  RoutingDecision last_;
 };
 
 /// Distinct experts of every routing block: the sum over blocks of |experts used by the block's

@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "core/compat.h"
+#include "core/profile.h"
 
 namespace mixdiff {
 
@@ -132,6 +133,7 @@ SwiGLU::SwiGLU(int64_t d_model, int64_t d_ff) {
 }
 
 at::Tensor SwiGLU::forward(const at::Tensor& x, const RoutingContext*) {
+  profile::Scope sc("dense_ffn");
   namespace F = torch::nn::functional;
   return F::linear(F::silu(F::linear(x, w_gate_)) * F::linear(x, w_up_), w_down_);
 }
@@ -146,7 +148,12 @@ TransformerBlock::TransformerBlock(const AttentionOptions& a, std::shared_ptr<Fe
 at::Tensor TransformerBlock::forward(const at::Tensor& x, const RotaryTables& rope,
                                      const at::Tensor& bias, const RoutingContext* ctx,
                                      const at::Tensor& pos, LayerKV* kv, bool append) {
-  auto h = x + attn_->forward(attn_norm_->forward(x), rope, bias, pos, kv, append);
+  at::Tensor a;
+  {
+    profile::Scope sc("attention");
+    a = attn_->forward(attn_norm_->forward(x), rope, bias, pos, kv, append);
+  }
+  auto h = x + a;
   return ffn_->residual(h, ffn_norm_->forward(h), ctx);
 }
 

@@ -1,17 +1,83 @@
 // Built-in optimizers and learning-rate schedules.
-//   adamw          torch::optim::AdamW; weight decay on matrices only (norm gains are exempt, as
-//                  in nanoGPT / Megatron), decoupled as in Loshchilov & Hutter.
+//   adamw          AdamW; weight decay on matrices only (norm gains are exempt, as in nanoGPT /
+//                  Megatron), decoupled as in Loshchilov & Hutter. `fused: true` (default) updates
+//                  each parameter in one pass (FusedAdamW below); false uses torch::optim::AdamW.
 //   warmup_cosine  linear warm-up over warmup_steps, then cosine decay to min_lr_ratio * lr.
 //   constant       linear warm-up, then constant.
 #include <torch/torch.h>
 
 #include <cmath>
 
+#include "core/compat.h"
 #include "train/optim.h"
 
 namespace mixdiff {
 
 namespace {
+
+/// AdamW whose update is one pass over each parameter, its gradient and its two moments (the
+/// LibTorch implementation makes about nine passes and two temporaries per parameter). Same
+/// formula, operation for operation (decoupled decay, bias corrections, eps outside the square
+/// root), the same state and serialisation as torch::optim::AdamW; falls back to it for tensors
+/// that are not contiguous fp32 on the CPU and for amsgrad.
+class FusedAdamW : public torch::optim::AdamW {
+ public:
+  using torch::optim::AdamW::AdamW;
+
+  at::Tensor step(LossClosure closure = nullptr) override {
+    torch::NoGradGuard ng;
+    at::Tensor loss;
+    if (closure) loss = closure();
+    for (auto& group : param_groups()) {
+      auto& o = static_cast<torch::optim::AdamWOptions&>(group.options());
+      const double lr = o.lr(), wd = o.weight_decay(), eps = o.eps();
+      const double b1 = std::get<0>(o.betas()), b2 = std::get<1>(o.betas());
+      for (auto& p : group.params()) {
+        if (!p.grad().defined()) continue;
+        const auto& g = p.grad();
+        const bool fast = !o.amsgrad() && p.device().is_cpu() && p.scalar_type() == at::kFloat &&
+                          p.is_contiguous() && g.is_contiguous() && g.scalar_type() == at::kFloat;
+        compat::AdamMoments m = compat::adamw_moments(*this, p);
+        if (!m.exp_avg.defined()) {
+          m.exp_avg = torch::zeros_like(p, at::MemoryFormat::Preserve);
+          m.exp_avg_sq = torch::zeros_like(p, at::MemoryFormat::Preserve);
+          m.step = 0;
+        }
+        m.step += 1;
+        const double bc1 = 1 - std::pow(b1, static_cast<double>(m.step));
+        const double bc2 = 1 - std::pow(b2, static_cast<double>(m.step));
+        const double step_size = lr / bc1, bc2_sqrt = std::sqrt(bc2);
+        if (fast && m.exp_avg.is_contiguous() && m.exp_avg_sq.is_contiguous()) {
+          float* P = p.data_ptr<float>();
+          const float* G = g.data_ptr<float>();
+          float* M = m.exp_avg.data_ptr<float>();
+          float* V = m.exp_avg_sq.data_ptr<float>();
+          const auto decay = static_cast<float>(1 - lr * wd), fb1 = static_cast<float>(b1),
+                     fb2 = static_cast<float>(b2), a1 = static_cast<float>(1 - b1),
+                     a2 = static_cast<float>(1 - b2), s2 = static_cast<float>(bc2_sqrt),
+                     fe = static_cast<float>(eps), st = static_cast<float>(-step_size);
+          const int64_t n = p.numel();
+          at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
+            for (int64_t i = lo; i < hi; ++i) {
+              const float gi = G[i];
+              P[i] *= decay;
+              M[i] = M[i] * fb1 + a1 * gi;
+              V[i] = V[i] * fb2 + a2 * gi * gi;
+              P[i] += st * (M[i] / (std::sqrt(V[i]) / s2 + fe));
+            }
+          });
+        } else {  // LibTorch's sequence of operations
+          p.mul_(1 - lr * wd);
+          m.exp_avg.mul_(b1).add_(g, 1 - b1);
+          m.exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2);
+          p.addcdiv_(m.exp_avg, (m.exp_avg_sq.sqrt() / bc2_sqrt).add_(eps), -step_size);
+        }
+        compat::set_adamw_moments(*this, p, m);
+      }
+    }
+    return loss;
+  }
+};
 
 std::unique_ptr<torch::optim::Optimizer> make_adamw(const ConfigNode& c, torch::nn::Module& m) {
   const double lr = c.get<double>("lr");
@@ -32,9 +98,11 @@ std::unique_ptr<torch::optim::Optimizer> make_adamw(const ConfigNode& c, torch::
     return std::make_unique<torch::optim::AdamWOptions>(
         torch::optim::AdamWOptions(lr).betas({betas[0], betas[1]}).eps(eps).weight_decay(w));
   };
+  const bool fused = c.get<bool>("fused", true);
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(decay, opts(wd));
   if (!no_decay.empty()) groups.emplace_back(no_decay, opts(0.0));
+  if (fused) return std::make_unique<FusedAdamW>(groups, torch::optim::AdamWOptions(lr));
   return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(lr));
 }
 

@@ -15,6 +15,7 @@
 
 #include "core/errors.h"
 #include "core/fs.h"
+#include "core/profile.h"
 #include "moe/moe_layer.h"
 #include "report/report.h"
 #include "train/checkpoint.h"
@@ -335,6 +336,7 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm,
     auto gen = at::make_generator<at::CPUGeneratorImpl>(
         mix_seed(static_cast<uint64_t>(parts_.seed), static_cast<uint64_t>(step),
                  static_cast<uint64_t>(m)));
+    profile::Scope data_scope("data_and_noise");
     auto x0 = parts_.data->train_batch(state_.data_cursor + r * B, B);
     state_.data_cursor += W * B;
     if (o.random_length_prob > 0 && torch::rand({1}, gen).item<double>() < o.random_length_prob) {
@@ -374,17 +376,25 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm,
     }
     in.step = step;
     in.micro = m;
-    ModelOutput out = model.forward(in);
+    data_scope.stop();
+    ModelOutput out = [&] {
+      profile::Scope sc("forward");
+      return model.forward(in);
+    }();
     at::Tensor total;
     for (auto& l : parts_.losses) {
       if (l.routing) continue;
       auto v = l.term->compute(out, batch) * l.weight;
       total = total.defined() ? total + v : v;
     }
-    (total / static_cast<double>(o.grad_accum)).backward();
+    {
+      profile::Scope sc("backward");
+      (total / static_cast<double>(o.grad_accum)).backward();
+    }
     loss_sum += total.item<double>();
     *tokens += x0.numel() * W;
   }
+  profile::Scope opt_scope("optimizer_and_clip");
   const auto params = model.parameters();
   if (dp_) dp_->average_gradients(params, o.bucket_bytes);
   *grad_norm = o.grad_clip > 0 ? torch::nn::utils::clip_grad_norm_(params, o.grad_clip)
@@ -393,6 +403,7 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm,
   for (auto& g : parts_.optimizer->param_groups()) g.options().set_lr(lr);
   parts_.optimizer->step();
   parts_.optimizer->zero_grad();
+  opt_scope.stop();
   std::vector<double> vals{loss_sum / static_cast<double>(o.grad_accum)};
   for (MoeLayer* l : moe) {
     const auto v = l->take_aux_values();

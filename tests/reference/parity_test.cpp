@@ -1,0 +1,140 @@
+// Parity with the independent PyTorch reference (tools/reference/mixdiff_ref.py): for a fixed
+// batch and fixed masks, logits, the diffusion loss, every layer's routing decision (experts and
+// gates) and the auxiliary losses agree to float tolerance, and one AdamW step (with gradient
+// clipping) changes every weight identically. Runs the reference under /usr/bin/python3
+// (Debian's python3-torch); skipped with a message when it cannot import torch.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cstdlib>
+#include <filesystem>
+
+#include "core/safetensors.h"
+#include "moe/moe_layer.h"
+#include "support/support.h"
+#include "infer/sampler.h"
+#include "train/checkpoint.h"
+#include "train/trainer.h"
+
+namespace mixdiff {
+namespace {
+
+namespace fs = std::filesystem;
+
+bool python_torch() {
+  return std::system("/usr/bin/python3 -c 'import torch, yaml' > /dev/null 2>&1") == 0;
+}
+
+void check_parity(const std::string& name, const std::vector<std::string>& model_sets) {
+  const std::string d = test::scratch_dir("parity_" + name);
+  test::tiny_setup(d, d + "/data");
+  ConfigNode r = ConfigNode::from_file(d + "/recipe.yaml");
+  for (const auto& s : model_sets) r.apply_override(s);
+  r.apply_override("lr_schedule={kind: constant, warmup_steps: 0}");
+  TrainerParts p = build_trainer_parts(r);
+  GenerateSettings::from(r);
+  r.check_unknown_keys();
+  auto& model = *p.model;
+  {  // a non-zero selection bias, so that the reference must apply it
+    torch::NoGradGuard ng;
+    for (auto& kv : model.named_buffers()) {
+      if (kv.key().find("balancer.bias") != std::string::npos) kv.value().normal_(0.0, 0.05);
+    }
+  }
+  CheckpointContent c;
+  c.model = &model;
+  c.recipe_yaml = r.to_yaml();
+  c.tokenizer_dir = p.data->tokenizer_dir();
+  c.trainer_state = {{"tokens", 0}, {"data_cursor", 0}, {"seed", 0}};
+  const std::string ckpt = save_checkpoint(d + "/run", 0, c, 0);
+
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  auto x0 = p.data->train_batch(0, p.options.batch_size);
+  auto t = torch::rand({x0.size(0)}, gen);
+  DiffusionBatch b = corrupt(x0, t, *p.schedule, model.mask_id(), gen);
+  save_safetensors(d + "/batch.safetensors",
+                   {{"xt", b.xt_BL},
+                    {"index", b.index_M},
+                    {"target", b.target_M},
+                    {"weight", b.weight_M},
+                    {"n_slots", torch::tensor({b.n_slots}, torch::kLong)}},
+                   {});
+
+  // MixDiff's step, as the trainer takes it.
+  for (MoeLayer* l : model.moe_layers()) {
+    l->keep_last_routing(true);
+    l->set_aux_scale(1.0);
+  }
+  model.train();
+  ModelOutput out = model.forward(ModelInput(b.xt_BL, b.index_M));
+  at::Tensor elbo;
+  for (auto& w : p.losses) {
+    if (!w.routing) elbo = w.term->compute(out, b) * w.weight;
+  }
+  elbo.backward();
+  torch::nn::utils::clip_grad_norm_(model.parameters(), p.options.grad_clip);
+  p.optimizer->step();
+
+  const std::string cmd = "/usr/bin/python3 " + test::source_dir() +
+                          "/tools/reference/mixdiff_ref.py step --ckpt " + ckpt + " --batch " + d +
+                          "/batch.safetensors --out " + d + "/ref.safetensors > " + d +
+                          "/ref.log 2>&1";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << test::read_text(d + "/ref.log");
+  auto ref = load_safetensors(d + "/ref.safetensors");
+  EXPECT_LT((out.logits.detach() - ref.at("logits")).abs().max().item<double>(), 1e-4);
+  EXPECT_NEAR(elbo.item<double>(), ref.at("elbo").item<double>(), 1e-5);
+  const auto layers = model.moe_layers();
+  for (size_t i = 0; i < layers.size(); ++i) {
+    SCOPED_TRACE(testing::Message() << "MoE layer " << i);
+    const auto& dl = layers[i]->last_routing();
+    auto ex = ref.at(str("route.", i, ".experts"));
+    const int64_t T = ex.size(0), K = ex.size(1);
+    ASSERT_EQ(dl.expert_A.numel(), T * K);
+    EXPECT_TRUE(torch::equal(dl.expert_A.view({T, K}), ex));
+    EXPECT_LT((dl.gate_A.detach().view({T, K}) - ref.at(str("route.", i, ".gates"))).abs().max()
+                  .item<double>(),
+              1e-5);
+  }
+  std::vector<double> aux_sum;
+  for (MoeLayer* l : layers) {
+    const auto v = l->take_aux_values();
+    if (aux_sum.empty()) aux_sum.assign(v.size(), 0.0);
+    for (size_t k = 0; k < v.size(); ++k) aux_sum[k] += v[k] / static_cast<double>(layers.size());
+  }
+  size_t k = 0;
+  for (const auto& w : p.losses) {
+    if (!w.routing) continue;
+    EXPECT_NEAR(aux_sum[k++], ref.at("aux." + w.name).item<double>(), 1e-5) << w.name;
+  }
+  int64_t compared = 0;
+  for (const auto& kv : model.named_parameters()) {
+    auto it = ref.find("after." + kv.key());
+    ASSERT_NE(it, ref.end()) << kv.key();
+    EXPECT_LT((kv.value().detach() - it->second).abs().max().item<double>(), 2e-6) << kv.key();
+    ++compared;
+  }
+  EXPECT_GT(compared, 10);
+}
+
+TEST(ComponentParity, DenseModelMatchesThePyTorchReference) {
+  if (!python_torch()) GTEST_SKIP() << "/usr/bin/python3 cannot import torch (python3-torch)";
+  check_parity("dense", {"model.qk_norm=true", "model.n_kv_head=1"});
+}
+
+TEST(ComponentParity, MoeModelMatchesThePyTorchReference) {
+  if (!python_torch()) GTEST_SKIP() << "/usr/bin/python3 cannot import torch (python3-torch)";
+  check_parity("moe_softmax",
+               {"model.kind=moe_dlm",
+                "model.moe={n_expert: 6, d_expert: 16, n_shared: 1, first_k_dense: 1, router: "
+                "{kind: token_choice, top_k: 2}}",
+                "losses=[{kind: masked_diffusion_elbo}, {kind: load_balance, weight: 0.01}, "
+                "{kind: z_loss, weight: 0.001}]"});
+  check_parity("moe_sigmoid",
+               {"model.kind=moe_dlm",
+                "model.moe={n_expert: 8, d_expert: 16, router: {kind: token_choice, top_k: 3, "
+                "score: sigmoid, scaling: 2.5, balancer: {kind: aux_free}}}",
+                "losses=[{kind: masked_diffusion_elbo}, {kind: z_loss, weight: 0.001}]"});
+}
+
+}  // namespace
+}  // namespace mixdiff

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# MixDiff vs the PyTorch reference (tools/reference/mixdiff_ref.py) on this machine, measured in
+# one invocation, alternating the two, REPEATS times each: training tokens/s on random tokens of a
+# recipe's shape, and generation tokens/s with a checkpoint's sampler. Prints every run and the
+# ratio MixDiff / reference with min / median / max over the repeats.
+#   tools/bench_reference.sh RECIPE [CHECKPOINT] [REPEATS]
+# e.g. tools/bench_reference.sh recipes/quickstart_moe.yaml runs/quickstart_moe 3
+set -euo pipefail
+cd "$(dirname "$0")/.."
+recipe=${1:?usage: tools/bench_reference.sh RECIPE [CHECKPOINT] [REPEATS]}
+ckpt=${2:-}
+repeats=${3:-3}
+py=/usr/bin/python3
+out=$(mktemp -d /tmp/mixdiff_vs_ref.XXXXXX)
+for i in $(seq "$repeats"); do
+  ./build/mixdiff bench train "$recipe" --steps 6 --warmup 2 | tail -n 1 >> "$out/train_mixdiff.jsonl"
+  $py tools/reference/mixdiff_ref.py bench-train --recipe "$recipe" --steps 6 --warmup 2 >> "$out/train_ref.jsonl"
+  if [ -n "$ckpt" ]; then
+    ./build/mixdiff bench generate --ckpt "$ckpt" --repeats 2 | tail -n 1 >> "$out/gen_mixdiff.jsonl"
+    $py tools/reference/mixdiff_ref.py bench-generate --ckpt "$(./build/mixdiff inspect --ckpt "$ckpt" | awk 'NR==1{print $2}')" --repeats 2 >> "$out/gen_ref.jsonl"
+  fi
+done
+$py - "$out" <<'PY'
+import json, os, statistics, sys
+d = sys.argv[1]
+def rows(n):
+    p = os.path.join(d, n)
+    return [json.loads(l) for l in open(p)] if os.path.exists(p) else []
+for what in ("train", "gen"):
+    m, r = rows(f"{what}_mixdiff.jsonl"), rows(f"{what}_ref.jsonl")
+    if not m:
+        continue
+    ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(m, r)]
+    print(f"{what:5s} mixdiff tokens/s {[round(x['tokens_per_s']) for x in m]}"
+          f"  reference {[round(x['tokens_per_s']) for x in r]}")
+    print(f"{what:5s} ratio mixdiff/reference: min {min(ratios):.2f}  median {statistics.median(ratios):.2f}"
+          f"  max {max(ratios):.2f}   peak RSS MB mixdiff {max(x['peak_rss_mb'] for x in m):.0f}"
+          f" reference {max(x['peak_rss_mb'] for x in r):.0f}")
+PY
