@@ -24,6 +24,7 @@
 #include "core/errors.h"
 #include "core/fs.h"
 #include "core/profile.h"
+#include <torch/csrc/autograd/profiler_legacy.h>
 #include "diffusion/diffusion.h"
 #include "infer/sampler.h"
 #include "moe/experts.h"
@@ -256,6 +257,8 @@ int cmd_bench_train(const BenchTrainArgs& a) {
     auto t = torch::rand({B}, gen);
     auto u = torch::rand({B, L}, gen);
     DiffusionBatch batch = corrupt_with(x0, t, u, *schedule, model->mask_id());
+    std::unique_ptr<torch::autograd::profiler::RecordProfile> rp;
+    if (getenv("MD_TRACE") && s == a.warmup) rp = std::make_unique<torch::autograd::profiler::RecordProfile>(getenv("MD_TRACE"));
     const auto t0 = std::chrono::steady_clock::now();
     ModelOutput out;
     {
@@ -275,9 +278,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
     }
     {
       profile::Scope o("optimizer_and_clip");
-      if (clip > 0) torch::nn::utils::clip_grad_norm_(model->parameters(), clip);
-      opt->step();
-      opt->zero_grad();
+      clip_step_zero(*opt, model->parameters(), clip);
     }
     for (MoeLayer* l : model->moe_layers()) {
       l->take_aux_values();

@@ -7,14 +7,75 @@
 
 #include "core/compat.h"
 #include "core/profile.h"
+#include "nn/fused_kernels.h"
 
 namespace mixdiff {
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+bool fusable(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }
+
+struct RMSNormFn : public torch::autograd::Function<RMSNormFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            double eps) {
+    auto xc = x.contiguous();
+    const int64_t d = x.size(-1), rows = d > 0 ? x.numel() / d : 0;
+    auto y = at::empty_like(xc);
+    auto rstd = at::empty({rows}, xc.options());
+    auto wc = w.contiguous();
+    kernels::rmsnorm_forward(xc.data_ptr<float>(), wc.data_ptr<float>(), y.data_ptr<float>(),
+                             rstd.data_ptr<float>(), rows, d, static_cast<float>(eps));
+    ctx->save_for_backward({xc, wc, rstd});
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto& x = saved[0];
+    const auto& w = saved[1];
+    const auto& rstd = saved[2];
+    auto dy = grads[0].contiguous();
+    const int64_t d = x.size(-1), rows = rstd.size(0);
+    auto dx = at::empty_like(x);
+    auto dw = at::zeros_like(w);
+    kernels::rmsnorm_backward(dy.data_ptr<float>(), x.data_ptr<float>(), w.data_ptr<float>(),
+                              rstd.data_ptr<float>(), dx.data_ptr<float>(), dw.data_ptr<float>(),
+                              rows, d);
+    return {dx, dw, at::Tensor()};
+  }
+};
+
+/// x [B, L, H, hd] rotated with per-position tables cos, sin [L, hd].
+struct RotaryFn : public torch::autograd::Function<RotaryFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos,
+                            const at::Tensor& sin) {
+    auto xc = x.contiguous(), c = cos.contiguous(), s = sin.contiguous();
+    auto y = at::empty_like(xc);
+    kernels::rotary(xc.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(),
+                    y.data_ptr<float>(), x.size(0), x.size(1), x.size(2), x.size(3), false);
+    ctx->save_for_backward({c, s});
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto dy = grads[0].contiguous();
+    auto dx = at::empty_like(dy);
+    kernels::rotary(dy.data_ptr<float>(), saved[0].data_ptr<float>(), saved[1].data_ptr<float>(),
+                    dx.data_ptr<float>(), dy.size(0), dy.size(1), dy.size(2), dy.size(3), true);
+    return {dx, at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
 
 RMSNorm::RMSNorm(int64_t dim, double eps) : eps_(eps) {
   weight_ = register_parameter("weight", torch::ones({dim}));
 }
 
 at::Tensor RMSNorm::forward(const at::Tensor& x) const {
+  if (fusable(x) && fusable(weight_)) return RMSNormFn::apply(x, weight_, eps_);
   return x * torch::rsqrt(x.pow(2).mean(-1, /*keepdim=*/true) + eps_) * weight_;
 }
 
@@ -32,7 +93,11 @@ RotaryTables RotaryTables::make(int64_t max_len, int64_t head_dim, double theta)
 }
 
 at::Tensor apply_rotary(const at::Tensor& x, const RotaryTables& rope, const at::Tensor& pos) {
-  const int64_t L = x.size(2), half = x.size(3) / 2;
+  return apply_rotary_BLHd(x.transpose(1, 2), rope, pos).transpose(1, 2);
+}
+
+at::Tensor apply_rotary_BLHd(const at::Tensor& x, const RotaryTables& rope, const at::Tensor& pos) {
+  const int64_t L = x.size(1), half = x.size(3) / 2;
   at::Tensor cos, sin;
   if (pos.defined()) {
     TORCH_CHECK(pos.size(0) == L, "[apply_rotary] ", pos.size(0), " positions for ", L, " tokens");
@@ -47,6 +112,9 @@ at::Tensor apply_rotary(const at::Tensor& x, const RotaryTables& rope, const at:
     cos = rope.cos_LH.narrow(0, 0, L);
     sin = rope.sin_LH.narrow(0, 0, L);
   }
+  if (fusable(x) && fusable(cos)) return RotaryFn::apply(x, cos, sin);
+  cos = cos.unsqueeze(1);  // [L, 1, hd], broadcast over heads
+  sin = sin.unsqueeze(1);
   auto swapped = torch::cat({x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
   return x * cos + swapped * sin;
 }
@@ -99,15 +167,15 @@ at::Tensor Attention::forward(const at::Tensor& x, const RotaryTables& rope,
                               bool append) {
   const int64_t B = x.size(0), L = x.size(1), H = o_.n_head, Hk = o_.n_kv_head, hd = o_.head_dim;
   auto qkv = torch::nn::functional::linear(x, wqkv_);  // [B, L, (H + 2Hk) hd]
-  auto q = qkv.narrow(-1, 0, H * hd).view({B, L, H, hd}).transpose(1, 2);  // [B, H, L, hd]
-  auto k = qkv.narrow(-1, H * hd, Hk * hd).view({B, L, Hk, hd}).transpose(1, 2);
+  auto q = qkv.narrow(-1, 0, H * hd).view({B, L, H, hd});
+  auto k = qkv.narrow(-1, H * hd, Hk * hd).view({B, L, Hk, hd});
   auto v = qkv.narrow(-1, (H + Hk) * hd, Hk * hd).view({B, L, Hk, hd}).transpose(1, 2);
   if (q_norm_) {
     q = q_norm_->forward(q);
     k = k_norm_->forward(k);
   }
-  q = apply_rotary(q, rope, pos);
-  k = apply_rotary(k, rope, pos);
+  q = apply_rotary_BLHd(q, rope, pos).transpose(1, 2);  // [B, H, L, hd]
+  k = apply_rotary_BLHd(k, rope, pos).transpose(1, 2);
   if (kv && kv->k.defined()) {  // cached keys first, then this forward's
     k = torch::cat({kv->k, k}, 2);
     v = torch::cat({kv->v, v}, 2);

@@ -16,7 +16,8 @@
 
 namespace mixdiff {
 
-/// y = x / sqrt(mean(x^2) + eps) * weight, over the last dimension.
+/// y = x / sqrt(mean(x^2) + eps) * weight, over the last dimension. fp32 CPU tensors take one
+/// fused pass forward and one backward (nn/fused_kernels.h); others the composite form.
 class RMSNorm : public torch::nn::Module {
  public:
   RMSNorm(int64_t dim, double eps);
@@ -37,6 +38,9 @@ struct RotaryTables {
 /// x [B, H, L, hd] rotated by positions 0..L-1 of the tables, or by `pos_L` (int64 [L]).
 at::Tensor apply_rotary(const at::Tensor& x_BHLd, const RotaryTables& rope,
                         const at::Tensor& pos_L = {});
+/// The same for x [B, L, H, hd] (the layout the QKV projection produces); returns that layout.
+at::Tensor apply_rotary_BLHd(const at::Tensor& x_BLHd, const RotaryTables& rope,
+                             const at::Tensor& pos_L = {});
 
 /// Additive attention bias [L, L]: 0 where query i may see key j, -inf elsewhere.
 /// block_causal: key block (j / block_size) <= query block (i / block_size).

@@ -6,6 +6,7 @@
 #include <torch/optim/optimizer.h>
 
 #include <memory>
+#include <vector>
 
 #include "core/config.h"
 #include "core/registry.h"
@@ -15,6 +16,12 @@ namespace mixdiff {
 using OptimizerRegistry =
     Registry<std::unique_ptr<torch::optim::Optimizer>, const ConfigNode&, torch::nn::Module&>;
 OptimizerRegistry& optimizers_registry();
+
+/// Clips the global L2 norm of the gradients of `params` to `max_norm` (no clipping when <= 0),
+/// steps the optimizer and zeroes the gradients; returns the norm before clipping (NaN when not
+/// clipping). With the fused AdamW the clip factor is applied inside its update.
+double clip_step_zero(torch::optim::Optimizer& opt, const std::vector<at::Tensor>& params,
+                      double max_norm);
 
 /// Multiplier of the optimizer's base learning rate at (0-based) step `step`.
 class LrSchedule {

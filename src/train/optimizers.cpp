@@ -9,6 +9,8 @@
 #include <cmath>
 
 #include "core/compat.h"
+#include "core/profile.h"
+#include "train/adamw_kernel.h"
 #include "train/optim.h"
 
 namespace mixdiff {
@@ -48,25 +50,20 @@ class FusedAdamW : public torch::optim::AdamW {
         const double bc2 = 1 - std::pow(b2, static_cast<double>(m.step));
         const double step_size = lr / bc1, bc2_sqrt = std::sqrt(bc2);
         if (fast && m.exp_avg.is_contiguous() && m.exp_avg_sq.is_contiguous()) {
-          float* P = p.data_ptr<float>();
-          const float* G = g.data_ptr<float>();
-          float* M = m.exp_avg.data_ptr<float>();
-          float* V = m.exp_avg_sq.data_ptr<float>();
-          const auto decay = static_cast<float>(1 - lr * wd), fb1 = static_cast<float>(b1),
-                     fb2 = static_cast<float>(b2), a1 = static_cast<float>(1 - b1),
-                     a2 = static_cast<float>(1 - b2), s2 = static_cast<float>(bc2_sqrt),
-                     fe = static_cast<float>(eps), st = static_cast<float>(-step_size);
-          const int64_t n = p.numel();
-          at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
-            for (int64_t i = lo; i < hi; ++i) {
-              const float gi = G[i];
-              P[i] *= decay;
-              M[i] = M[i] * fb1 + a1 * gi;
-              V[i] = V[i] * fb2 + a2 * gi * gi;
-              P[i] += st * (M[i] / (std::sqrt(V[i]) / s2 + fe));
-            }
-          });
+          AdamWScalars k;
+          k.decay = static_cast<float>(1 - lr * wd);
+          k.beta1 = static_cast<float>(b1);
+          k.beta2 = static_cast<float>(b2);
+          k.one_minus_beta1 = static_cast<float>(1 - b1);
+          k.one_minus_beta2 = static_cast<float>(1 - b2);
+          k.bc2_sqrt = static_cast<float>(bc2_sqrt);
+          k.eps = static_cast<float>(eps);
+          k.neg_step = static_cast<float>(-step_size);
+          k.grad_scale = static_cast<float>(grad_scale_);
+          adamw_update(p.data_ptr<float>(), g.data_ptr<float>(), m.exp_avg.data_ptr<float>(),
+                       m.exp_avg_sq.data_ptr<float>(), p.numel(), k);
         } else {  // LibTorch's sequence of operations
+          if (grad_scale_ != 1.0) g.mul_(grad_scale_);
           p.mul_(1 - lr * wd);
           m.exp_avg.mul_(b1).add_(g, 1 - b1);
           m.exp_avg_sq.mul_(b2).addcmul_(g, g, 1 - b2);
@@ -75,9 +72,56 @@ class FusedAdamW : public torch::optim::AdamW {
         compat::set_adamw_moments(*this, p, m);
       }
     }
+    grad_scale_ = 1.0;
     return loss;
   }
+
+  /// Multiplies the gradients by `s` inside the next step (gradient clipping without a pass over
+  /// the gradients).
+  void scale_next_gradients(double s) { grad_scale_ = s; }
+
+ private:
+  double grad_scale_ = 1.0;
 };
+
+}  // namespace
+
+double clip_step_zero(torch::optim::Optimizer& opt, const std::vector<at::Tensor>& params,
+                      double max_norm) {
+  double norm = std::nan("");
+  if (max_norm > 0) {
+    profile::Scope sc("optimizer.clip");
+    auto* fused = dynamic_cast<FusedAdamW*>(&opt);
+    if (fused) {  // torch::nn::utils::clip_grad_norm_'s formula, the factor applied in the step
+      double sq = 0;
+      for (const auto& p : params) {
+        if (!p.grad().defined()) continue;
+        const double n = p.grad().norm().item<double>();
+        sq += n * n;
+      }
+      norm = std::sqrt(sq);
+      const double coef = max_norm / (norm + 1e-6);
+      if (coef < 1) fused->scale_next_gradients(coef);
+    } else {
+      norm = torch::nn::utils::clip_grad_norm_(params, max_norm);
+    }
+  }
+  {
+    profile::Scope sc("optimizer.step");
+    opt.step();
+  }
+  // Gradients set to none (PyTorch 2's default): the next backward then stores its gradients
+  // instead of adding them to zeros, one pass over every gradient less.
+  profile::Scope sc("optimizer.zero_grad");
+  for (auto& g : opt.param_groups()) {
+    for (auto& p : g.params()) {
+      if (p.grad().defined()) p.mutable_grad() = at::Tensor();
+    }
+  }
+  return norm;
+}
+
+namespace {
 
 std::unique_ptr<torch::optim::Optimizer> make_adamw(const ConfigNode& c, torch::nn::Module& m) {
   const double lr = c.get<double>("lr");

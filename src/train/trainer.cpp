@@ -397,12 +397,9 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm,
   profile::Scope opt_scope("optimizer_and_clip");
   const auto params = model.parameters();
   if (dp_) dp_->average_gradients(params, o.bucket_bytes);
-  *grad_norm = o.grad_clip > 0 ? torch::nn::utils::clip_grad_norm_(params, o.grad_clip)
-                               : std::nan("");
   const double lr = parts_.base_lr * parts_.lr_schedule->factor(step);
   for (auto& g : parts_.optimizer->param_groups()) g.options().set_lr(lr);
-  parts_.optimizer->step();
-  parts_.optimizer->zero_grad();
+  *grad_norm = clip_step_zero(*parts_.optimizer, params, o.grad_clip);
   opt_scope.stop();
   std::vector<double> vals{loss_sum / static_cast<double>(o.grad_accum)};
   for (MoeLayer* l : moe) {

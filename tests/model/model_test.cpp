@@ -117,6 +117,46 @@ TEST(ComponentLayers, RmsNormAndRotaryProperties) {
   EXPECT_NEAR(at_pos(q, 0).dot(at_pos(k, 0)).item<double>(), q.dot(k).item<double>(), 1e-5);
 }
 
+// The fused fp32 RMSNorm and rotary kernels (forward and backward) against the composite form,
+// which LayerNorm and apply_rotary take for fp64 inputs.
+TEST(ComponentLayers, FusedNormAndRotaryMatchTheCompositeForm) {
+  torch::manual_seed(3);
+  RMSNorm n(16, 1e-6);
+  {
+    torch::NoGradGuard ng;
+    n.parameters()[0].normal_(1.0, 0.3);
+  }
+  auto x = (torch::randn({2, 5, 3, 16}) * 2).transpose(1, 2);  // non-contiguous input
+  auto xf = x.clone().requires_grad_(true);
+  auto xd = x.to(torch::kFloat64).requires_grad_(true);
+  auto r = torch::randn({2, 3, 5, 16});
+  auto yf = n.forward(xf);
+  auto yd = n.forward(xd);  // composite: fp64 x, fp32 weight
+  EXPECT_LT(max_diff(yf, yd.to(torch::kFloat32)), 1e-5);
+  auto w = n.parameters()[0];
+  (yf * r).sum().backward();
+  auto gw_fused = w.grad().clone();
+  w.mutable_grad() = at::Tensor();
+  (yd * r.to(torch::kFloat64)).sum().backward();
+  EXPECT_LT(max_diff(xf.grad(), xd.grad().to(torch::kFloat32)), 1e-5);
+  EXPECT_LT(max_diff(gw_fused, w.grad()), 1e-4);
+
+  auto rope = RotaryTables::make(16, 8, 10000.0);
+  auto q = torch::randn({2, 4, 7, 8});  // [B, H, L, hd]
+  auto pos = torch::tensor({3, 0, 9, 9, 1, 15, 2}, torch::kLong);
+  for (const bool with_pos : {false, true}) {
+    auto qf = q.clone().requires_grad_(true);
+    auto qd = q.to(torch::kFloat64).requires_grad_(true);
+    auto of = with_pos ? apply_rotary(qf, rope, pos) : apply_rotary(qf, rope);
+    auto od = with_pos ? apply_rotary(qd, rope, pos) : apply_rotary(qd, rope);
+    EXPECT_LT(max_diff(of, od.to(torch::kFloat32)), 1e-5);
+    auto rr = torch::randn_like(q);
+    (of * rr).sum().backward();
+    (od * rr.to(torch::kFloat64)).sum().backward();
+    EXPECT_LT(max_diff(qf.grad(), qd.grad().to(torch::kFloat32)), 1e-5);
+  }
+}
+
 TEST(ComponentModel, BadOptionsNameTheKey) {
   ConfigNode c = ConfigNode::from_string(
       "kind: dense_dlm\nvocab_size: 50\nd_model: 32\nn_layer: 2\nn_head: 4\nn_kv_head: 3\n"

@@ -13,6 +13,7 @@
 #include "infer/sampler.h"
 #include "support/support.h"
 #include "train/checkpoint.h"
+#include "train/optim.h"
 #include "train/trainer.h"
 
 namespace mixdiff {
@@ -60,6 +61,39 @@ std::vector<double> losses(const std::string& run_dir) {
     if (m.contains("loss")) out.push_back(m["loss"].get<double>());
   }
   return out;
+}
+
+// The fused AdamW with the clip factor folded into its update equals clip_grad_norm_ followed by
+// LibTorch's AdamW, step after step, and leaves the gradients unset.
+TEST(ComponentOptim, FusedAdamWWithFoldedClipEqualsLibTorch) {
+  auto make = [](bool fused) {
+    torch::manual_seed(7);
+    auto m = std::make_shared<torch::nn::Sequential>(torch::nn::Linear(24, 40),
+                                                     torch::nn::Linear(40, 8));
+    ConfigNode c = ConfigNode::from_string(
+        str("kind: adamw\nlr: 0.01\nweight_decay: 0.1\nfused: ", fused ? "true" : "false", "\n"),
+        "optim.yaml");
+    auto opt = optimizers_registry().create("adamw", "optim.kind", c, **m);
+    return std::make_pair(m, std::move(opt));
+  };
+  auto [ma, oa] = make(true);
+  auto [mb, ob] = make(false);
+  for (int s = 0; s < 4; ++s) {
+    auto x = torch::randn({16, 24}) * (s + 1);
+    ((*ma)->forward(x).pow(2).sum() * 50).backward();
+    ((*mb)->forward(x).pow(2).sum() * 50).backward();
+    const double na = clip_step_zero(*oa, (*ma)->parameters(), 1.0);
+    const double nb = torch::nn::utils::clip_grad_norm_((*mb)->parameters(), 1.0);
+    ob->step();
+    ob->zero_grad();
+    EXPECT_NEAR(na, nb, 1e-4 * nb);
+    EXPECT_GT(nb, 1.0);  // the clip is active
+    auto pa = (*ma)->parameters(), pb = (*mb)->parameters();
+    for (size_t i = 0; i < pa.size(); ++i) {
+      EXPECT_FALSE(pa[i].grad().defined());
+      EXPECT_LT((pa[i] - pb[i]).abs().max().item<double>(), 1e-6) << "step " << s << " param " << i;
+    }
+  }
 }
 
 TEST(E2ETrain, TinyRunLossFallsAndWritesACheckpoint) {

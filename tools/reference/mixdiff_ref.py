@@ -291,6 +291,9 @@ def cmd_step(a):
     clip = recipe.get("train", {}).get("grad_clip", 1.0)
     if clip > 0:
         torch.nn.utils.clip_grad_norm_(model.params(), clip)
+    for k, p in model.p.items():
+        if p.requires_grad:
+            res["grad." + k] = p.grad.detach().clone()
     opt.step()
     for k, p in model.p.items():
         if p.requires_grad:
