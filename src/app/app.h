@@ -82,6 +82,7 @@ struct BenchGenerateArgs {
   std::vector<std::string> overrides;
   int repeats = 3;
   int64_t prompt_len = 8;
+  bool profile = false;
 };
 /// `mixdiff bench generate`: the checkpoint's sampler: tokens/s, forwards per token, peak memory.
 int cmd_bench_generate(const BenchGenerateArgs& a);

@@ -24,7 +24,6 @@
 #include "core/errors.h"
 #include "core/fs.h"
 #include "core/profile.h"
-#include <torch/csrc/autograd/profiler_legacy.h>
 #include "diffusion/diffusion.h"
 #include "infer/sampler.h"
 #include "moe/experts.h"
@@ -257,8 +256,6 @@ int cmd_bench_train(const BenchTrainArgs& a) {
     auto t = torch::rand({B}, gen);
     auto u = torch::rand({B, L}, gen);
     DiffusionBatch batch = corrupt_with(x0, t, u, *schedule, model->mask_id());
-    std::unique_ptr<torch::autograd::profiler::RecordProfile> rp;
-    if (getenv("MD_TRACE") && s == a.warmup) rp = std::make_unique<torch::autograd::profiler::RecordProfile>(getenv("MD_TRACE"));
     const auto t0 = std::chrono::steady_clock::now();
     ModelOutput out;
     {
@@ -332,9 +329,14 @@ int cmd_bench_generate(const BenchGenerateArgs& a) {
   std::vector<double> t;
   SampleResult r;
   for (int i = 0; i <= a.repeats; ++i) {
+    if (i == 1 && a.profile) {  // the first run warms up
+      profile::take();
+      profile::g_enabled = true;
+    }
     const double s = seconds([&] { r = g.sampler->generate(*model, prompt, gen); });
-    if (i > 0) t.push_back(s);  // the first run warms up
+    if (i > 0) t.push_back(s);
   }
+  profile::g_enabled = false;
   const double G = static_cast<double>(g.sampler->gen_length());
   nlohmann::json j = {{"impl", "mixdiff"},
                       {"what", "generate"},
@@ -342,6 +344,13 @@ int cmd_bench_generate(const BenchGenerateArgs& a) {
                       {"tokens_per_s", G / median(t)},
                       {"forwards_per_token", static_cast<double>(r.forwards) / G},
                       {"peak_rss_mb", peak_rss_mb()}};
+  if (a.profile) {
+    nlohmann::json p;
+    const double n = static_cast<double>(a.repeats) * static_cast<double>(r.forwards);
+    for (const auto& [k, v] : profile::take()) p[k] = v / n;
+    j["profile_s_per_forward"] = p;
+    j["s_per_forward"] = median(t) / static_cast<double>(r.forwards);
+  }
   std::cout << j.dump() << std::endl;
   return 0;
 }

@@ -168,6 +168,7 @@ int run(int argc, char** argv) {
   bge->add_option("--set", bg.overrides, kSetHelp)->allow_extra_args(false);
   bge->add_option("--repeats", bg.repeats, "timed generations (median)")->capture_default_str();
   bge->add_option("--prompt-len", bg.prompt_len, "random prompt tokens")->capture_default_str();
+  bge->add_flag("--profile", bg.profile, "time per component (attention, routing, experts, ...)");
 
   try {
     app.parse(argc, argv);

@@ -1,5 +1,7 @@
 #include "model/transformer.h"
 
+#include "core/profile.h"
+
 #include <torch/torch.h>
 
 #include "core/errors.h"
@@ -165,6 +167,7 @@ ModelOutput TransformerDlm::forward(const ModelInput& in) {
                             in.cache ? &in.cache->layers[i] : nullptr, in.cache_append);
   }
   if (in.cache && in.cache_append && pad) in.cache->valid_BK = kv_valid;
+  profile::Scope sc("output_head");
   x = norm_->forward(x);
   if (in.logits_index_M.defined()) {
     x = x.reshape({B * L, o_.d_model}).index_select(0, in.logits_index_M);  // [M, D]

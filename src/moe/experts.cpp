@@ -3,8 +3,15 @@
 #include <torch/torch.h>
 
 #include "core/profile.h"
+#include "nn/fused_kernels.h"
 
 #include <stdexcept>
+
+#ifdef MIXDIFF_HAVE_BLAS
+extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+                       const float*, const int*, const float*, const int*, const float*, float*,
+                       const int*);
+#endif
 
 namespace mixdiff {
 
@@ -12,6 +19,49 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
+
+/// Row-major C [m, n] = alpha op(A) op(B) + beta C on raw fp32 pointers (op = transpose when
+/// ta / tb; lda, ldb, ldc are the stored row lengths). Straight to the BLAS LibTorch uses when
+/// it is linked (MIXDIFF_HAVE_BLAS): an expert's three GEMMs then cost no tensor views, no
+/// dispatch and no checks, which at decode sizes (a few rows per expert) was ~10% of the
+/// generation time (README, "Benchmarks"). Otherwise through at::mm_out on wrapped pointers.
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A,
+          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+#ifdef MIXDIFF_HAVE_BLAS
+  // Column-major view: C^T = op(B)^T op(A)^T.
+  const int M = static_cast<int>(m), N = static_cast<int>(n), K = static_cast<int>(k),
+            LA = static_cast<int>(lda), LB = static_cast<int>(ldb), LC = static_cast<int>(ldc);
+  sgemm_(tb ? "T" : "N", ta ? "T" : "N", &N, &M, &K, &alpha, B, &LB, A, &LA, &beta, C, &LC);
+#else
+  auto wrap = [](const float* p, int64_t r, int64_t c, int64_t ld) {
+    return at::from_blob(const_cast<float*>(p), {r, c}, {ld, 1}, at::kFloat);
+  };
+  auto a = ta ? wrap(A, k, m, lda).t() : wrap(A, m, k, lda);
+  auto b = tb ? wrap(B, n, k, ldb).t() : wrap(B, k, n, ldb);
+  auto c = wrap(C, m, n, ldc);
+  if (beta == 0) {
+    at::mm_out(c, a, b);
+    if (alpha != 1) c.mul_(alpha);
+  } else {
+    c.mul_(beta).addmm_(a, b, 1.0, alpha);
+  }
+#endif
+}
+
+/// Rows per expert up to which the skinny kernel beats the BLAS GEMM (decode sizes; measured on
+/// the 2-core machine, README "Benchmarks").
+constexpr int64_t kSkinnyRows = 16;
+
+/// Row-major C [m, n] = A [m, k] B^T, B [n, k]: the forward's form.
+void gemm_nt(int64_t m, int64_t n, int64_t k, const float* A, const float* B, float* C) {
+  if (m <= kSkinnyRows) {
+    kernels::gemm_nt_skinny(A, m, B, n, k, C, n);
+  } else {
+    gemm(false, true, m, n, k, 1, A, k, B, k, 0, C, n);
+  }
+}
+
+bool raw_fp32(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }
 
 /// Calls fn(e, offset, rows) for every expert with rows, in expert order. (Running the experts
 /// on two threads with single-threaded GEMMs was measured slower than OpenBLAS's own threading
@@ -38,18 +88,37 @@ struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     auto a = at::empty({A, F}, x.options());
     auto b = at::empty({A, F}, x.options());
     auto y = at::empty({A, D}, x.options());
-    for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
-      auto xe = x.narrow(0, off, n);
-      auto av = a.narrow(0, off, n), bv = b.narrow(0, off, n);
-      at::mm_out(av, xe, wg.select(0, e).t());
-      at::mm_out(bv, xe, wu.select(0, e).t());
-    });
+    const bool raw = raw_fp32(x) && raw_fp32(wg) && wg.is_contiguous() && wu.is_contiguous() &&
+                     wd.is_contiguous();
+    if (raw) {
+      const float *X = x.data_ptr<float>(), *WG = wg.data_ptr<float>(), *WU = wu.data_ptr<float>();
+      float *Pa = a.data_ptr<float>(), *Pb = b.data_ptr<float>();
+      for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
+        gemm_nt(n, F, D, X + off * D, WG + e * F * D, Pa + off * F);
+        gemm_nt(n, F, D, X + off * D, WU + e * F * D, Pb + off * F);
+      });
+    } else {
+      for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
+        auto xe = x.narrow(0, off, n);
+        auto av = a.narrow(0, off, n), bv = b.narrow(0, off, n);
+        at::mm_out(av, xe, wg.select(0, e).t());
+        at::mm_out(bv, xe, wu.select(0, e).t());
+      });
+    }
     auto s = at::silu(a);
     auto h = s * b;
-    for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
-      auto yv = y.narrow(0, off, n);
-      at::mm_out(yv, h.narrow(0, off, n), wd.select(0, e).t());
-    });
+    if (raw) {
+      const float *H = h.data_ptr<float>(), *WD = wd.data_ptr<float>();
+      float* Y = y.data_ptr<float>();
+      for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
+        gemm_nt(n, D, F, H + off * F, WD + e * D * F, Y + off * D);
+      });
+    } else {
+      for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
+        auto yv = y.narrow(0, off, n);
+        at::mm_out(yv, h.narrow(0, off, n), wd.select(0, e).t());
+      });
+    }
     ctx->save_for_backward({x, wg, wu, wd, a, b, s, h});
     ctx->saved_data["counts"] = c10::IValue(counts);
     return y;
@@ -69,11 +138,22 @@ struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     auto dy = grads[0].contiguous();
     const int64_t A = x.size(0), F = wg.size(1);
 
+    const int64_t D = wg.size(2);
+    const bool raw = raw_fp32(dy) && raw_fp32(x) && wg.is_contiguous() && wu.is_contiguous() &&
+                     wd.is_contiguous();
     auto dh = at::empty({A, F}, x.options());
-    for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
-      auto dhv = dh.narrow(0, off, n);
-      at::mm_out(dhv, dy.narrow(0, off, n), wd.select(0, e));
-    });
+    if (raw) {
+      const float *DY = dy.data_ptr<float>(), *WD = wd.data_ptr<float>();
+      float* DH = dh.data_ptr<float>();
+      for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
+        gemm(false, false, n, F, D, 1, DY + off * D, D, WD + e * D * F, F, 0, DH + off * F, F);
+      });
+    } else {
+      for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
+        auto dhv = dh.narrow(0, off, n);
+        at::mm_out(dhv, dy.narrow(0, off, n), wd.select(0, e));
+      });
+    }
     auto db = dh * s;
     auto da = at::silu_backward(dh.mul_(b), a);
 
@@ -88,6 +168,22 @@ struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
       dwd.select(0, ei).zero_();
     }
     auto dx = at::empty_like(x);
+    if (raw) {
+      const float *X = x.data_ptr<float>(), *DY = dy.data_ptr<float>(), *H = h.data_ptr<float>(),
+                  *DA = da.data_ptr<float>(), *DB = db.data_ptr<float>(),
+                  *WG = wg.data_ptr<float>(), *WU = wu.data_ptr<float>();
+      float *DWG = dwg.data_ptr<float>(), *DWU = dwu.data_ptr<float>(),
+            *DWD = dwd.data_ptr<float>(), *DX = dx.data_ptr<float>();
+      for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
+        const float *xe = X + off * D, *dae = DA + off * F, *dbe = DB + off * F;
+        gemm(true, false, D, F, n, 1, DY + off * D, D, H + off * F, F, 0, DWD + e * D * F, F);
+        gemm(true, false, F, D, n, 1, dae, F, xe, D, 0, DWG + e * F * D, D);
+        gemm(true, false, F, D, n, 1, dbe, F, xe, D, 0, DWU + e * F * D, D);
+        gemm(false, false, n, D, F, 1, dae, F, WG + e * F * D, D, 0, DX + off * D, D);
+        gemm(false, false, n, D, F, 1, dbe, F, WU + e * F * D, D, 1, DX + off * D, D);
+      });
+      return {dx, dwg, dwu, dwd, at::Tensor()};
+    }
     for_each_expert(counts, [&](int64_t ei, int64_t off, int64_t n) {
       auto xe = x.narrow(0, off, n);
       auto dae = da.narrow(0, off, n), dbe = db.narrow(0, off, n);

@@ -2,6 +2,7 @@
 #include "nn/fused_kernels.h"
 
 #include <cmath>
+#include <cstring>
 
 namespace mixdiff::kernels {
 
@@ -55,6 +56,36 @@ void rotary(const float* __restrict x, const float* __restrict cos, const float*
           for (int64_t j = half; j < hd; ++j) yr[j] = xr[j] * c[j] + xr[j - half] * s[j - half];
         }
       }
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define MIXDIFF_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MIXDIFF_VECTOR_CLONES
+#endif
+
+MIXDIFF_VECTOR_CLONES
+void gemm_nt_skinny(const float* __restrict X, int64_t n, const float* __restrict W, int64_t N,
+                    int64_t K, float* __restrict C, int64_t ldc) {
+  typedef float v16 __attribute__((vector_size(64)));
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t j = 0; j < N; ++j) {
+    const float* w = W + j * K;
+    for (int64_t r = 0; r < n; ++r) {
+      const float* x = X + r * K;
+      v16 acc = {};
+      for (int64_t k = 0; k < K16; k += 16) {
+        v16 a, b;
+        std::memcpy(&a, x + k, sizeof a);
+        std::memcpy(&b, w + k, sizeof b);
+        acc += a * b;
+      }
+      float s = 0;
+      for (int i = 0; i < 16; ++i) s += acc[i];
+      for (int64_t k = K16; k < K; ++k) s += x[k] * w[k];
+      C[r * ldc + j] = s;
     }
   }
 }

@@ -21,4 +21,10 @@ void rmsnorm_backward(const float* dy, const float* x, const float* w, const flo
 void rotary(const float* x, const float* cos, const float* sin, float* y, int64_t B, int64_t L,
             int64_t H, int64_t hd, bool transpose);
 
+/// C [n, N] (row stride ldc) = X [n, K] W^T for W [N, K], both row-major: dot products that read
+/// each weight row once and reuse it from L1 for all n rows. For the few rows per expert of a
+/// decoding forward, where a BLAS GEMM spends most of its time packing the weights.
+void gemm_nt_skinny(const float* X, int64_t n, const float* W, int64_t N, int64_t K, float* C,
+                    int64_t ldc);
+
 }  // namespace mixdiff::kernels
