@@ -114,6 +114,8 @@ int cmd_train(const TrainArgs& a) {
 }
 
 int cmd_generate(const GenerateArgs& a) {
+  install_stop_handlers();
+  enable_interrupt_exceptions();
   const std::string ckpt = resolve_checkpoint(a.ckpt);
   verify_checkpoint(ckpt);
   ConfigNode recipe = load_recipe(ckpt + "/recipe.yaml", a.overrides);
@@ -196,6 +198,8 @@ int cmd_generate(const GenerateArgs& a) {
 }
 
 int cmd_eval(const EvalArgs& a) {
+  install_stop_handlers();
+  enable_interrupt_exceptions();
   const std::string ckpt = resolve_checkpoint(a.ckpt);
   nlohmann::json state = verify_checkpoint(ckpt);
   ConfigNode recipe = load_recipe(ckpt + "/recipe.yaml", a.overrides);

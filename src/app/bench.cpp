@@ -275,7 +275,8 @@ int cmd_bench_train(const BenchTrainArgs& a) {
     }
     {
       profile::Scope o("optimizer_and_clip");
-      clip_step_zero(*opt, model->parameters(), clip);
+      const auto params = model->parameters();
+      clip_step_zero(*opt, params, clip, clip > 0 ? global_grad_norm(params) : 0.0);
     }
     for (MoeLayer* l : model->moe_layers()) {
       l->take_aux_values();

@@ -11,6 +11,7 @@
 
 #include "app/app.h"
 #include "core/errors.h"
+#include "core/signals.h"
 
 namespace {
 
@@ -220,6 +221,9 @@ int main(int argc, char** argv) {
   } catch (const mixdiff::InputError& e) {
     std::cerr << rank_prefix() << "error: " << first_line(e.what()) << std::endl;
     return 2;
+  } catch (const mixdiff::Interrupted& e) {
+    std::cerr << rank_prefix() << "stopped: " << e.what() << "; nothing was written" << std::endl;
+    return 128 + e.signal;
   } catch (const std::exception& e) {
     std::cerr << rank_prefix() << "internal error: " << first_line(e.what()) << std::endl;
     return 1;

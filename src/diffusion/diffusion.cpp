@@ -1,5 +1,8 @@
 #include "diffusion/diffusion.h"
 
+#include "core/fault.h"
+#include "core/signals.h"
+
 #include <torch/torch.h>
 
 #include <cmath>
@@ -100,6 +103,8 @@ NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t 
   double total = 0;
   for (int64_t s = 0, bi = 0; s < N; s += batch_size, ++bi) {
     if (bi % n_shards != shard) continue;
+    throw_if_interrupted();
+    fault::delay("generate_delay_ms");
     const int64_t n = std::min(batch_size, N - s);
     auto x0 = x0_NL.narrow(0, s, n);
     auto t = t_NL.narrow(0, s, n);

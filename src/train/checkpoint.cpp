@@ -8,6 +8,7 @@
 
 #include "core/compat.h"
 #include "core/errors.h"
+#include "core/fault.h"
 #include "core/fs.h"
 #include "core/safetensors.h"
 #include "model/model.h"
@@ -25,7 +26,9 @@ const char* const kFingerprinted[] = {"model.safetensors", "optimizer.pt", "reci
 int64_t step_of(const std::string& name) {
   if (name.rfind("step_", 0) != 0) return -1;
   const std::string num = name.substr(5);
-  if (num.empty() || num.find_first_not_of("0123456789") != std::string::npos) return -1;
+  if (num.empty() || num.size() > 18 || num.find_first_not_of("0123456789") != std::string::npos) {
+    return -1;
+  }
   return std::stoll(num);
 }
 
@@ -45,17 +48,23 @@ std::string save_checkpoint(const std::string& run_dir, int64_t step, const Chec
   const std::string tmp = final_dir + ".tmp-" + std::to_string(::getpid());
   try {
     fs::create_directories(root);
-    fs::remove_all(tmp);
+    // Folders of writes that never finished (a writer killed mid-checkpoint) are garbage.
+    for (const auto& e : fs::directory_iterator(root)) {
+      if (e.path().filename().string().find(".tmp-") != std::string::npos) fs::remove_all(e.path());
+    }
     fs::create_directories(tmp + "/tokenizer");
+    fault::delay("ckpt_file_delay_ms");
 
     TensorMap tensors;
     for (const auto& kv : model_state(*c.model)) tensors.emplace(kv.first, kv.second);
     save_safetensors(tmp + "/model.safetensors", tensors,
                      {{"format", "pt"}, {"producer", "mixdiff"}, {"model", c.model->describe()}});
+    fault::delay("ckpt_file_delay_ms");
     if (c.optimizer) {
       torch::save(*c.optimizer, tmp + "/optimizer.pt");
       fsync_path(tmp + "/optimizer.pt");
     }
+    fault::delay("ckpt_file_delay_ms");
     write_file_atomic(tmp + "/recipe.yaml", c.recipe_yaml);
     for (const char* f : {"tokenizer.json", "encoder.json", "vocab.bpe"}) {
       write_file_atomic(tmp + "/tokenizer/" + f,
@@ -75,8 +84,12 @@ std::string save_checkpoint(const std::string& run_dir, int64_t step, const Chec
     write_file_atomic(tmp + "/trainer_state.json", state.dump(2) + "\n");
     fsync_path(tmp + "/tokenizer");
     fsync_path(tmp);
-    if (fs::exists(final_dir)) fs::remove_all(final_dir);  // re-saving the same step
+    // Re-saving the same step (a stop after a non-finite step): the old folder is moved aside
+    // first, so that a kill at any point leaves one complete step_N or the one before it.
+    const std::string old = final_dir + ".tmp-old-" + std::to_string(::getpid());
+    if (fs::exists(final_dir)) fs::rename(final_dir, old);
     fs::rename(tmp, final_dir);
+    fs::remove_all(old);
     fsync_path(root);
     write_file_atomic(root + "/latest", "step_" + std::to_string(step) + "\n");
   } catch (const fs::filesystem_error& e) {
@@ -117,7 +130,15 @@ std::string resolve_checkpoint(const std::string& p) {
       if (step_of(name) < 0) {
         throw CheckpointError(str(root, "/latest: expected 'step_<N>', got '", name, "'"));
       }
-      return root + "/" + name;
+      if (fs::exists(root + "/" + name + "/trainer_state.json")) return root + "/" + name;
+      // A kill between re-saving a step and its rename: the newest complete folder.
+      int64_t best = -1;
+      for (const auto& e : fs::directory_iterator(root)) {
+        const int64_t s = step_of(e.path().filename().string());
+        if (s > best && fs::exists(e.path() / "trainer_state.json")) best = s;
+      }
+      if (best < 0) throw CheckpointError(str(root, "/latest names ", name, ", which is missing"));
+      return root + "/step_" + std::to_string(best);
     }
   }
   throw CheckpointError(str(p, ": not a checkpoint (no trainer_state.json) nor a run folder (no "

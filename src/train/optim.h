@@ -17,11 +17,14 @@ using OptimizerRegistry =
     Registry<std::unique_ptr<torch::optim::Optimizer>, const ConfigNode&, torch::nn::Module&>;
 OptimizerRegistry& optimizers_registry();
 
-/// Clips the global L2 norm of the gradients of `params` to `max_norm` (no clipping when <= 0),
-/// steps the optimizer and zeroes the gradients; returns the norm before clipping (NaN when not
-/// clipping). With the fused AdamW the clip factor is applied inside its update.
-double clip_step_zero(torch::optim::Optimizer& opt, const std::vector<at::Tensor>& params,
-                      double max_norm);
+/// The global L2 norm of the gradients of `params` (NaN/Inf when any gradient is).
+double global_grad_norm(const std::vector<at::Tensor>& params);
+
+/// Scales the gradients of `params` (global norm `norm`) to norm `max_norm` when above it (no
+/// clipping when max_norm <= 0), as torch::nn::utils::clip_grad_norm_ does, steps the
+/// optimizer and sets the gradients to none. The fused AdamW applies the factor in its update.
+void clip_step_zero(torch::optim::Optimizer& opt, const std::vector<at::Tensor>& params,
+                    double max_norm, double norm);
 
 /// Multiplier of the optimizer's base learning rate at (0-based) step `step`.
 class LrSchedule {

@@ -86,24 +86,29 @@ class FusedAdamW : public torch::optim::AdamW {
 
 }  // namespace
 
-double clip_step_zero(torch::optim::Optimizer& opt, const std::vector<at::Tensor>& params,
-                      double max_norm) {
-  double norm = std::nan("");
-  if (max_norm > 0) {
-    profile::Scope sc("optimizer.clip");
-    auto* fused = dynamic_cast<FusedAdamW*>(&opt);
-    if (fused) {  // torch::nn::utils::clip_grad_norm_'s formula, the factor applied in the step
-      double sq = 0;
-      for (const auto& p : params) {
-        if (!p.grad().defined()) continue;
-        const double n = p.grad().norm().item<double>();
-        sq += n * n;
-      }
-      norm = std::sqrt(sq);
-      const double coef = max_norm / (norm + 1e-6);
-      if (coef < 1) fused->scale_next_gradients(coef);
+double global_grad_norm(const std::vector<at::Tensor>& params) {
+  profile::Scope sc("optimizer.clip");
+  double sq = 0;
+  for (const auto& p : params) {
+    if (!p.grad().defined()) continue;
+    const double n = p.grad().norm().item<double>();
+    sq += n * n;
+  }
+  return std::sqrt(sq);
+}
+
+void clip_step_zero(torch::optim::Optimizer& opt, const std::vector<at::Tensor>& params,
+                    double max_norm, double norm) {
+  // torch::nn::utils::clip_grad_norm_'s factor; the fused AdamW applies it inside its update.
+  const double coef = max_norm > 0 ? max_norm / (norm + 1e-6) : 1.0;
+  if (coef < 1) {
+    if (auto* fused = dynamic_cast<FusedAdamW*>(&opt)) {
+      fused->scale_next_gradients(coef);
     } else {
-      norm = torch::nn::utils::clip_grad_norm_(params, max_norm);
+      torch::NoGradGuard ng;
+      for (const auto& p : params) {
+        if (p.grad().defined()) p.grad().mul_(coef);
+      }
     }
   }
   {
@@ -118,7 +123,6 @@ double clip_step_zero(torch::optim::Optimizer& opt, const std::vector<at::Tensor
       if (p.grad().defined()) p.mutable_grad() = at::Tensor();
     }
   }
-  return norm;
 }
 
 namespace {

@@ -15,6 +15,7 @@
 
 #include "core/errors.h"
 #include "core/fs.h"
+#include "core/fault.h"
 #include "core/profile.h"
 #include "moe/moe_layer.h"
 #include "report/report.h"
@@ -45,14 +46,7 @@ std::unique_ptr<DataSource> build_data_source(const ConfigNode& data_cfg) {
                                         data_cfg.path() + ".kind", data_cfg);
 }
 
-std::atomic<int> g_stop_signal{0};
-
 namespace {
-
-void on_stop_signal(int sig) {
-  if (g_stop_signal.load() != 0) _exit(128 + sig);  // second signal: stop now
-  g_stop_signal.store(sig);
-}
 
 uint64_t mix_seed(uint64_t seed, uint64_t step, uint64_t micro) {
   uint64_t x = seed * 0x9e3779b97f4a7c15ULL ^ (step + 1) * 0xbf58476d1ce4e5b9ULL ^
@@ -78,11 +72,6 @@ std::string format_duration(double s) {
 
 }  // namespace
 
-void install_stop_handlers() {
-  std::signal(SIGINT, on_stop_signal);
-  std::signal(SIGTERM, on_stop_signal);
-}
-
 TrainOptions TrainOptions::from(const ConfigNode& recipe) {
   TrainOptions o;
   ConfigNode t = recipe.at("train");
@@ -93,6 +82,12 @@ TrainOptions TrainOptions::from(const ConfigNode& recipe) {
   o.log_every = t.get<int64_t>("log_every", 10);
   o.ckpt_every = t.get<int64_t>("ckpt_every", 0);
   o.keep_checkpoints = t.get<int64_t>("keep_checkpoints", 2);
+  o.on_nonfinite = t.get<std::string>("on_nonfinite", "stop");
+  o.max_skips = t.get<int64_t>("max_skips", 10);
+  if (o.on_nonfinite != "stop" && o.on_nonfinite != "skip") {
+    t.fail("on_nonfinite", str("expected stop or skip, got '", o.on_nonfinite, "'"));
+  }
+  if (o.max_skips <= 0) t.fail("max_skips", "expected a positive integer");
   if (o.steps <= 0) t.fail("steps", str("expected a positive integer, got ", o.steps));
   if (o.batch_size <= 0) t.fail("batch_size", str("expected a positive integer, got ", o.batch_size));
   if (o.grad_accum <= 0) t.fail("grad_accum", str("expected a positive integer, got ", o.grad_accum));
@@ -319,7 +314,7 @@ void Trainer::initialize_from_checkpoint() {
           dropped.size(), " dropped)"));
 }
 
-double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm,
+double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm, bool* nonfinite,
                          std::vector<double>* aux) {
   auto& model = *parts_.model;
   const auto& o = parts_.options;
@@ -330,6 +325,7 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm,
   const int64_t W = world(), r = dp_ ? dp_->rank() : 0, B = o.batch_size;
   double loss_sum = 0;
   *tokens = 0;
+  *nonfinite = false;
   const auto moe = model.moe_layers();
   for (MoeLayer* l : moe) l->set_aux_scale(1.0 / static_cast<double>(o.grad_accum));
   for (int64_t m = 0; m < o.grad_accum; ++m) {
@@ -387,6 +383,7 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm,
       auto v = l.term->compute(out, batch) * l.weight;
       total = total.defined() ? total + v : v;
     }
+    if (fault::value("nan_loss_at_step") == step + 1) total = total * std::nan("");
     {
       profile::Scope sc("backward");
       (total / static_cast<double>(o.grad_accum)).backward();
@@ -397,9 +394,25 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm,
   profile::Scope opt_scope("optimizer_and_clip");
   const auto params = model.parameters();
   if (dp_) dp_->average_gradients(params, o.bucket_bytes);
+  // A non-finite loss or gradient (on any rank) is never applied: the step's gradients are
+  // dropped and the caller decides (train.on_nonfinite).
+  const double norm = global_grad_norm(params);
+  double bad = std::isfinite(loss_sum) && std::isfinite(norm) ? 0.0 : 1.0;
+  if (dp_ && dp_->active()) {
+    auto t = torch::tensor({bad}, torch::kFloat64);
+    dp_->all_reduce_max(t);
+    bad = t.item<double>();
+  }
+  if (bad != 0) {
+    for (auto& p : params) p.mutable_grad() = at::Tensor();
+    for (MoeLayer* l : moe) l->take_aux_values();
+    *nonfinite = true;
+    return std::isfinite(loss_sum) ? std::nan("") : loss_sum / static_cast<double>(o.grad_accum);
+  }
   const double lr = parts_.base_lr * parts_.lr_schedule->factor(step);
   for (auto& g : parts_.optimizer->param_groups()) g.options().set_lr(lr);
-  *grad_norm = clip_step_zero(*parts_.optimizer, params, o.grad_clip);
+  clip_step_zero(*parts_.optimizer, params, o.grad_clip, norm);
+  *grad_norm = o.grad_clip > 0 ? norm : std::nan("");
   opt_scope.stop();
   std::vector<double> vals{loss_sum / static_cast<double>(o.grad_accum)};
   for (MoeLayer* l : moe) {
@@ -558,25 +571,43 @@ int Trainer::fit() {
   }
   std::vector<double> interval_aux(aux_names.size(), 0.0), aux;
   double interval_comm_s = 0;
+  int64_t consecutive_skips = 0;
 
   while (state_.step < o.steps) {
     const int64_t step = state_.step;
     int64_t tokens = 0;
     double grad_norm = 0;
-    const double loss = run_step(step, &tokens, &grad_norm, &aux);
+    bool nonfinite = false;
+    const double loss = run_step(step, &tokens, &grad_norm, &nonfinite, &aux);
     const double comm_s = dp_ ? dp_->take_comm_seconds() : 0.0;
     interval_comm_s += comm_s;
     for (size_t i = 0; i < aux.size() && i < interval_aux.size(); ++i) interval_aux[i] += aux[i];
-    if (!std::isfinite(loss)) {
-      log(str("error: non-finite loss (", loss, ") at step ", step + 1,
-              "; stopping without a checkpoint of this state (the last checkpoint is intact)"));
-      return 3;
+    if (nonfinite) {
+      ++consecutive_skips;
+      if (o.on_nonfinite == "stop" || consecutive_skips > o.max_skips) {
+        const std::string why = o.on_nonfinite == "stop"
+                                    ? std::string("train.on_nonfinite is stop")
+                                    : str(consecutive_skips, " steps in a row (train.max_skips ",
+                                          o.max_skips, ")");
+        // Nothing of the bad step was applied: the weights are those of the last good step.
+        const std::string dir = checkpoint();
+        log(str("error: non-finite loss or gradient (loss ", loss, ") at step ", step + 1, "; ",
+                why, "; stopped with a checkpoint of the last good state (step ", state_.step,
+                "): ", dir));
+        return 3;
+      }
+      log(str("warning: non-finite loss or gradient (loss ", loss, ") at step ", step + 1,
+              "; update skipped (", consecutive_skips, " in a row, at most ", o.max_skips, ")"));
+    } else {
+      consecutive_skips = 0;
     }
     state_.step = step + 1;
     state_.tokens += tokens;
-    interval_loss += loss;
+    if (!nonfinite) {
+      interval_loss += loss;
+      ++interval_steps;
+    }
     interval_tokens += tokens;
-    ++interval_steps;
     state_.elapsed_s = elapsed_before + std::chrono::duration<double>(clock::now() - start).count();
 
     const bool last = state_.step == o.steps;
@@ -593,7 +624,9 @@ int Trainer::fit() {
                     "step %6lld/%lld | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | elapsed %s | "
                     "eta %s",
                     static_cast<long long>(state_.step), static_cast<long long>(o.steps),
-                    interval_loss / static_cast<double>(interval_steps), lr, grad_norm, tps,
+                    interval_steps > 0 ? interval_loss / static_cast<double>(interval_steps)
+                                       : std::nan(""),
+                    lr, grad_norm, tps,
                     format_duration(state_.elapsed_s).c_str(),
                     format_duration(per_step * static_cast<double>(o.steps - state_.step)).c_str());
       std::string line = buf;

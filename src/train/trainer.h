@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/config.h"
+#include "core/signals.h"
 #include "dist/dist.h"
 #include "moe/context.h"
 #include "diffusion/diffusion.h"
@@ -33,6 +34,11 @@ struct TrainOptions {
   int64_t log_every = 10;
   int64_t ckpt_every = 0;  ///< 0: only at the end (and on interrupt)
   int64_t keep_checkpoints = 2;
+  /// A step whose loss or gradient norm is NaN/Inf is never applied. on_nonfinite: stop (write a
+  /// checkpoint of the last good state and exit 3) or skip (drop the step's update, go on; stop
+  /// as above after max_skips consecutive skips).
+  std::string on_nonfinite = "stop";
+  int64_t max_skips = 10;
   double random_length_prob = 0.0;  ///< LLaDA's 1%: truncate the batch to a random length
   /// diffusion.objective: masked (one t per sequence, MDLM/LLaDA) or block (BD3-LM: one t per
   /// block of diffusion.block_size, the vectorised [x_t ; x_0] forward with BD3's mask).
@@ -103,10 +109,6 @@ struct TrainerState {
   nlohmann::json provenance;  ///< where the weights came from (upcycling), carried by checkpoints
 };
 
-/// Set by SIGINT/SIGTERM handlers (the signal number); the trainer checkpoints and stops.
-extern std::atomic<int> g_stop_signal;
-/// Installs the handlers (a second signal exits at once; the checkpoint rename is atomic).
-void install_stop_handlers();
 
 class Trainer {
  public:
@@ -128,7 +130,10 @@ class Trainer {
  private:
   /// One optimizer step; returns the mean diffusion loss over micro-batches and the tokens it
   /// consumed. Routing-loss values (mean over layers and micro-batches) go to `aux`.
-  double run_step(int64_t step, int64_t* tokens, double* grad_norm, std::vector<double>* aux);
+  /// One optimizer step (grad_accum micro-batches); *nonfinite when its loss or gradient norm was
+  /// NaN/Inf on any rank, in which case nothing was applied.
+  double run_step(int64_t step, int64_t* tokens, double* grad_norm, bool* nonfinite,
+                  std::vector<double>* aux);
   /// Per-layer routing telemetry since the last call (null for dense models).
   nlohmann::json take_moe_stats();
   void evaluate(nlohmann::json* metrics);

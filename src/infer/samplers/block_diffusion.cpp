@@ -25,6 +25,8 @@
 
 #include "core/errors.h"
 #include "infer/sampler.h"
+#include "core/fault.h"
+#include "core/signals.h"
 
 namespace mixdiff {
 namespace {
@@ -107,6 +109,8 @@ class BlockDiffusionSampler : public SamplerBase {
         in.cache_append = append;
       }
       ++res.forwards;
+      throw_if_interrupted();
+      fault::delay("generate_delay_ms");
       return model.forward(in).logits;
     };
     // Prefill: the complete blocks before the first one with masks.
@@ -134,6 +138,8 @@ class BlockDiffusionSampler : public SamplerBase {
           ModelInput in(x, index);
           if (valid.defined()) in.valid_BL = valid;
           ++res.forwards;
+          throw_if_interrupted();
+          fault::delay("generate_delay_ms");
           logits = model.forward(in).logits.view({B, len, -1});
         } else if (cache == "exact") {
           logits = forward(start, len, true, false, {});

@@ -20,6 +20,8 @@
 
 #include "core/errors.h"
 #include "infer/sampler.h"
+#include "core/fault.h"
+#include "core/signals.h"
 
 namespace mixdiff {
 namespace {
@@ -92,6 +94,8 @@ class LladaSampler : public SamplerBase {
         auto blk = x.narrow(1, start, Bk);                          // view into x
         auto is_mask = blk == mask_id;                              // [B, Bk]
         if (!is_mask.any().item<bool>()) break;
+        throw_if_interrupted();
+        fault::delay("generate_delay_ms");
         auto logits = model.forward({x, index}).logits.view({B, Bk, -1}).to(torch::kFloat64);
         ++res.forwards;
         at::Tensor pred;
