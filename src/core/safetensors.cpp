@@ -8,6 +8,7 @@
 #include "core/compat.h"
 #include "core/errors.h"
 #include "core/fs.h"
+#include "core/safetensors_header.h"
 
 namespace mixdiff {
 
@@ -78,65 +79,18 @@ TensorMap load_safetensors(const std::string& path, std::map<std::string, std::s
   } catch (const DataError& e) {
     throw CheckpointError(e.what());
   }
-  const uint8_t* p = f.data();
-  if (f.size() < 8) throw CheckpointError(str(path, ": truncated safetensors file (", f.size(), " bytes)"));
-  uint64_t n = 0;
-  for (int i = 0; i < 8; ++i) n |= uint64_t(p[i]) << (8 * i);
-  if (n > f.size() - 8) {
-    throw CheckpointError(str(path, ": truncated safetensors file (header of ", n,
-                              " bytes does not fit in ", f.size(), ")"));
-  }
-  const uint8_t* data = p + 8 + n;
-  const uint64_t data_size = f.size() - 8 - n;
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(std::string(reinterpret_cast<const char*>(p + 8), n));
-  } catch (const nlohmann::json::exception& e) {
-    throw CheckpointError(str(path, ": corrupt safetensors header: ", e.what()));
-  }
-  if (!header.is_object()) throw CheckpointError(str(path, ": safetensors header is not an object"));
+  const SafetensorsHeader h = parse_safetensors_header(f.data(), f.size(), path);
+  if (metadata) *metadata = h.metadata;
+  const uint8_t* data = f.data() + h.data_offset;
   TensorMap out;
-  uint64_t covered = 0;
-  for (auto it = header.begin(); it != header.end(); ++it) {
-    if (it.key() == "__metadata__") {
-      if (metadata && it.value().is_object()) {
-        for (auto m = it.value().begin(); m != it.value().end(); ++m) {
-          if (m.value().is_string()) (*metadata)[m.key()] = m.value().get<std::string>();
-        }
-      }
-      continue;
+  for (const auto& [name, e] : h.tensors) {
+    at::ScalarType type;
+    if (!dtype_from_name(e.dtype, &type)) {
+      throw CheckpointError(str(path, ": tensor '", name, "' has unsupported dtype ", e.dtype));
     }
-    try {
-      const auto& e = it.value();
-      at::ScalarType type;
-      if (!dtype_from_name(e.at("dtype").get<std::string>(), &type)) {
-        throw CheckpointError(str(path, ": tensor '", it.key(), "' has unsupported dtype ",
-                                  e.at("dtype").dump()));
-      }
-      std::vector<int64_t> shape = e.at("shape").get<std::vector<int64_t>>();
-      auto offs = e.at("data_offsets").get<std::vector<uint64_t>>();
-      int64_t numel = 1;
-      for (int64_t s : shape) {
-        if (s < 0) throw CheckpointError(str(path, ": tensor '", it.key(), "' has a negative dim"));
-        numel *= s;
-      }
-      const uint64_t nbytes = static_cast<uint64_t>(numel) * c10::elementSize(type);
-      if (offs.size() != 2 || offs[0] > offs[1] || offs[1] > data_size ||
-          offs[1] - offs[0] != nbytes) {
-        throw CheckpointError(str(path, ": tensor '", it.key(), "' has data offsets outside the "
-                                  "file or of the wrong size (file truncated or corrupt)"));
-      }
-      covered += nbytes;
-      at::Tensor t = torch::empty(shape, torch::TensorOptions().dtype(type));
-      if (nbytes) std::memcpy(t.data_ptr(), data + offs[0], nbytes);
-      out.emplace(it.key(), t);
-    } catch (const nlohmann::json::exception& ex) {
-      throw CheckpointError(str(path, ": malformed entry for tensor '", it.key(), "': ", ex.what()));
-    }
-  }
-  if (covered != data_size) {
-    throw CheckpointError(str(path, ": safetensors data region has ", data_size,
-                              " bytes but the tensors cover ", covered));
+    at::Tensor t = torch::empty(e.shape, torch::TensorOptions().dtype(type));
+    if (e.end > e.begin) std::memcpy(t.data_ptr(), data + e.begin, e.end - e.begin);
+    out.emplace(name, t);
   }
   return out;
 }

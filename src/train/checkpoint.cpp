@@ -11,6 +11,7 @@
 #include "core/fault.h"
 #include "core/fs.h"
 #include "core/safetensors.h"
+#include "core/trainer_state.h"
 #include "model/model.h"
 
 namespace mixdiff {
@@ -148,40 +149,25 @@ std::string resolve_checkpoint(const std::string& p) {
 nlohmann::json verify_checkpoint(const std::string& dir) {
   const std::string sp = dir + "/trainer_state.json";
   if (!fs::exists(sp)) throw CheckpointError(str(dir, ": missing trainer_state.json"));
-  nlohmann::json state;
+  std::string text;
   try {
-    state = nlohmann::json::parse(read_file(sp, "trainer state"));
-  } catch (const nlohmann::json::exception& e) {
-    throw CheckpointError(str(sp, ": corrupt trainer state: ", e.what()));
+    text = read_file(sp, "trainer state");
   } catch (const DataError& e) {
     throw CheckpointError(e.what());
   }
-  try {
-    const int version = state.at("format_version").get<int>();
-    if (version != kCheckpointFormatVersion) {
-      throw CheckpointError(str(sp, ": checkpoint format version ", version, ", this build reads ",
-                                kCheckpointFormatVersion));
+  TrainerStateFile st = parse_trainer_state(text, sp, kCheckpointFormatVersion);
+  for (const auto& [name, f] : st.files) {
+    const std::string p = dir + "/" + name;
+    if (!fs::exists(p)) throw CheckpointError(str(p, ": missing from the checkpoint"));
+    if (fs::file_size(p) != f.bytes) {
+      throw CheckpointError(str(p, ": ", fs::file_size(p), " bytes, expected ", f.bytes,
+                                " (truncated or corrupt checkpoint)"));
     }
-    state.at("step").get<int64_t>();
-    for (auto it = state.at("files").begin(); it != state.at("files").end(); ++it) {
-      const std::string p = dir + "/" + it.key();
-      if (!fs::exists(p)) throw CheckpointError(str(p, ": missing from the checkpoint"));
-      const auto bytes = it.value().at("bytes").get<uintmax_t>();
-      if (fs::file_size(p) != bytes) {
-        throw CheckpointError(str(p, ": ", fs::file_size(p), " bytes, expected ", bytes,
-                                  " (truncated or corrupt checkpoint)"));
-      }
-      if (fnv1a64_file(p) != it.value().at("fnv1a64").get<std::string>()) {
-        throw CheckpointError(str(p, ": content fingerprint mismatch (corrupt checkpoint)"));
-      }
+    if (fnv1a64_file(p) != f.fnv1a64) {
+      throw CheckpointError(str(p, ": content fingerprint mismatch (corrupt checkpoint)"));
     }
-    if (!state.at("files").contains("model.safetensors")) {
-      throw CheckpointError(str(sp, ": lists no model.safetensors"));
-    }
-  } catch (const nlohmann::json::exception& e) {
-    throw CheckpointError(str(sp, ": malformed trainer state: ", e.what()));
   }
-  return state;
+  return st.state;
 }
 
 void load_model_weights(ModelBase& model, const std::string& path) {

@@ -1,0 +1,50 @@
+#include "core/trainer_state.h"
+
+#include "core/errors.h"
+
+namespace mixdiff {
+
+TrainerStateFile parse_trainer_state(const std::string& text, const std::string& path,
+                                     int expected_format_version) {
+  TrainerStateFile out;
+  try {
+    out.state = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(str(path, ": corrupt trainer state: ", e.what()));
+  }
+  const auto& s = out.state;
+  try {
+    if (!s.is_object()) throw CheckpointError(str(path, ": trainer state is not an object"));
+    const int version = s.at("format_version").get<int>();
+    if (version != expected_format_version) {
+      throw CheckpointError(str(path, ": checkpoint format version ", version, ", this build reads ",
+                                expected_format_version));
+    }
+    out.step = s.at("step").get<int64_t>();
+    if (out.step < 0) throw CheckpointError(str(path, ": negative step ", out.step));
+    for (const char* k : {"tokens", "data_cursor"}) {
+      if (s.contains(k) && s.at(k).get<int64_t>() < 0) {
+        throw CheckpointError(str(path, ": negative ", k));
+      }
+    }
+    if (!s.at("files").is_object()) throw CheckpointError(str(path, ": 'files' is not an object"));
+    for (auto it = s.at("files").begin(); it != s.at("files").end(); ++it) {
+      const std::string& name = it.key();
+      if (name.empty() || name.find("..") != std::string::npos || name.front() == '/') {
+        throw CheckpointError(str(path, ": file entry '", name, "' leaves the checkpoint folder"));
+      }
+      CheckpointFile f;
+      f.bytes = it.value().at("bytes").get<uint64_t>();
+      f.fnv1a64 = it.value().at("fnv1a64").get<std::string>();
+      out.files.emplace(name, f);
+    }
+    if (!out.files.count("model.safetensors")) {
+      throw CheckpointError(str(path, ": lists no model.safetensors"));
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(str(path, ": malformed trainer state: ", e.what()));
+  }
+  return out;
+}
+
+}  // namespace mixdiff
