@@ -178,6 +178,15 @@ TrainerParts build_trainer_parts(const ConfigNode& recipe) {
       losses[i].fail("kind", str("'", w.name, "' is a routing loss, but the model (",
                                  model_cfg.get<std::string>("kind"), ") has no MoE layers"));
     }
+    // NormRouter's scores are L2-normalised logits, so the z-loss cannot shrink them; all it
+    // does is push every logit below zero, where the ReLU kills every score and the gradient:
+    // the router collapses onto experts 0..K-1 for good (seen in a UniPool sweep).
+    if (w.name == "z_loss" && model_cfg.has("moe") && model_cfg.at("moe").has("router") &&
+        model_cfg.at("moe").at("router").get<std::string>("kind", "") == "norm_router") {
+      losses[i].fail("kind", "z_loss with model.moe.router.kind norm_router drives every logit "
+                             "negative and kills the ReLU scores; leave it out (UniPool uses "
+                             "pool_balance)");
+    }
     routing.push_back({w.name, w.weight, std::dynamic_pointer_cast<RoutingLoss>(w.term)});
   }
   if (std::none_of(p.losses.begin(), p.losses.end(), [](const WeightedLoss& w) { return !w.routing; })) {

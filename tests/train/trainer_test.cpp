@@ -255,6 +255,23 @@ TEST(E2EMoe, MoeResumeEqualsTheUninterruptedRun) {
               test::read_text(d + "/part/checkpoints/step_12/model.safetensors"));
 }
 
+TEST(E2EMoe, ZLossWithNormRouterIsRefused) {
+  const std::string d = test::scratch_dir("moe_zloss_norm");
+  test::write_text(d + "/r.yaml", test::tiny_recipe(data_dir()));
+  ConfigNode r = ConfigNode::from_file(d + "/r.yaml");
+  r.apply_override("model={kind: unipool_dlm, d_model: 32, n_layer: 2, n_head: 2, d_ff: 64, "
+                   "max_seq_len: 64, moe: {n_expert: 4, d_expert: 16, router: {kind: norm_router, "
+                   "top_k: 2}}}");
+  r.apply_override("losses=[{kind: masked_diffusion_elbo}, {kind: z_loss, weight: 0.001}]");
+  try {
+    build_trainer_parts(r);
+    FAIL();
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("losses.1.kind"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("norm_router"), std::string::npos) << e.what();
+  }
+}
+
 TEST(E2EMoe, RoutingLossOnADenseModelIsRefused) {
   const std::string d = test::scratch_dir("moe_dense_refused");
   test::write_text(d + "/r.yaml", test::tiny_recipe(data_dir()));
