@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "core/errors.h"
+#include "core/json_util.h"
 #include "core/fs.h"
 #include "data/shards.h"
 
@@ -119,12 +120,12 @@ DatasetInfo read_dataset_info(const std::string& path) {
     d.spec_yaml = j.at("spec").get<std::string>();
     d.tokenizer_kind = j.at("tokenizer").get<std::string>();
     d.tokenizer_fingerprint = j.at("tokenizer_fingerprint").get<std::string>();
-    d.vocab_size = j.at("vocab_size").get<int64_t>();
-    d.eos_id = j.at("eos_id").get<int64_t>();
-    d.train_tokens = j.at("train_tokens").get<int64_t>();
-    d.val_tokens = j.at("val_tokens").get<int64_t>();
-    d.train_docs = j.at("train_docs").get<int64_t>();
-    d.val_docs = j.at("val_docs").get<int64_t>();
+    d.vocab_size = json_int(j, "vocab_size");
+    d.eos_id = json_int(j, "eos_id");
+    d.train_tokens = json_int(j, "train_tokens");
+    d.val_tokens = json_int(j, "val_tokens");
+    d.train_docs = json_int(j, "train_docs");
+    d.val_docs = json_int(j, "val_docs");
     d.val_unigram_entropy = j.at("val_unigram_entropy_nats").get<double>();
     d.train_shards = j.at("train_shards").get<std::vector<std::string>>();
     d.val_shards = j.at("val_shards").get<std::vector<std::string>>();

@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/errors.h"
+#include "core/json_util.h"
 
 namespace mixdiff {
 
@@ -70,8 +71,8 @@ ShardReader::ShardReader(const std::string& path, bool check_tokens)
   try {
     j = nlohmann::json::parse(std::string(reinterpret_cast<const char*>(p + 16), hlen));
     header_.dtype = j.at("dtype").get<std::string>();
-    header_.n_tokens = j.at("n_tokens").get<int64_t>();
-    header_.vocab_size = j.at("vocab_size").get<int64_t>();
+    header_.n_tokens = json_int(j, "n_tokens");
+    header_.vocab_size = json_int(j, "vocab_size");
     header_.tokenizer = j.at("tokenizer").get<std::string>();
     header_.tokenizer_fingerprint = j.at("tokenizer_fingerprint").get<std::string>();
     header_.split = j.at("split").get<std::string>();

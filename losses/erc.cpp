@@ -61,7 +61,11 @@ class Erc : public RoutingLoss {
       delta = 1 + (2 * u - 1) * eps.unsqueeze(1);
     }
     auto Rt = R * delta;                                                  // [n, d]
-    auto M = torch::matmul(Rt, Wg.reshape({n * F, D}).t()).view({n, n, F}).norm(2, -1);
+    at::Tensor M;
+    {  // fp32 also under autocast (which would run this product in bf16)
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+      M = torch::matmul(Rt, Wg.reshape({n * F, D}).t()).view({n, n, F}).norm(2, -1);
+    }
     return erc_hinge(M, alpha_);
   }
 

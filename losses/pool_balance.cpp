@@ -48,6 +48,8 @@ class PoolBalance : public RoutingLoss {
     }
     {
       torch::NoGradGuard ng;
+      // sum_M is a plain member (not saved) built on the host: it follows the counts' device.
+      if (u->sum_M.device() != counts.device()) u->sum_M = u->sum_M.to(counts.device());
       u->sum_M.add_(to_pool(counts.detach()).to(u->sum_M.device()));
       if (++u->seen >= r.pool_users) {
         u->prev_M.copy_(u->sum_M / N);

@@ -48,7 +48,8 @@ at::Tensor chosen_scores(const RoutingDecision& d, int64_t S) {
 /// bool [NB, S] marking the top-`n` of each row of `v`.
 at::Tensor top_mask(const at::Tensor& v, int64_t n) {
   n = std::min<int64_t>(n, v.size(1));
-  return torch::zeros(v.sizes(), torch::kBool).scatter_(1, topk_indices(v, n), true);
+  return torch::zeros(v.sizes(), v.options().dtype(torch::kBool))
+      .scatter_(1, topk_indices(v, n), true);
 }
 
 class TokenLevel : public BlockRoutingPolicy {
@@ -78,7 +79,7 @@ class Dmoe : public BlockRoutingPolicy {
     auto before = sv.cumsum(-1) - sv;
     auto keep = before < p_;  // up to and including the expert that crosses p
     keep.select(1, 0).fill_(true);
-    auto core = torch::zeros({NB, S}, torch::kBool).scatter_(1, si, keep);
+    auto core = torch::zeros({NB, S}, si.options().dtype(torch::kBool)).scatter_(1, si, keep);
     auto small = core.sum(-1) < std::min(guard_, S);
     if (small.any().item<bool>()) {
       core = torch::where(small.unsqueeze(1), top_mask(v, guard_), core);
@@ -103,7 +104,8 @@ class DesVote : public BlockRoutingPolicy {
     const auto& d = in.token_level;
     const int64_t S = d.n_expert;
     auto [ids, inv] = block_index(in.block_T);
-    auto w = torch::zeros({scores_of(d).size(0), S});
+    auto w =
+        torch::zeros({scores_of(d).size(0), S}, scores_of(d).options().dtype(torch::kFloat32));
     if (d.token_A.numel() > 0) w.index_put_({d.token_A, d.expert_A}, d.gate_A.detach().to(torch::kFloat32));
     auto votes = per_block_sum(w, inv, ids.size(0));
     return top_mask(votes, budget_).index_select(0, inv);
@@ -124,7 +126,8 @@ class DesSeq : public BlockRoutingPolicy {
     const int64_t S = d.n_expert;
     auto [ids, inv] = block_index(in.block_T);
     auto s = scores_of(d).detach().narrow(1, 0, S);
-    auto mine = torch::zeros({s.size(0), S}).scatter_(1, topk_indices(s, std::min(k_prime_, S)), 1.0);
+    auto mine = torch::zeros({s.size(0), S}, s.options().dtype(torch::kFloat32))
+                    .scatter_(1, topk_indices(s, std::min(k_prime_, S)), 1.0);
     auto core = per_block_sum(mine, inv, ids.size(0)) > 0;
     // Each token still needs K experts inside the union: fill up from the block's best.
     const int64_t K = std::min(d.top_k, S);
@@ -152,7 +155,8 @@ class Admission : public BlockRoutingPolicy {
     auto [ids, inv] = block_index(in.block_T);
     const int64_t NB = ids.size(0);
     auto s = scores_of(d).detach().narrow(1, 0, S).contiguous();
-    auto mx = torch::full({NB, S}, -std::numeric_limits<float>::infinity());
+    auto mx = torch::full({NB, S}, -std::numeric_limits<float>::infinity(),
+                          s.options().dtype(torch::kFloat32));
     mx = mx.index_reduce(0, inv, s, "amax", /*include_self=*/true);
     return top_mask(mx, capacity_).index_select(0, inv);
   }
@@ -174,10 +178,14 @@ class Interval : public BlockRoutingPolicy {
     const int64_t S = d.n_expert;
     auto [ids, inv] = block_index(in.block_T);
     const int64_t NB = ids.size(0);
-    auto counts = torch::zeros({scores_of(d).size(0), S});
-    if (d.token_A.numel() > 0) counts.index_put_({d.token_A, d.expert_A}, torch::ones({d.token_A.size(0)}));
+    auto counts =
+        torch::zeros({scores_of(d).size(0), S}, scores_of(d).options().dtype(torch::kFloat32));
+    if (d.token_A.numel() > 0) {
+      counts.index_put_({d.token_A, d.expert_A},
+                        torch::ones({d.token_A.size(0)}, counts.options()));
+    }
     auto fresh = top_mask(per_block_sum(counts, inv, NB), budget_);
-    auto core = torch::empty({NB, S}, torch::kBool);
+    auto core = torch::empty({NB, S}, fresh.options());
     for (int64_t b = 0; b < NB; ++b) {
       const auto key = std::make_pair(in.layer, ids[b].item<int64_t>());
       auto it = memory_.find(key);

@@ -57,9 +57,16 @@ class ExpertChoiceRouter : public RouterBase {
     d.n_expert = E;
     d.top_k = top_k();
     d.weight_SD = weight_;
-    auto z = torch::nn::functional::linear(x_TD.to(torch::kFloat32), weight_.to(torch::kFloat32));
-    const at::Tensor vis = slot_visibility(ctx, E, E);
+    // Router math in fp32 whatever the activations' dtype: the inputs are cast, and autocast is
+    // excluded here, since under autocast the linear itself would otherwise run in bf16.
+    at::Tensor z;
+    {
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+      z = torch::nn::functional::linear(x_TD.to(torch::kFloat32), weight_.to(torch::kFloat32));
+    }
+    at::Tensor vis = slot_visibility(ctx, E, E);
     if (vis.defined()) {
+      vis = vis.to(z.device());
       z = z.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
       d.n_visible = vis.sum().item<int64_t>();
     }
@@ -73,13 +80,15 @@ class ExpertChoiceRouter : public RouterBase {
     {
       torch::NoGradGuard ng;
       at::Tensor sel = gates_ == "pre_softmax" ? d.probs_TS.detach() : z.detach();
-      if (ctx.valid_T.defined()) {
-        sel = sel.masked_fill(ctx.valid_T.logical_not().unsqueeze(1),
+      const at::Tensor valid_T = ctx.valid_T.defined() ? ctx.valid_T.to(z.device()) : at::Tensor();
+      if (valid_T.defined()) {
+        sel = sel.masked_fill(valid_T.logical_not().unsqueeze(1),
                               -std::numeric_limits<float>::infinity());
       }
       sel = restrict_to_allowed(sel, ctx, E);
-      auto valid = ctx.valid_T.defined() ? ctx.valid_T.view({G, Lg}).sum(1).to(torch::kCPU)
-                                         : torch::full({G}, Lg, torch::kLong);
+      // Host copies: the per-group capacities are computed on the CPU.
+      auto valid = valid_T.defined() ? valid_T.view({G, Lg}).sum(1).to(torch::kCPU)
+                                     : torch::full({G}, Lg, torch::kLong);
       at::Tensor ratio;
       if (ctx.mask_ratio_B.defined()) ratio = ctx.mask_ratio_B.to(torch::kCPU).to(torch::kFloat64);
       std::vector<int64_t> caps(static_cast<size_t>(G));
@@ -95,11 +104,13 @@ class ExpertChoiceRouter : public RouterBase {
       // Per group, each expert's top-cmax tokens; picks beyond the group's capacity dropped.
       auto s = sel.view({G, Lg, E}).transpose(1, 2);                 // [G, E, Lg]
       auto picked = topk_indices(s.reshape({G * E, Lg}), cmax).view({G, E, cmax});
-      auto rank_ok = torch::arange(cmax, torch::kLong).view({1, 1, cmax}) <
-                     torch::tensor(caps, torch::kLong).view({G, 1, 1});
-      R = torch::zeros({G, E, Lg}, torch::kBool).scatter_(2, picked, rank_ok.expand({G, E, cmax}));
+      auto rank_ok = (torch::arange(cmax, torch::kLong).view({1, 1, cmax}) <
+                      torch::tensor(caps, torch::kLong).view({G, 1, 1}))
+                         .to(picked.device());
+      R = torch::zeros({G, E, Lg}, picked.options().dtype(torch::kBool))
+              .scatter_(2, picked, rank_ok.expand({G, E, cmax}));
       R = R.transpose(1, 2).reshape({T, E});                          // [T, E]
-      if (ctx.valid_T.defined()) R = R & ctx.valid_T.unsqueeze(1);
+      if (valid_T.defined()) R = R & valid_T.unsqueeze(1);
       if (vis.defined()) R = R & vis.unsqueeze(0);
       d.lb_map_TS = R.to(torch::kFloat32);
     }

@@ -108,10 +108,16 @@ class TokenChoiceRouter : public RouterBase {
     d.n_expert = n_expert_;
     d.top_k = K;
     d.weight_SD = weight_;
-    d.logits_TS = torch::nn::functional::linear(x_TD.to(torch::kFloat32),
-                                                weight_.to(torch::kFloat32));
-    const at::Tensor vis = slot_visibility(ctx, n_expert_, S);
+    // Router math in fp32 whatever the activations' dtype: the inputs are cast, and autocast is
+    // excluded here, since under autocast the linear itself would otherwise run in bf16.
+    {
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+      d.logits_TS = torch::nn::functional::linear(x_TD.to(torch::kFloat32),
+                                                  weight_.to(torch::kFloat32));
+    }
+    at::Tensor vis = slot_visibility(ctx, n_expert_, S);
     if (vis.defined()) {  // invisible slots: -inf logits (zero probability, never selected)
+      vis = vis.to(d.logits_TS.device());
       d.logits_TS = d.logits_TS.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
       d.n_visible = vis.sum().item<int64_t>();
       TORCH_CHECK(d.n_visible >= K, "[token_choice] ", d.n_visible, " visible slots for top-", K);
@@ -188,7 +194,8 @@ class TokenChoiceRouter : public RouterBase {
       gscore = std::get<0>(grouped.max(-1));
     }
     auto keep_groups = topk_indices(gscore, o_.topk_group);  // [T, topk_group]
-    auto gmask = torch::zeros({T, G}, torch::kBool).scatter_(1, keep_groups, true);
+    auto gmask =
+        torch::zeros({T, G}, sel.options().dtype(torch::kBool)).scatter_(1, keep_groups, true);
     auto smask = gmask.unsqueeze(-1).expand({T, G, per}).reshape({T, G * per});
     return sel.masked_fill(smask.logical_not(), -std::numeric_limits<float>::infinity());
   }

@@ -35,10 +35,16 @@ class TopPRouter : public RouterBase {
     d.n_expert = n_expert_;
     d.top_k = max_k_;
     d.weight_SD = weight_;
-    d.logits_TS = torch::nn::functional::linear(x_TD.to(torch::kFloat32),
-                                                weight_.to(torch::kFloat32));
-    const at::Tensor vis = slot_visibility(ctx, n_expert_, n_expert_);
+    // Router math in fp32 whatever the activations' dtype: the inputs are cast, and autocast is
+    // excluded here, since under autocast the linear itself would otherwise run in bf16.
+    {
+      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+      d.logits_TS = torch::nn::functional::linear(x_TD.to(torch::kFloat32),
+                                                  weight_.to(torch::kFloat32));
+    }
+    at::Tensor vis = slot_visibility(ctx, n_expert_, n_expert_);
     if (vis.defined()) {
+      vis = vis.to(d.logits_TS.device());
       d.logits_TS = d.logits_TS.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
       d.n_visible = vis.sum().item<int64_t>();
     }
@@ -47,7 +53,9 @@ class TopPRouter : public RouterBase {
     {
       torch::NoGradGuard ng;
       at::Tensor p = d.probs_TS.detach();
-      if (ctx.allowed_TS.defined()) p = p.masked_fill(ctx.allowed_TS.logical_not(), 0.0);
+      if (ctx.allowed_TS.defined()) {
+        p = p.masked_fill(ctx.allowed_TS.to(p.device()).logical_not(), 0.0);
+      }
       auto sorted = p.sort(/*stable=*/true, -1, /*descending=*/true);
       auto vals = std::get<0>(sorted).narrow(1, 0, max_k_);
       idx = std::get<1>(sorted).narrow(1, 0, max_k_).contiguous();
@@ -56,13 +64,16 @@ class TopPRouter : public RouterBase {
       keep = before < p_;
       keep.select(1, 0).fill_(true);
       if (ctx.allowed_TS.defined()) keep = keep & (vals > 0);
-      if (ctx.valid_T.defined()) keep = keep & ctx.valid_T.unsqueeze(1);
+      if (ctx.valid_T.defined()) keep = keep & ctx.valid_T.to(keep.device()).unsqueeze(1);
       d.lb_map_TS = torch::zeros_like(d.probs_TS).scatter_(1, idx, keep.to(torch::kFloat32));
     }
     auto gate = d.probs_TS.gather(1, idx);
     const int64_t T = idx.size(0), K = idx.size(1);
     auto flat = keep.reshape({-1}).nonzero().squeeze(1);
-    d.token_A = torch::arange(T, torch::kLong).unsqueeze(1).expand({T, K}).reshape({-1})
+    d.token_A = torch::arange(T, idx.options().dtype(torch::kLong))
+                    .unsqueeze(1)
+                    .expand({T, K})
+                    .reshape({-1})
                     .index_select(0, flat);
     d.expert_A = idx.reshape({-1}).index_select(0, flat);
     d.gate_A = gate.reshape({-1}).index_select(0, flat);

@@ -6,20 +6,21 @@
 #   speed:   OpenBLAS (pthread). Debian's default reference BLAS makes every matmul 24-30x
 #            slower; installing libopenblas0-pthread switches libblas.so.3 to it.
 #   data:    the built-in English corpora: bible-kjv (KJV Bible), fortunes, wordnet-base
-#   tests:   with --tests also Debian's chromium (the report test opens report.html headless)
-#            and python3-torch + python3-yaml (the PyTorch reference of tools/reference/, used by
-#            the parity test; it imports only under /usr/bin/python3)
+#   tests:   with --tests also Debian's chromium (the report test opens report.html headless),
+#            python3-torch + python3-yaml (the PyTorch reference of tools/reference/, used by
+#            the parity test; it imports only under /usr/bin/python3), and clang with its
+#            libFuzzer/sanitizer runtimes (tools/fuzz.sh)
 # Usage: tools/setup.sh [--tests]   (as root, or with sudo available)
 set -euo pipefail
 
 PACKAGES=(
   g++ cmake ninja-build pkg-config ccache
   libtorch-dev libgloo-dev libyaml-cpp-dev libcli11-dev nlohmann-json3-dev libpcre2-dev libgtest-dev
-  libopenblas0-pthread
+  libopenblas0-pthread libblas-dev
   bible-kjv fortunes wordnet-base
 )
 
-if [ "${1:-}" = "--tests" ]; then PACKAGES+=(chromium python3-torch python3-yaml); fi
+if [ "${1:-}" = "--tests" ]; then PACKAGES+=(chromium python3-torch python3-yaml clang libclang-rt-14-dev); fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

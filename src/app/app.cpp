@@ -48,9 +48,15 @@ std::shared_ptr<ModelBase> load_checkpoint_model(const std::string& ckpt, const 
   set_threads(recipe);
   auto model = build_model(recipe.at("model"));
   load_model_weights(*model, ckpt + "/model.safetensors");
+  ConfigNode rt = recipe.section("runtime");
+  const at::Device device = parse_device(rt);
+  parse_dtype(rt, device);
+  model->to(device);
   model->eval();
   return model;
 }
+
+at::Device model_device(const ModelBase& m) { return m.parameters().front().device(); }
 
 std::string text_until_eos(const Tokenizer& tok, const at::Tensor& ids_L) {
   std::vector<int32_t> ids;
@@ -99,7 +105,7 @@ int cmd_train(const TrainArgs& a) {
   }
   install_stop_handlers();
   if (env.world > 1) {
-    parts.dp = std::make_shared<DataParallel>(env, parts.options.dist_timeout_s);
+    parts.dp = std::make_shared<DataParallel>(env, parts.options.dist_timeout_s, parts.device);
   }
   Trainer trainer(std::move(parts), run_dir, resolved);
   if (!ckpt.empty()) {
@@ -156,7 +162,9 @@ int cmd_generate(const GenerateArgs& a) {
       valid[r].narrow(0, pad, static_cast<int64_t>(ids.size())).fill_(true);
     }
     const auto t0 = std::chrono::steady_clock::now();
-    SampleResult res = g.sampler->generate_padded(*model, x, valid, gen);
+    SampleResult res = g.sampler->generate_padded(*model, x.to(model_device(*model)),
+                                                  valid.to(model_device(*model)), gen);
+    res.tokens_BL = res.tokens_BL.to(torch::kCPU);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     for (int64_t r = 0; r < B; ++r) {
       const auto& prompt = prompts[static_cast<size_t>(r / g.num_samples)];
@@ -179,7 +187,8 @@ int cmd_generate(const GenerateArgs& a) {
       for (size_t i = 0; i < ids.size(); ++i) p[r][static_cast<int64_t>(i)] = ids[i];
     }
     const auto t0 = std::chrono::steady_clock::now();
-    SampleResult res = g.sampler->generate(*model, p, gen);
+    SampleResult res = g.sampler->generate(*model, p.to(model_device(*model)), gen);
+    res.tokens_BL = res.tokens_BL.to(torch::kCPU);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     for (int64_t r = 0; r < g.num_samples; ++r) {
       auto gen_ids = res.tokens_BL[r].narrow(0, static_cast<int64_t>(ids.size()),
@@ -224,7 +233,7 @@ int cmd_eval(const EvalArgs& a) {
     throw DataError(str("data.path: the dataset's tokenizer has ", data->vocab_size(),
                         " tokens, the checkpoint's model ", model->vocab_size()));
   }
-  auto val = data->val_sequences(o.eval_sequences);
+  auto val = data->val_sequences(o.eval_sequences).to(model_device(*model));
   const auto t0 = std::chrono::steady_clock::now();
   NelboResult r = validation_nelbo(*model, val, o.eval_batch_size,
                                    static_cast<uint64_t>(o.eval_seed), 0, 1, {},

@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <sstream>
 #include <cstdlib>
 #include <stdexcept>
 #include <type_traits>
@@ -17,6 +18,16 @@
 #else
 #define MIXDIFF_HAVE_GLOO 0
 #endif
+// NCCL: CUDA builds (-DMIXDIFF_USE_CUDA=ON) of a LibTorch that ships the header.
+#if defined(MIXDIFF_USE_CUDA) && __has_include(<torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>)
+#define MIXDIFF_HAVE_NCCL 1
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#else
+#define MIXDIFF_HAVE_NCCL 0
+#endif
+#include <ATen/autocast_mode.h>
 
 namespace mixdiff::compat {
 
@@ -41,7 +52,9 @@ template <class Map>
 typename Map::key_type state_key(const Map&, const at::Tensor& p) {
   using K = typename Map::key_type;
   if constexpr (std::is_same_v<K, std::string>) {
-    return c10::guts::to_string(p.unsafeGetTensorImpl());
+    std::ostringstream os;  // LibTorch 1.13's key: the TensorImpl address as a stream prints it
+    os << p.unsafeGetTensorImpl();
+    return os.str();
   } else {
     return reinterpret_cast<K>(p.unsafeGetTensorImpl());
   }
@@ -77,10 +90,12 @@ namespace {
 
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 
-#if MIXDIFF_HAVE_GLOO
-class GlooCollectives : public Collectives {
+#if MIXDIFF_HAVE_GLOO || MIXDIFF_HAVE_NCCL
+/// The collectives of a concrete c10d backend (ProcessGroupGloo or ProcessGroupNCCL).
+template <class PG>
+class BackendCollectives : public Collectives {
  public:
-  explicit GlooCollectives(c10::intrusive_ptr<c10d::ProcessGroupGloo> pg) : pg_(std::move(pg)) {}
+  explicit BackendCollectives(c10::intrusive_ptr<PG> pg) : pg_(std::move(pg)) {}
   void all_reduce_sum(std::vector<at::Tensor>& t) override {
     c10d::AllreduceOptions o;
     o.reduceOp = c10d::ReduceOp::SUM;
@@ -99,18 +114,21 @@ class GlooCollectives : public Collectives {
   void barrier() override { pg_->barrier()->wait(); }
 
  private:
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
+  c10::intrusive_ptr<PG> pg_;
 };
 #endif
 
 }  // namespace
 
 std::unique_ptr<Collectives> make_process_group(const ProcessGroupSpec& s) {
-  if (s.backend != "gloo") {
+  const bool gloo = s.backend == "gloo", nccl = s.backend == "nccl";
+  if ((gloo && !MIXDIFF_HAVE_GLOO) || (nccl && !MIXDIFF_HAVE_NCCL) || (!gloo && !nccl)) {
     throw std::runtime_error("process group backend '" + s.backend +
-                             "' is not available in this build (CPU builds have gloo)");
+                             "' is not available in this build (it has" +
+                             (MIXDIFF_HAVE_GLOO ? " gloo" : "") + (MIXDIFF_HAVE_NCCL ? " nccl" : "") +
+                             ((MIXDIFF_HAVE_GLOO || MIXDIFF_HAVE_NCCL) ? ")" : " none)"));
   }
-#if MIXDIFF_HAVE_GLOO
+#if MIXDIFF_HAVE_GLOO || MIXDIFF_HAVE_NCCL
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(s.timeout_s * 1000));
   c10::intrusive_ptr<c10d::TCPStore> store;
   try {
@@ -130,22 +148,66 @@ std::unique_ptr<Collectives> make_process_group(const ProcessGroupSpec& s) {
   }
   try {
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("mixdiff", store);
+#if MIXDIFF_HAVE_NCCL
+    if (nccl) {
+      auto o = c10d::ProcessGroupNCCL::Options::create();
+      o->timeout = timeout;
+      auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, s.rank, s.world, o);
+      return std::make_unique<BackendCollectives<c10d::ProcessGroupNCCL>>(std::move(pg));
+    }
+#endif
+#if MIXDIFF_HAVE_GLOO
     auto o = c10d::ProcessGroupGloo::Options::create(timeout);
     const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
     o->devices.push_back(ifname && *ifname
                              ? c10d::ProcessGroupGloo::createDeviceForInterface(ifname)
                              : c10d::ProcessGroupGloo::createDefaultDevice());
     auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, s.rank, s.world, o);
-    return std::make_unique<GlooCollectives>(std::move(pg));
+    return std::make_unique<BackendCollectives<c10d::ProcessGroupGloo>>(std::move(pg));
+#endif
   } catch (const std::exception& e) {
     throw std::runtime_error("rendezvous: rank " + std::to_string(s.rank) + " of " +
                              std::to_string(s.world) + " did not meet every peer within " +
                              std::to_string(static_cast<int>(s.timeout_s)) + " s (" +
                              first_line(e.what()) + ")");
   }
-#else
-  throw std::runtime_error("this LibTorch build has no Gloo process group headers");
 #endif
+  throw std::runtime_error("no process group backend in this build");
+}
+
+AutocastGuard::AutocastGuard(const at::Device& device, at::ScalarType dtype)
+    : on_(device.is_cuda() && dtype != at::kFloat) {
+  if (!on_) return;
+#if MIXDIFF_TORCH_AT_LEAST(2, 4)
+  prev_enabled_ = at::autocast::is_autocast_enabled(at::kCUDA);
+  prev_dtype_ = at::autocast::get_autocast_dtype(at::kCUDA);
+  at::autocast::set_autocast_enabled(at::kCUDA, true);
+  at::autocast::set_autocast_dtype(at::kCUDA, dtype);
+#else
+  prev_enabled_ = at::autocast::is_enabled();
+  prev_dtype_ = at::autocast::get_autocast_gpu_dtype();
+  at::autocast::set_enabled(true);
+  at::autocast::set_autocast_gpu_dtype(dtype);
+#endif
+  at::autocast::increment_nesting();
+}
+
+AutocastGuard::~AutocastGuard() {
+  if (!on_) return;
+  if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+#if MIXDIFF_TORCH_AT_LEAST(2, 4)
+  at::autocast::set_autocast_enabled(at::kCUDA, prev_enabled_);
+  at::autocast::set_autocast_dtype(at::kCUDA, prev_dtype_);
+#else
+  at::autocast::set_enabled(prev_enabled_);
+  at::autocast::set_autocast_gpu_dtype(prev_dtype_);
+#endif
+}
+
+bool cuda_available() { return torch::cuda::is_available(); }
+
+void synchronize(const at::Device& device) {
+  if (device.is_cuda()) torch::cuda::synchronize(device.index() < 0 ? -1 : device.index());
 }
 
 }  // namespace mixdiff::compat

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 #include <torch/version.h>
 
 #include <memory>
@@ -65,6 +66,25 @@ struct ProcessGroupSpec {
   int world = 1;
   double timeout_s = 120;  ///< rendezvous and per-collective timeout
 };
+
+/// Mixed precision for the forward pass: inside the guard, CUDA ops autocast to `dtype`
+/// (bf16); routers and losses cast to fp32 themselves. No-op on the CPU and for fp32.
+class AutocastGuard {
+ public:
+  AutocastGuard(const at::Device& device, at::ScalarType dtype);
+  ~AutocastGuard();
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  bool on_ = false, prev_enabled_ = false;
+  at::ScalarType prev_dtype_ = at::kBFloat16;
+};
+
+/// Whether this build and machine can run CUDA tensors.
+bool cuda_available();
+/// Waits for the device's queued work (timing); no-op on the CPU.
+void synchronize(const at::Device& device);
 
 /// Rendezvous through a c10d TCPStore (served by rank 0) and build the process group. Throws
 /// std::runtime_error with one line naming what failed (a peer that never arrives, a port in use,

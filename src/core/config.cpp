@@ -445,11 +445,12 @@ void ConfigNode::apply_override(const std::string& assignment) {
         throw ConfigError(str(shown, ": '", sofar, "' is a list; expected an index, got '", part,
                               "'"));
       }
-      size_t idx = std::stoul(part);
-      if (idx >= cur.size()) {
-        throw ConfigError(str(shown, ": index ", idx, " out of range for '", sofar, "' (",
+      // Found by fuzzing: an index past 2^64 made std::stoul throw out_of_range.
+      if (part.size() > 9 || std::stoul(part) >= cur.size()) {
+        throw ConfigError(str(shown, ": index ", part, " out of range for '", sofar, "' (",
                               cur.size(), " items)"));
       }
+      const size_t idx = std::stoul(part);
       if (last) {
         cur[idx] = value;
       } else {

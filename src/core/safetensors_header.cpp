@@ -1,5 +1,6 @@
 #include "core/safetensors_header.h"
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 
 #include "core/errors.h"
@@ -51,8 +52,18 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* p, size_t size, const 
         throw CheckpointError(str(path, ": tensor '", it.key(), "' has unsupported dtype ",
                                   e.at("dtype").dump()));
       }
-      t.shape = e.at("shape").get<std::vector<int64_t>>();
-      auto offs = e.at("data_offsets").get<std::vector<uint64_t>>();
+      // Integers only: nlohmann converts a float such as 4e35 to an integer with undefined
+      // behaviour (found by fuzzing).
+      const auto& js = e.at("shape");
+      const auto& jo = e.at("data_offsets");
+      if (!js.is_array() || !jo.is_array() ||
+          !std::all_of(js.begin(), js.end(), [](const auto& v) { return v.is_number_integer(); }) ||
+          !std::all_of(jo.begin(), jo.end(), [](const auto& v) { return v.is_number_unsigned(); })) {
+        throw CheckpointError(str(path, ": tensor '", it.key(), "': shape and data_offsets must "
+                                  "be lists of non-negative integers"));
+      }
+      t.shape = js.get<std::vector<int64_t>>();
+      auto offs = jo.get<std::vector<uint64_t>>();
       // Bytes the shape needs, with overflow checks: no tensor is larger than the data region.
       bool empty = false;
       for (int64_t s : t.shape) {

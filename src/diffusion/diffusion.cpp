@@ -19,6 +19,16 @@ LossRegistry& losses_registry() {
   return r;
 }
 
+namespace {
+
+/// Where the model's weights live (the host for a model without parameters).
+at::Device model_device(const torch::nn::Module& m) {
+  const auto params = m.parameters(/*recurse=*/true);
+  return params.empty() ? at::Device(at::kCPU) : params.front().device();
+}
+
+}  // namespace
+
 at::Tensor sample_t(int64_t B, const NoiseSchedule& s, at::Generator& gen) {
   at::Tensor u;
   if (s.stratified) {
@@ -31,13 +41,17 @@ at::Tensor sample_t(int64_t B, const NoiseSchedule& s, at::Generator& gen) {
 
 DiffusionBatch corrupt(const at::Tensor& x0_BL, const at::Tensor& t_B, const NoiseSchedule& s,
                        int64_t mask_id, at::Generator& gen) {
+  // Drawn on the host generator (the same draws on every device), then used where x0 lives.
   return corrupt_with(x0_BL, t_B, torch::rand({x0_BL.size(0), x0_BL.size(1)}, gen), s, mask_id);
 }
 
-DiffusionBatch corrupt_per_token(const at::Tensor& x0_BL, const at::Tensor& t_BL,
-                                 const at::Tensor& u_BL, const NoiseSchedule& s, int64_t mask_id) {
-  TORCH_CHECK(t_BL.sizes() == x0_BL.sizes() && u_BL.sizes() == x0_BL.sizes(),
+DiffusionBatch corrupt_per_token(const at::Tensor& x0_BL, const at::Tensor& t_BL_in,
+                                 const at::Tensor& u_BL_in, const NoiseSchedule& s,
+                                 int64_t mask_id) {
+  TORCH_CHECK(t_BL_in.sizes() == x0_BL.sizes() && u_BL_in.sizes() == x0_BL.sizes(),
               "[corrupt_per_token] expected x0_BL, t_BL and u_BL of one shape");
+  // Times and uniforms are drawn on a host generator; the batch lives where x0 does.
+  const at::Tensor t_BL = t_BL_in.to(x0_BL.device()), u_BL = u_BL_in.to(x0_BL.device());
   const int64_t B = x0_BL.size(0), L = x0_BL.size(1);
   DiffusionBatch b;
   b.x0_BL = x0_BL;
@@ -53,12 +67,14 @@ DiffusionBatch corrupt_per_token(const at::Tensor& x0_BL, const at::Tensor& t_BL
   return b;
 }
 
-DiffusionBatch corrupt_with(const at::Tensor& x0_BL, const at::Tensor& t_B, const at::Tensor& u_BL,
-                            const NoiseSchedule& s, int64_t mask_id) {
-  TORCH_CHECK(x0_BL.dim() == 2 && t_B.dim() == 1 && t_B.size(0) == x0_BL.size(0) &&
-                  u_BL.sizes() == x0_BL.sizes(),
+DiffusionBatch corrupt_with(const at::Tensor& x0_BL, const at::Tensor& t_B_in,
+                            const at::Tensor& u_BL_in, const NoiseSchedule& s, int64_t mask_id) {
+  TORCH_CHECK(x0_BL.dim() == 2 && t_B_in.dim() == 1 && t_B_in.size(0) == x0_BL.size(0) &&
+                  u_BL_in.sizes() == x0_BL.sizes(),
               "[corrupt] expected x0_BL [B, L], t_B [B] and u_BL [B, L], got ", x0_BL.sizes(),
-              ", ", t_B.sizes(), " and ", u_BL.sizes());
+              ", ", t_B_in.sizes(), " and ", u_BL_in.sizes());
+  // Times and uniforms are drawn on a host generator; the batch lives where x0 does.
+  const at::Tensor t_B = t_B_in.to(x0_BL.device()), u_BL = u_BL_in.to(x0_BL.device());
   const int64_t B = x0_BL.size(0), L = x0_BL.size(1);
   DiffusionBatch b;
   b.x0_BL = x0_BL;
@@ -76,7 +92,7 @@ DiffusionBatch corrupt_with(const at::Tensor& x0_BL, const at::Tensor& t_B, cons
 
 at::Tensor masked_cross_entropy(const at::Tensor& logits_MV, const at::Tensor& target_M) {
   return torch::nn::functional::cross_entropy(
-      logits_MV.to(torch::kFloat32), target_M,
+      logits_MV.to(torch::kFloat32), target_M.to(logits_MV.device()),
       torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
 }
 
@@ -88,6 +104,9 @@ NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t 
   const bool was_training = model.is_training();
   model.eval();
   const int64_t N = x0_NL.size(0), L = x0_NL.size(1);
+  // The draws below stay on the host generator (the same bound on every device); each batch's
+  // tokens, mask, indices and weights are moved to the model's device.
+  const at::Device dev = model_device(model);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   // Stratified t in (0, 1]: one draw per stratum [i/N, (i+1)/N).
   // Masked diffusion: one t per sequence; block diffusion: one t per (sequence, block).
@@ -98,17 +117,17 @@ NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t 
   auto t_NL = bd3_block > 0 ? t_all.repeat_interleave(bd3_block, 1).narrow(1, 0, L).contiguous()
                             : t_all.expand({N, L}).contiguous();
   auto uu = torch::rand({N, L}, gen);
-  const at::Tensor bias = bd3_block > 0 ? bd3_training_bias(L, bd3_block) : at::Tensor();
-  const at::Tensor pos = torch::arange(L, torch::kLong);
+  const at::Tensor bias = bd3_block > 0 ? bd3_training_bias(L, bd3_block).to(dev) : at::Tensor();
+  const at::Tensor pos = torch::arange(L, torch::TensorOptions().dtype(torch::kLong).device(dev));
   double total = 0;
   for (int64_t s = 0, bi = 0; s < N; s += batch_size, ++bi) {
     if (bi % n_shards != shard) continue;
     throw_if_interrupted();
     fault::delay("generate_delay_ms");
     const int64_t n = std::min(batch_size, N - s);
-    auto x0 = x0_NL.narrow(0, s, n);
+    auto x0 = x0_NL.narrow(0, s, n).to(dev);
     auto t = t_NL.narrow(0, s, n);
-    auto masked = uu.narrow(0, s, n).to(torch::kFloat64) < t;
+    auto masked = (uu.narrow(0, s, n).to(torch::kFloat64) < t).to(dev);
     auto idx = masked.reshape({-1}).nonzero().squeeze(1);
     if (idx.numel() == 0) continue;
     auto xt = x0.masked_fill(masked, model.mask_id());
@@ -123,7 +142,7 @@ NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t 
       logits = model.forward(ModelInput(xt, idx)).logits;
     }
     auto ce = masked_cross_entropy(logits, x0.reshape({-1}).index_select(0, idx));
-    auto w = (1.0 / t.reshape({-1})).index_select(0, idx);
+    auto w = (1.0 / t.reshape({-1})).to(dev).index_select(0, idx);
     total += (ce.to(torch::kFloat64) * w).sum().item<double>();
   }
   if (sum_over_shards) total = sum_over_shards(total);

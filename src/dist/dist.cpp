@@ -46,9 +46,11 @@ DistEnv DistEnv::from_env() {
   return e;
 }
 
-DataParallel::DataParallel(const DistEnv& env, double timeout_s) : env_(env) {
+DataParallel::DataParallel(const DistEnv& env, double timeout_s, const at::Device& device)
+    : env_(env), comm_device_(device.is_cuda() ? device : at::Device(at::kCPU)) {
   if (env_.world <= 1) return;
   compat::ProcessGroupSpec s;
+  s.backend = device.is_cuda() ? "nccl" : "gloo";
   s.master_addr = env_.master_addr;
   s.master_port = env_.master_port;
   s.rank = env_.rank;
@@ -65,14 +67,16 @@ DataParallel::~DataParallel() = default;
 
 void DataParallel::all_reduce_sum(at::Tensor& t) {
   if (!pg_) return;
-  std::vector<at::Tensor> v{t};
+  std::vector<at::Tensor> v{t.device() == comm_device_ ? t : t.to(comm_device_)};
   pg_->all_reduce_sum(v);
+  if (!v[0].is_same(t)) t.copy_(v[0]);
 }
 
 void DataParallel::all_reduce_max(at::Tensor& t) {
   if (!pg_) return;
-  std::vector<at::Tensor> v{t};
+  std::vector<at::Tensor> v{t.device() == comm_device_ ? t : t.to(comm_device_)};
   pg_->all_reduce_max(v);
+  if (!v[0].is_same(t)) t.copy_(v[0]);
 }
 
 void DataParallel::broadcast_state(torch::nn::Module& m) {

@@ -42,8 +42,9 @@ struct DistEnv {
 
 class DataParallel {
  public:
-  /// world == 1: no process group. Otherwise rendezvous (throws InputError on failure).
-  DataParallel(const DistEnv& env, double timeout_s);
+  /// world == 1: no process group. Otherwise rendezvous (throws InputError on failure): Gloo
+  /// for a CPU run, NCCL for a CUDA one (host tensors are then reduced through the device).
+  DataParallel(const DistEnv& env, double timeout_s, const at::Device& device = at::kCPU);
   ~DataParallel();
 
   int rank() const { return env_.rank; }
@@ -69,6 +70,7 @@ class DataParallel {
 
  private:
   DistEnv env_;
+  at::Device comm_device_ = at::kCPU;
   std::unique_ptr<compat::Collectives> pg_;
   double comm_s_ = 0;
 };

@@ -100,63 +100,75 @@ void TransformerDlm::set_block_routing(std::shared_ptr<BlockRoutingPolicy> polic
 }
 
 ModelOutput TransformerDlm::forward(const ModelInput& in) {
-  const auto& tok = in.tokens_BL;
-  TORCH_CHECK(tok.dim() == 2, "[", kind_, "] expected tokens_BL of rank 2, got ", tok.sizes());
+  TORCH_CHECK(in.tokens_BL.dim() == 2, "[", kind_, "] expected tokens_BL of rank 2, got ",
+              in.tokens_BL.sizes());
+  // Everything runs where the weights are; inputs built on the host (positions, biases, indices,
+  // padding masks) follow them. On a CPU model every .to(dev) below is a no-op.
+  const at::Device dev = embed_.device();
+  const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
+  const at::Tensor tok = in.tokens_BL.to(dev);
+  const at::Tensor valid_BL = in.valid_BL.defined() ? in.valid_BL.to(dev) : at::Tensor();
   const int64_t B = tok.size(0), L = tok.size(1);
   const int64_t offset = in.cache ? in.cache->length() : 0;
-  at::Tensor pos = in.positions_L;
-  if (!pos.defined() && offset > 0) pos = torch::arange(offset, offset + L, torch::kLong);
-  const at::Tensor q_pos = pos.defined() ? pos : torch::arange(L, torch::kLong);
+  at::Tensor pos = in.positions_L.defined() ? in.positions_L.to(dev) : at::Tensor();
+  if (!pos.defined() && offset > 0) pos = torch::arange(offset, offset + L, lopt);
+  const at::Tensor q_pos = pos.defined() ? pos : torch::arange(L, lopt);
   TORCH_CHECK(L == 0 || q_pos.max().item<int64_t>() < o_.max_seq_len, "[", kind_,
               "] position ", q_pos.max().item<int64_t>(), " exceeds model.max_seq_len = ",
               o_.max_seq_len);
+  // The rotary tables are plain members built on the host (not buffers: they are not saved):
+  // moved once to the weights' device and kept there until the model moves again.
+  if (rope_.cos_LH.device() != dev) {
+    rope_.cos_LH = rope_.cos_LH.to(dev);
+    rope_.sin_LH = rope_.sin_LH.to(dev);
+  }
   auto x = embed_.index_select(0, tok.reshape({-1})).view({B, L, o_.d_model});  // [B, L, D]
-  const at::Tensor k_pos =
-      offset > 0 ? torch::cat({torch::arange(offset, torch::kLong), q_pos}) : q_pos;
+  const at::Tensor k_pos = offset > 0 ? torch::cat({torch::arange(offset, lopt), q_pos}) : q_pos;
   at::Tensor bias;
   if (in.attn_bias.defined()) {
-    bias = in.attn_bias;
+    bias = in.attn_bias.to(dev);
   } else if (o_.attention == "block_causal") {
-    bias = !pos.defined() ? block_causal_bias(L, o_.block_size)
+    bias = !pos.defined() ? block_causal_bias(L, o_.block_size).to(dev)
                           : block_causal_bias(q_pos, k_pos, o_.block_size);
   }
   // Padding keys are hidden from every query but their own (a query that sees no key at all would
   // turn into NaN and leak through the values).
-  const bool pad = in.valid_BL.defined() || (in.cache && in.cache->valid_BK.defined());
+  const bool pad = valid_BL.defined() || (in.cache && in.cache->valid_BK.defined());
   at::Tensor kv_valid;
   if (pad) {
-    auto cur = in.valid_BL.defined() ? in.valid_BL : torch::ones({B, L}, torch::kBool);
+    const auto bopt = torch::TensorOptions().dtype(torch::kBool).device(dev);
+    auto cur = valid_BL.defined() ? valid_BL : torch::ones({B, L}, bopt);
     auto past = offset == 0 ? at::Tensor()
-                : in.cache->valid_BK.defined() ? in.cache->valid_BK
-                                               : torch::ones({B, offset}, torch::kBool);
+                : in.cache->valid_BK.defined() ? in.cache->valid_BK.to(dev)
+                                               : torch::ones({B, offset}, bopt);
     kv_valid = past.defined() ? torch::cat({past, cur}, 1) : cur;  // [B, Lk]
     auto self = k_pos.unsqueeze(0) == q_pos.unsqueeze(1);           // [L, Lk]
     auto ok = kv_valid.unsqueeze(1) | self.unsqueeze(0);            // [B, L, Lk]
-    auto kb = torch::zeros(ok.sizes()).masked_fill(ok.logical_not(),
-                                                    -std::numeric_limits<float>::infinity());
+    auto kb = torch::zeros(ok.sizes(), torch::TensorOptions().dtype(torch::kFloat32).device(dev))
+                  .masked_fill(ok.logical_not(), -std::numeric_limits<float>::infinity());
     kb = kb.unsqueeze(1);                                           // [B, 1, L, Lk]
     bias = bias.defined() ? bias + kb : kb;
   }
   RoutingContext ctx;
   if (!moe_.empty()) {
     auto masked = tok == mask_id();
-    if (in.valid_BL.defined()) {
-      masked = masked & in.valid_BL;
+    if (valid_BL.defined()) {
+      masked = masked & valid_BL;
       ctx.mask_ratio_B = masked.to(torch::kFloat32).sum(1) /
-                         in.valid_BL.to(torch::kFloat32).sum(1).clamp_min(1.0);
-      ctx.valid_T = in.valid_BL.reshape({-1});
+                         valid_BL.to(torch::kFloat32).sum(1).clamp_min(1.0);
+      ctx.valid_T = valid_BL.reshape({-1});
     } else {
       ctx.mask_ratio_B = masked.to(torch::kFloat32).mean(1);
     }
     ctx.is_masked_T = masked.reshape({-1});
-    ctx.seq_T = torch::arange(B, torch::kLong).repeat_interleave(L);
+    ctx.seq_T = torch::arange(B, lopt).repeat_interleave(L);
     ctx.n_seq = B;
     ctx.step = in.step;
     ctx.micro = in.micro;
     if (routing_block_ > 0) {  // chunks of the forward's own tokens (BD3's [x_t ; x_0] included)
       const int64_t per_seq = L / routing_block_ + 1;
-      ctx.block_T = (torch::arange(B, torch::kLong).unsqueeze(1) * per_seq +
-                     torch::arange(L, torch::kLong).div(routing_block_, "floor").unsqueeze(0))
+      ctx.block_T = (torch::arange(B, lopt).unsqueeze(1) * per_seq +
+                     torch::arange(L, lopt).div(routing_block_, "floor").unsqueeze(0))
                         .reshape({-1});
     }
   }
@@ -170,7 +182,7 @@ ModelOutput TransformerDlm::forward(const ModelInput& in) {
   profile::Scope sc("output_head");
   x = norm_->forward(x);
   if (in.logits_index_M.defined()) {
-    x = x.reshape({B * L, o_.d_model}).index_select(0, in.logits_index_M);  // [M, D]
+    x = x.reshape({B * L, o_.d_model}).index_select(0, in.logits_index_M.to(dev));  // [M, D]
   }
   const at::Tensor w = head_.defined() ? head_ : embed_.narrow(0, 0, o_.vocab_size);
   return {torch::nn::functional::linear(x, w)};

@@ -88,8 +88,10 @@ struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     auto a = at::empty({A, F}, x.options());
     auto b = at::empty({A, F}, x.options());
     auto y = at::empty({A, D}, x.options());
-    const bool raw = raw_fp32(x) && raw_fp32(wg) && wg.is_contiguous() && wu.is_contiguous() &&
-                     wd.is_contiguous();
+    // Raw pointers only for host fp32 tensors; anything else (CUDA, bf16) takes the at::mm_out
+    // path, which runs on the tensors' own device.
+    const bool raw = raw_fp32(x) && raw_fp32(wg) && raw_fp32(wu) && raw_fp32(wd) &&
+                     wg.is_contiguous() && wu.is_contiguous() && wd.is_contiguous();
     if (raw) {
       const float *X = x.data_ptr<float>(), *WG = wg.data_ptr<float>(), *WU = wu.data_ptr<float>();
       float *Pa = a.data_ptr<float>(), *Pb = b.data_ptr<float>();
@@ -139,7 +141,8 @@ struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
     const int64_t A = x.size(0), F = wg.size(1);
 
     const int64_t D = wg.size(2);
-    const bool raw = raw_fp32(dy) && raw_fp32(x) && wg.is_contiguous() && wu.is_contiguous() &&
+    const bool raw = raw_fp32(dy) && raw_fp32(x) && raw_fp32(wg) && raw_fp32(wu) &&
+                     raw_fp32(wd) && wg.is_contiguous() && wu.is_contiguous() &&
                      wd.is_contiguous();
     auto dh = at::empty({A, F}, x.options());
     if (raw) {
@@ -209,7 +212,12 @@ Dispatch parse_dispatch(const std::string& name) {
 
 at::Tensor grouped_swiglu(const at::Tensor& xs, const std::vector<int64_t>& counts,
                           const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd) {
-  return GroupedSwiGLU::apply(xs, wg, wu, wd, counts);
+  // The GEMMs run in the activations' dtype (bf16 x with fp32 master weights under autocast:
+  // the weights are cast, as autocast casts a linear's weight). The cast sits outside the custom
+  // function, so autograd converts the weight gradients back to the weights' dtype. A no-op
+  // (the same tensors) when the dtypes already agree.
+  const auto dt = xs.scalar_type();
+  return GroupedSwiGLU::apply(xs, wg.to(dt), wu.to(dt), wd.to(dt), counts);
 }
 
 ExpertPool::ExpertPool(int64_t n_expert, int64_t d_model, int64_t d_expert, bool track_usage)
@@ -239,8 +247,13 @@ at::Tensor ExpertPool::forward(const at::Tensor& x, const at::Tensor& token_A,
       if (rows.numel() == 0) continue;
       auto tok = token_A.index_select(0, rows);
       auto xe = x.index_select(0, tok);
-      auto he = F::linear(F::silu(F::linear(xe, w_gate_[e])) * F::linear(xe, w_up_[e]), w_down_[e]);
-      y = y.index_add(0, tok, he * gate_A.index_select(0, rows).unsqueeze(1).to(he.dtype()));
+      const auto dt = xe.scalar_type();  // as grouped_swiglu: the activations' dtype
+      auto he = F::linear(
+          F::silu(F::linear(xe, w_gate_[e].to(dt))) * F::linear(xe, w_up_[e].to(dt)),
+          w_down_[e].to(dt));
+      // .to(y's dtype): under autocast the linears above return bf16 while y has x's dtype.
+      y = y.index_add(0, tok, (he * gate_A.index_select(0, rows).unsqueeze(1).to(he.dtype()))
+                                  .to(y.scalar_type()));
     }
     return y;
   }
@@ -248,7 +261,8 @@ at::Tensor ExpertPool::forward(const at::Tensor& x, const at::Tensor& token_A,
   auto order = std::get<1>(expert_A.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
   auto tok = token_A.index_select(0, order);
   auto gate = gate_A.index_select(0, order);
-  auto counts_t = torch::bincount(expert_A, {}, n_expert_).to(torch::kCPU);
+  // Host copy of the per-expert counts: they drive the loop over experts (one sync on a GPU).
+  auto counts_t = torch::bincount(expert_A, {}, n_expert_).to(torch::kCPU).contiguous();
   std::vector<int64_t> counts(counts_t.data_ptr<int64_t>(),
                               counts_t.data_ptr<int64_t>() + n_expert_);
   auto xs = x.index_select(0, tok);

@@ -20,12 +20,15 @@ struct AuxLossScaler : public torch::autograd::Function<AuxLossScaler> {
                             double scale) {
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["aux_options"] = c10::IValue(aux.scalar_type() == at::kDouble);
+    ctx->saved_data["aux_device"] = c10::IValue(aux.device());
     return act;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const double scale = ctx->saved_data["scale"].toDouble();
     const bool dbl = ctx->saved_data["aux_options"].toBool();
-    auto g = torch::full({}, scale, dbl ? torch::kFloat64 : torch::kFloat32);
+    const at::Device dev = ctx->saved_data["aux_device"].toDevice();
+    const auto dtype = dbl ? torch::kFloat64 : torch::kFloat32;
+    auto g = torch::full({}, scale, torch::TensorOptions().dtype(dtype).device(dev));
     return {grads[0], g, at::Tensor()};
   }
 };
@@ -95,9 +98,9 @@ at::Tensor VisibilitySchedule::at(int64_t step, bool training) const {
     const auto n = std::min<int64_t>(
         S, start + static_cast<int64_t>(std::llround(static_cast<double>(S - start) * frac)));
     if (n < S) {
-      auto prog = torch::zeros({S}, torch::kBool);
+      auto prog = torch::zeros({S}, order_S.options().dtype(torch::kBool));
       prog.index_fill_(0, order_S.narrow(0, 0, n), true);
-      v = v.defined() ? (v & prog) : prog;
+      v = v.defined() ? (v.to(prog.device()) & prog) : prog;
     }
   }
   return v;
@@ -150,7 +153,7 @@ void RoutingStats::add(const RoutingDecision& d, const at::Tensor& kept_token_A,
   per_token_hist_ += torch::bincount(per_tok, w.to(torch::kCPU).to(torch::kFloat64), 9);
   auto p = d.probs_TS.detach();
   auto ent = -(p * p.clamp_min(1e-30).log()).sum(1);
-  entropy_sum_ += (ent * w).sum().item<double>();
+  entropy_sum_ += (ent * w.to(ent.device())).sum().item<double>();
   if (ctx.mask_ratio_B.defined() && ctx.seq_T.defined()) {
     auto r = ctx.mask_ratio_B.to(torch::kCPU).to(torch::kFloat64);
     auto b_B = (r * static_cast<double>(buckets_)).floor().clamp(0, buckets_ - 1).to(torch::kLong);
@@ -271,7 +274,8 @@ at::Tensor MoeLayer::capacity_keep(const at::Tensor& expert_A, const at::Tensor&
   auto order = o1.index_select(0, o2);  // by expert, then by priority
   auto counts = torch::bincount(expert_A, {}, n_expert);
   auto starts = counts.cumsum(0) - counts;
-  auto rank = torch::arange(A, torch::kLong) - starts.index_select(0, expert_A.index_select(0, order));
+  auto rank = torch::arange(A, expert_A.options().dtype(torch::kLong)) -
+              starts.index_select(0, expert_A.index_select(0, order));
   auto keep = rank < capacity;
   if (keep.all().item<bool>()) return {};
   return std::get<0>(order.masked_select(keep).sort());
@@ -281,8 +285,22 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
   const int64_t D = x_BLD.size(-1);
   const int64_t T = x_BLD.numel() / D;
   RoutingContext ctx = ctx_in ? *ctx_in : RoutingContext{};
-  if (ex_.visibility.active()) ctx.visible_S = ex_.visibility.at(ctx.step, is_training());
   auto x = x_BLD.reshape({T, D});
+  // The candidate map and the visibility masks are host-built members (not buffers, so not in
+  // model.safetensors): they follow the activations' device, moved once per device change.
+  if (ex_.candidates_S.defined() && ex_.candidates_S.device() != x.device()) {
+    ex_.candidates_S = ex_.candidates_S.to(x.device());
+  }
+  if (ex_.visibility.fixed_S.defined() && ex_.visibility.fixed_S.device() != x.device()) {
+    ex_.visibility.fixed_S = ex_.visibility.fixed_S.to(x.device());
+  }
+  if (ex_.visibility.order_S.defined() && ex_.visibility.order_S.device() != x.device()) {
+    ex_.visibility.order_S = ex_.visibility.order_S.to(x.device());
+  }
+  if (ex_.visibility.active()) {
+    ctx.visible_S = ex_.visibility.at(ctx.step, is_training());
+    if (ctx.visible_S.defined()) ctx.visible_S = ctx.visible_S.to(x.device());
+  }
   if (block_policy_ && block_policy_->restricts() && ctx.block_T.defined()) {
     // Probe the token-level routing (no state changes), let the policy pick each block's coreset,
     // then route inside it.

@@ -53,14 +53,16 @@ bool updates_state(const torch::nn::Module& m, const RoutingContext& ctx) {
 
 at::Tensor restrict_to_allowed(const at::Tensor& sel, const RoutingContext& ctx, int64_t n_real) {
   if (!ctx.allowed_TS.defined()) return sel;
-  auto allowed = ctx.allowed_TS;
+  auto allowed = ctx.allowed_TS.to(sel.device());
   if (sel.size(1) > n_real) {
-    allowed = torch::cat({allowed, torch::ones({sel.size(0), sel.size(1) - n_real}, torch::kBool)}, 1);
+    allowed = torch::cat(
+        {allowed, torch::ones({sel.size(0), sel.size(1) - n_real}, allowed.options())}, 1);
   }
   return sel.masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
 }
 
 at::Tensor valid_weights(const at::Tensor& valid_T, int64_t T) {
+  // No tensor to take a device from: host ones, which every caller moves to its own device.
   if (!valid_T.defined()) return torch::ones({T}, torch::kFloat32);
   return valid_T.to(torch::kFloat32);
 }
@@ -72,9 +74,9 @@ at::Tensor slot_counts(const at::Tensor& idx_TK, int64_t n_slots, const at::Tens
 at::Tensor selection_map(const at::Tensor& idx_TK, int64_t n_slots, const at::Tensor& valid_T) {
   torch::NoGradGuard ng;
   const int64_t T = idx_TK.size(0);
-  auto map = torch::zeros({T, n_slots}, torch::kFloat32);
+  auto map = torch::zeros({T, n_slots}, idx_TK.options().dtype(torch::kFloat32));
   map.scatter_(1, idx_TK, 1.0);
-  if (valid_T.defined()) map.mul_(valid_T.to(torch::kFloat32).unsqueeze(1));
+  if (valid_T.defined()) map.mul_(valid_T.to(map.device(), torch::kFloat32).unsqueeze(1));
   return map;
 }
 
@@ -83,17 +85,22 @@ at::Tensor slot_visibility(const RoutingContext& ctx, int64_t n_real, int64_t n_
   TORCH_CHECK(ctx.visible_S.size(0) == n_real, "[router] visibility over ", ctx.visible_S.size(0),
               " slots for a router of ", n_real);
   if (n_slots == n_real) return ctx.visible_S;
-  return torch::cat({ctx.visible_S, torch::ones({n_slots - n_real}, torch::kBool)});
+  return torch::cat({ctx.visible_S, torch::ones({n_slots - n_real}, ctx.visible_S.options())});
 }
 
 void fill_assignments(RoutingDecision& d, const at::Tensor& idx_TK, const at::Tensor& gate_TK,
                       const at::Tensor& valid_T) {
   const int64_t T = idx_TK.size(0), K = idx_TK.size(1);
-  auto token = torch::arange(T, torch::kLong).unsqueeze(1).expand({T, K}).reshape({-1});
+  auto token = torch::arange(T, idx_TK.options().dtype(torch::kLong))
+                   .unsqueeze(1)
+                   .expand({T, K})
+                   .reshape({-1});
   auto expert = idx_TK.reshape({-1});
   auto gate = gate_TK.reshape({-1});
   auto keep = expert < d.n_expert;
-  if (valid_T.defined()) keep = keep & valid_T.unsqueeze(1).expand({T, K}).reshape({-1});
+  if (valid_T.defined()) {
+    keep = keep & valid_T.to(keep.device()).unsqueeze(1).expand({T, K}).reshape({-1});
+  }
   if (keep.all().item<bool>()) {
     d.token_A = token.contiguous();
     d.expert_A = expert.contiguous();

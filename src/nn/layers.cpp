@@ -104,13 +104,15 @@ at::Tensor apply_rotary_BLHd(const at::Tensor& x, const RotaryTables& rope, cons
     TORCH_CHECK(L == 0 || pos.max().item<int64_t>() < rope.cos_LH.size(0),
                 "[apply_rotary] position ", pos.max().item<int64_t>(),
                 " beyond the rotary table (model.max_seq_len = ", rope.cos_LH.size(0), ")");
-    cos = rope.cos_LH.index_select(0, pos);
-    sin = rope.sin_LH.index_select(0, pos);
+    // The tables are host-built members (not buffers): index where they live, then follow x.
+    const auto at_table = pos.to(rope.cos_LH.device());
+    cos = rope.cos_LH.index_select(0, at_table).to(x.device());
+    sin = rope.sin_LH.index_select(0, at_table).to(x.device());
   } else {
     TORCH_CHECK(L <= rope.cos_LH.size(0), "[apply_rotary] sequence of ", L,
                 " tokens exceeds the rotary table (model.max_seq_len = ", rope.cos_LH.size(0), ")");
-    cos = rope.cos_LH.narrow(0, 0, L);
-    sin = rope.sin_LH.narrow(0, 0, L);
+    cos = rope.cos_LH.narrow(0, 0, L).to(x.device());
+    sin = rope.sin_LH.narrow(0, 0, L).to(x.device());
   }
   if (fusable(x) && fusable(cos)) return RotaryFn::apply(x, cos, sin);
   cos = cos.unsqueeze(1);  // [L, 1, hd], broadcast over heads
@@ -129,9 +131,9 @@ at::Tensor block_causal_bias(int64_t L, int64_t block_size) {
 
 at::Tensor block_causal_bias(const at::Tensor& q_pos, const at::Tensor& k_pos, int64_t block_size) {
   TORCH_CHECK(block_size > 0, "[block_causal_bias] block_size must be positive");
-  auto qb = q_pos.div(block_size, "floor"), kb = k_pos.div(block_size, "floor");
+  auto qb = q_pos.div(block_size, "floor"), kb = k_pos.to(q_pos.device()).div(block_size, "floor");
   auto allowed = kb.unsqueeze(0) <= qb.unsqueeze(1);
-  return torch::zeros({q_pos.size(0), k_pos.size(0)})
+  return torch::zeros({q_pos.size(0), k_pos.size(0)}, q_pos.options().dtype(torch::kFloat32))
       .masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
 }
 

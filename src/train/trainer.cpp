@@ -13,6 +13,7 @@
 #include <sstream>
 #include <unistd.h>
 
+#include "core/compat.h"
 #include "core/errors.h"
 #include "core/fs.h"
 #include "core/fault.h"
@@ -125,6 +126,49 @@ TrainOptions TrainOptions::from(const ConfigNode& recipe) {
   return o;
 }
 
+namespace {
+
+/// The batch's tensors on `device` (noise is drawn on the CPU, then moved).
+DiffusionBatch to_device(const DiffusionBatch& b, const at::Device& device) {
+  DiffusionBatch o = b;
+  for (at::Tensor* t : {&o.x0_BL, &o.xt_BL, &o.masked_BL, &o.t_B, &o.p_B, &o.index_M,
+                        &o.target_M, &o.weight_M}) {
+    if (t->defined()) *t = t->to(device);
+  }
+  return o;
+}
+
+}  // namespace
+
+at::Device parse_device(const ConfigNode& runtime) {
+  const std::string d = runtime.get<std::string>("device", "cpu");
+  at::Device dev(at::kCPU);
+  try {
+    dev = at::Device(d);
+  } catch (const std::exception&) {
+    runtime.fail("device", str("expected cpu, cuda or cuda:N, got '", d, "'"));
+  }
+  if (!dev.is_cpu() && !dev.is_cuda()) runtime.fail("device", str("expected cpu or cuda, got '", d, "'"));
+  if (dev.is_cuda() && !dev.has_index()) dev = at::Device(at::kCUDA, 0);  // compares equal to tensors' cuda:0
+  if (dev.is_cuda() && !compat::cuda_available()) {
+    runtime.fail("device", str("is ", d, " but this build (LibTorch ", compat::torch_version(),
+                               ") sees no CUDA device; build with tools/build_cuda.sh on a GPU "
+                               "machine"));
+  }
+  return dev;
+}
+
+at::ScalarType parse_dtype(const ConfigNode& runtime, const at::Device& device) {
+  const std::string t = runtime.get<std::string>("dtype", "fp32");
+  if (t == "fp32") return at::kFloat;
+  if (t == "bf16") {
+    if (!device.is_cuda()) runtime.fail("dtype", "bf16 autocast needs runtime.device: cuda (CPU runs are fp32)");
+    return at::kBFloat16;
+  }
+  runtime.fail("dtype", str("expected fp32 or bf16, got '", t, "'"));
+  return at::kFloat;
+}
+
 TrainerParts build_trainer_parts(const ConfigNode& recipe) {
   TrainerParts p;
   p.name = recipe.get<std::string>("name");
@@ -214,6 +258,13 @@ TrainerParts build_trainer_parts(const ConfigNode& recipe) {
     }
     resolve_checkpoint(p.init_checkpoint);  // a missing checkpoint fails before training
   }
+  // runtime.device / runtime.dtype: parameters live on the device (fp32 master weights); the
+  // forward runs under autocast to dtype on CUDA; noise and data are drawn on the CPU and moved,
+  // so that a run's masks do not depend on the device.
+  ConfigNode rt = recipe.section("runtime");
+  p.device = parse_device(rt);
+  p.dtype = parse_dtype(rt, p.device);
+  p.model->to(p.device);
   ConfigNode optim = recipe.at("optim");
   p.optimizer = optimizers_registry().create(optim.get<std::string>("kind"), optim.path() + ".kind",
                                              optim, *p.model);
@@ -372,20 +423,24 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm, bool*
       batch = corrupt_with(x0, t.narrow(0, r * B, B), u.narrow(0, r * B, B), *parts_.schedule,
                            model.mask_id());
     }
-    ModelInput in(bd3_bias.defined() ? torch::cat({batch.xt_BL, x0}, 1) : batch.xt_BL,
+    if (!parts_.device.is_cpu()) batch = to_device(batch, parts_.device);
+    ModelInput in(bd3_bias.defined() ? torch::cat({batch.xt_BL, x0.to(parts_.device)}, 1)
+                                     : batch.xt_BL,
                   batch.index_M);
     if (bd3_bias.defined()) {
-      in.attn_bias = bd3_bias;
+      in.attn_bias = bd3_bias.to(parts_.device);
       auto pos = torch::arange(Lb, torch::kLong);
-      in.positions_L = torch::cat({pos, pos});
+      in.positions_L = torch::cat({pos, pos}).to(parts_.device);
     }
     in.step = step;
     in.micro = m;
     data_scope.stop();
     ModelOutput out = [&] {
       profile::Scope sc("forward");
+      compat::AutocastGuard ac(parts_.device, parts_.dtype);
       return model.forward(in);
     }();
+    if (out.logits.scalar_type() != at::kFloat) out.logits = out.logits.to(at::kFloat);
     at::Tensor total;
     for (auto& l : parts_.losses) {
       if (l.routing) continue;
@@ -463,7 +518,9 @@ nlohmann::json Trainer::take_moe_stats() {
 }
 
 void Trainer::evaluate(nlohmann::json* metrics) {
-  if (!val_seqs_.defined()) val_seqs_ = parts_.data->val_sequences(parts_.options.eval_sequences);
+  if (!val_seqs_.defined()) {
+    val_seqs_ = parts_.data->val_sequences(parts_.options.eval_sequences).to(parts_.device);
+  }
   const auto t0 = std::chrono::steady_clock::now();
   // Ranks share the evaluation batches and add their partial sums: the result does not depend
   // on the number of ranks.

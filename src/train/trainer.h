@@ -93,7 +93,14 @@ struct TrainerParts {
   /// Data parallelism (null or world 1: one process). Set by the caller after the recipe is
   /// validated, because rendezvous waits for the other ranks.
   std::shared_ptr<DataParallel> dp;
+  at::Device device = at::kCPU;      ///< runtime.device: cpu | cuda | cuda:N
+  at::ScalarType dtype = at::kFloat; ///< runtime.dtype: fp32 | bf16 (CUDA autocast)
 };
+
+/// runtime.device, checked against this build and machine.
+at::Device parse_device(const ConfigNode& runtime);
+/// runtime.dtype: fp32, or bf16 (autocast; CUDA only).
+at::ScalarType parse_dtype(const ConfigNode& runtime, const at::Device& device);
 
 /// Builds every part of a recipe (data first: it fixes model.vocab_size when absent). The model
 /// is initialised from `seed` (recipe key `seed`). Throws ConfigError/DataError on bad input.

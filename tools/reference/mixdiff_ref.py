@@ -224,7 +224,8 @@ class Model:
 
 def load_lbl(probs, idx, K):
     S = probs.shape[1]
-    counts = torch.zeros(S).index_add_(0, idx.reshape(-1), torch.ones(idx.numel()))
+    counts = torch.zeros(S, device=probs.device).index_add_(
+        0, idx.reshape(-1), torch.ones(idx.numel(), device=probs.device))
     f = counts / counts.sum().clamp_min(1.0)
     return (f * probs.mean(0)).sum() * S
 
@@ -309,14 +310,22 @@ def token_batches(recipe, B, L, seed):
 
 
 def cmd_bench_train(a):
-    """Training steps on random tokens of the recipe's shape: tokens/s (forward/backward split)."""
+    """Training steps on random tokens of the recipe's shape: tokens/s (forward/backward split).
+    --device cuda [--dtype bf16] runs on the GPU (bf16 autocast around the forward, fp32
+    weights, as MixDiff's runtime.dtype); --compile wraps the forward in torch.compile."""
     torch.set_num_threads(1)
     recipe = load_yaml(a.recipe)
     recipe["model"].setdefault("vocab_size", a.vocab)
+    dev = torch.device(a.device)
     torch.manual_seed(0)
-    state = init_state(recipe)
+    state = {k: v.to(dev) for k, v in init_state(recipe).items()}
     model = Model(recipe, state)
+    model.cos, model.sin = model.cos.to(dev), model.sin.to(dev)
     opt = adamw(recipe, model.params())
+    forward = torch.compile(model.forward) if a.compile else model.forward
+    cuda = dev.type == "cuda"
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and a.dtype == "bf16" else None
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     B, L = recipe["train"]["batch_size"], recipe["data"]["seq_len"]
     mask_id = model.V
     g = torch.Generator().manual_seed(1)
@@ -328,24 +337,36 @@ def cmd_bench_train(a):
         p = (1 - 1e-3) * t + 1e-3
         masked = torch.rand(B, L, generator=g) < p[:, None]
         idx = masked.reshape(-1).nonzero().squeeze(1)
+        x0, masked, idx, p = x0.to(dev), masked.to(dev), idx.to(dev), p.to(dev)
+        sync()
         t0 = time.perf_counter()
         # As LLaDA's reference training code: logits of every position, then the masked ones.
-        out = model.forward(x0.masked_fill(masked, mask_id)).reshape(B * L, -1)[idx]
+        if amp is not None:
+            with amp:
+                out = forward(x0.masked_fill(masked, mask_id))
+        else:
+            out = forward(x0.masked_fill(masked, mask_id))
+        out = out.reshape(B * L, -1)[idx]
         _, total, _ = losses(recipe, model, out, x0.reshape(-1)[idx], (1 / p)[idx // L], B * L)
+        sync()
         t1 = time.perf_counter()
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.params(), 1.0)
         opt.step()
         opt.zero_grad()
+        sync()
         t2 = time.perf_counter()
         if s >= a.warmup:
             fwd += t1 - t0
             bwd += t2 - t1
             timed += 1
     tokens = timed * B * L
-    print(json.dumps({"impl": "reference", "what": "train", "tokens_per_s": tokens / (fwd + bwd),
+    print(json.dumps({"impl": "reference" + ("+compile" if a.compile else ""), "what": "train",
+                      "device": str(dev), "dtype": a.dtype,
+                      "tokens_per_s": tokens / (fwd + bwd),
                       "forward_s_per_step": fwd / timed, "backward_optimizer_s_per_step": bwd / timed,
-                      "peak_rss_mb": peak_rss_mb()}))
+                      "peak_rss_mb": peak_rss_mb(),
+                      "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0}))
 
 
 def init_state(recipe):
@@ -447,6 +468,9 @@ def main():
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--warmup", type=int, default=2)
     t.add_argument("--vocab", type=int, default=4096)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    t.add_argument("--compile", action="store_true")
     g = sub.add_parser("bench-generate")
     g.add_argument("--ckpt", required=True)
     g.add_argument("--repeats", type=int, default=3)

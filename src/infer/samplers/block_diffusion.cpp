@@ -31,6 +31,12 @@
 namespace mixdiff {
 namespace {
 
+/// Where the model's weights live; a model without parameters runs where the prompt is.
+at::Device model_device(const torch::nn::Module& m, const at::Device& fallback) {
+  const auto params = m.parameters(/*recurse=*/true);
+  return params.empty() ? fallback : params.front().device();
+}
+
 struct BlockOptions {
   int64_t gen_length = 64;
   int64_t block_length = 32;
@@ -93,10 +99,15 @@ class BlockDiffusionSampler : public SamplerBase {
     std::string cache = o_.cache == "auto" ? (block_causal ? "exact" : "prefix") : o_.cache;
     if (block_causal && cache == "prefix") cache = "exact";
     const int64_t mask_id = model.mask_id();
-    auto x = torch::cat({prompt.to(torch::kLong), torch::full({B, G}, mask_id, torch::kLong)}, 1);
+    // Decoding runs on the model's device; random draws stay on the host generator `gen` (the
+    // same samples on every device) and are moved there. The result goes back to the prompt's.
+    const at::Device dev = model_device(model, prompt.device());
+    const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
+    const auto bopt = torch::TensorOptions().dtype(torch::kBool).device(dev);
+    auto x = torch::cat({prompt.to(dev, torch::kLong), torch::full({B, G}, mask_id, lopt)}, 1);
     at::Tensor valid;
-    if (valid_BP.defined()) valid = torch::cat({valid_BP, torch::ones({B, G}, torch::kBool)}, 1);
-    auto done = torch::zeros({B}, torch::kBool);
+    if (valid_BP.defined()) valid = torch::cat({valid_BP.to(dev), torch::ones({B, G}, bopt)}, 1);
+    auto done = torch::zeros({B}, bopt);
     SampleResult res;
     KVCache kv;
     const int64_t first_block = P / Bk, n_blocks = (Lt + Bk - 1) / Bk;
@@ -133,8 +144,8 @@ class BlockDiffusionSampler : public SamplerBase {
         if (!is_mask.any().item<bool>()) break;
         at::Tensor logits;  // [B, len, V]
         if (cache == "none") {
-          auto pos = torch::arange(start, start + len, torch::kLong);
-          auto index = (torch::arange(B, torch::kLong).unsqueeze(1) * Lt + pos).reshape({-1});
+          auto pos = torch::arange(start, start + len, lopt);
+          auto index = (torch::arange(B, lopt).unsqueeze(1) * Lt + pos).reshape({-1});
           ModelInput in(x, index);
           if (valid.defined()) in.valid_BL = valid;
           ++res.forwards;
@@ -145,8 +156,8 @@ class BlockDiffusionSampler : public SamplerBase {
           logits = forward(start, len, true, false, {});
         } else {  // prefix: the block and every later position
           const int64_t rest = Lt - start;
-          auto idx = (torch::arange(B, torch::kLong).unsqueeze(1) * rest +
-                      torch::arange(len, torch::kLong)).reshape({-1});
+          auto idx = (torch::arange(B, lopt).unsqueeze(1) * rest + torch::arange(len, lopt))
+                         .reshape({-1});
           logits = forward(start, rest, true, false, idx).view({B, len, -1});
         }
         commit(logits.to(torch::kFloat64), blk, is_mask, n_masked, s, gen);
@@ -160,7 +171,7 @@ class BlockDiffusionSampler : public SamplerBase {
     if (eos_ >= 0) x = x.masked_fill(x == mask_id, eos_);  // rows stopped early
     res.blocks = n_blocks - first_block;
     res.decode_seconds = secs;
-    res.tokens_BL = x;
+    res.tokens_BL = x.to(prompt.device());
     return res;
   }
 
@@ -170,14 +181,17 @@ class BlockDiffusionSampler : public SamplerBase {
     const int64_t B = blk.size(0), len = blk.size(1);
     at::Tensor pred;
     if (o_.temperature > 0) {
-      auto u = torch::rand(logits.sizes(), gen, torch::kFloat64).clamp_min(1e-300);
+      auto u = torch::rand(logits.sizes(), gen, torch::kFloat64)  // host generator, then moved
+                   .clamp_min(1e-300)
+                   .to(logits.device());
       pred = (logits - o_.temperature * torch::log(-torch::log(u))).argmax(-1);
     } else {
       pred = logits.argmax(-1);
     }
     auto conf = torch::softmax(logits, -1).gather(-1, pred.unsqueeze(-1)).squeeze(-1);
     conf = conf.masked_fill(is_mask.logical_not(), -std::numeric_limits<double>::infinity());
-    auto take = torch::zeros({B, len}, torch::kBool);
+    auto take =
+        torch::zeros({B, len}, torch::TensorOptions().dtype(torch::kBool).device(blk.device()));
     for (int64_t b = 0; b < B; ++b) {
       const int64_t left = is_mask[b].sum().item<int64_t>();
       if (left == 0) continue;

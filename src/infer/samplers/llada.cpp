@@ -26,6 +26,12 @@
 namespace mixdiff {
 namespace {
 
+/// Where the model's weights live; a model without parameters runs where the prompt is.
+at::Device model_device(const torch::nn::Module& m, const at::Device& fallback) {
+  const auto params = m.parameters(/*recurse=*/true);
+  return params.empty() ? fallback : params.front().device();
+}
+
 struct LladaOptions {
   int64_t gen_length = 64;
   int64_t steps = 64;
@@ -81,14 +87,18 @@ class LladaSampler : public SamplerBase {
                            " exceeds model.max_seq_len ", model.max_seq_len()));
     }
     const int64_t mask_id = model.mask_id();
-    auto x = torch::cat({prompt.to(torch::kLong), torch::full({B, G}, mask_id, torch::kLong)}, 1);
+    // Decoding runs on the model's device; random draws stay on the host generator `gen` (the
+    // same samples on every device) and are moved there. The result goes back to the prompt's.
+    const at::Device dev = model_device(model, prompt.device());
+    const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
+    auto x = torch::cat({prompt.to(dev, torch::kLong), torch::full({B, G}, mask_id, lopt)}, 1);
     const int64_t steps_per_block = o_.threshold ? Bk : o_.steps / n_blocks;
     SampleResult res;
     for (int64_t j = 0; j < n_blocks; ++j) {
       const int64_t start = P + j * Bk;
       // Flattened positions of this block in every row: logits are computed only there.
-      auto pos = torch::arange(start, start + Bk, torch::kLong);
-      auto index = (torch::arange(B, torch::kLong).unsqueeze(1) * Lt + pos).reshape({-1});
+      auto pos = torch::arange(start, start + Bk, lopt);
+      auto index = (torch::arange(B, lopt).unsqueeze(1) * Lt + pos).reshape({-1});
       auto n_masked = (x.narrow(1, start, Bk) == mask_id).sum(1);  // [B]
       for (int64_t s = 0; s < steps_per_block; ++s) {
         auto blk = x.narrow(1, start, Bk);                          // view into x
@@ -101,19 +111,20 @@ class LladaSampler : public SamplerBase {
         at::Tensor pred;
         if (o_.temperature > 0) {
           // argmax(logits + T * Gumbel) samples softmax(logits / T).
-          auto u = torch::rand(logits.sizes(), gen, torch::kFloat64).clamp_min(1e-300);
+          auto u = torch::rand(logits.sizes(), gen, torch::kFloat64).clamp_min(1e-300).to(dev);
           pred = (logits - o_.temperature * torch::log(-torch::log(u))).argmax(-1);
         } else {
           pred = logits.argmax(-1);
         }
         at::Tensor conf;
         if (o_.remasking == "random" && !o_.threshold) {
-          conf = torch::rand({B, Bk}, gen, torch::kFloat64);
+          conf = torch::rand({B, Bk}, gen, torch::kFloat64).to(dev);
         } else {
           conf = torch::softmax(logits, -1).gather(-1, pred.unsqueeze(-1)).squeeze(-1);
         }
         conf = conf.masked_fill(is_mask.logical_not(), -std::numeric_limits<double>::infinity());
-        auto commit = torch::zeros({B, Bk}, torch::kBool);
+        auto commit =
+            torch::zeros({B, Bk}, torch::TensorOptions().dtype(torch::kBool).device(dev));
         for (int64_t b = 0; b < B; ++b) {
           const int64_t left = is_mask[b].sum().item<int64_t>();
           if (left == 0) continue;
@@ -136,7 +147,7 @@ class LladaSampler : public SamplerBase {
       TORCH_INTERNAL_ASSERT(!(x.narrow(1, start, Bk) == mask_id).any().item<bool>(),
                             "[llada] block left masked tokens");
     }
-    res.tokens_BL = x;
+    res.tokens_BL = x.to(prompt.device());
     return res;
   }
 
