@@ -7,6 +7,8 @@
 # A crash is written to build-fuzz/crashes/<target>-crash-*: fix it, then copy the file into
 # tests/fuzz/corpus/<target>/ so that the test suite replays it (UnitFuzzRegression).
 #   tools/fuzz.sh [SECONDS] [TARGET ...]      e.g. tools/fuzz.sh 600   or   tools/fuzz.sh 30 recipe
+# FUZZ_RUNS=N instead runs N inputs per target from seed 1 (deterministic; the test script's
+# sanitizer pass over the parsers uses it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}
@@ -26,11 +28,12 @@ status=0
 for t in "${targets[@]}"; do
   mkdir -p "build-fuzz/corpus/$t"
   log="build-fuzz/$t.log"
+  if [ -n "${FUZZ_RUNS:-}" ]; then budget=(-runs="$FUZZ_RUNS" -seed=1); else budget=(-max_total_time="$secs"); fi
   if ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 "./build-fuzz/fuzz_$t" \
-      -max_total_time="$secs" -max_len=16384 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+      "${budget[@]}" -max_len=16384 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
       -artifact_prefix="build-fuzz/crashes/$t-" "build-fuzz/corpus/$t" "tests/fuzz/corpus/$t" > "$log" 2>&1; then
     runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
-    echo "fuzz $t: ${secs} s, $runs executions, no crash (corpus $(ls "build-fuzz/corpus/$t" | wc -l) inputs)"
+    echo "fuzz $t: ${FUZZ_RUNS:-$secs s}, $runs executions, no crash (corpus $(ls "build-fuzz/corpus/$t" | wc -l) inputs)"
   else
     status=1
     echo "fuzz $t: CRASH, see $log and build-fuzz/crashes/$t-*"
