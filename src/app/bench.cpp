@@ -268,10 +268,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
     auto u = torch::rand({B, L}, gen);
     DiffusionBatch batch = corrupt_with(x0, t, u, *schedule, model->mask_id());
     if (!device.is_cpu()) {
-      for (at::Tensor* p : {&batch.x0_BL, &batch.xt_BL, &batch.masked_BL, &batch.t_B, &batch.p_B,
-                            &batch.index_M, &batch.target_M, &batch.weight_M}) {
-        if (p->defined()) *p = p->to(device);
-      }
+      batch = to_device(batch, device);
       compat::synchronize(device);
     }
     const auto t0 = std::chrono::steady_clock::now();

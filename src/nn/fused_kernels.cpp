@@ -2,6 +2,8 @@
 #include "nn/fused_kernels.h"
 
 #include <cmath>
+
+#include "core/vector_clones.h"
 #include <cstring>
 
 namespace mixdiff::kernels {
@@ -59,12 +61,6 @@ void rotary(const float* __restrict x, const float* __restrict cos, const float*
     }
   }
 }
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define MIXDIFF_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MIXDIFF_VECTOR_CLONES
-#endif
 
 MIXDIFF_VECTOR_CLONES
 void gemm_nt_skinny(const float* __restrict X, int64_t n, const float* __restrict W, int64_t N,

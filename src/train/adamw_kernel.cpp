@@ -4,13 +4,9 @@
 
 #include <cmath>
 
-namespace mixdiff {
+#include "core/vector_clones.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define MIXDIFF_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define MIXDIFF_VECTOR_CLONES
-#endif
+namespace mixdiff {
 
 MIXDIFF_VECTOR_CLONES
 void adamw_update(float* __restrict p, const float* __restrict g, float* __restrict m,

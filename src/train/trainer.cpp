@@ -126,9 +126,6 @@ TrainOptions TrainOptions::from(const ConfigNode& recipe) {
   return o;
 }
 
-namespace {
-
-/// The batch's tensors on `device` (noise is drawn on the CPU, then moved).
 DiffusionBatch to_device(const DiffusionBatch& b, const at::Device& device) {
   DiffusionBatch o = b;
   for (at::Tensor* t : {&o.x0_BL, &o.xt_BL, &o.masked_BL, &o.t_B, &o.p_B, &o.index_M,
@@ -137,8 +134,6 @@ DiffusionBatch to_device(const DiffusionBatch& b, const at::Device& device) {
   }
   return o;
 }
-
-}  // namespace
 
 at::Device parse_device(const ConfigNode& runtime) {
   const std::string d = runtime.get<std::string>("device", "cpu");

@@ -97,6 +97,9 @@ struct TrainerParts {
   at::ScalarType dtype = at::kFloat; ///< runtime.dtype: fp32 | bf16 (CUDA autocast)
 };
 
+/// The batch's tensors on `device` (noise is drawn on the CPU, then moved).
+DiffusionBatch to_device(const DiffusionBatch& b, const at::Device& device);
+
 /// runtime.device, checked against this build and machine.
 at::Device parse_device(const ConfigNode& runtime);
 /// runtime.dtype: fp32, or bf16 (autocast; CUDA only).
