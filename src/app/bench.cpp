@@ -187,8 +187,8 @@ int cmd_bench_moe_layer(const BenchMoeArgs& a) {
 // ---------------------------------------------------------------------------------------------
 // `mixdiff bench train` / `mixdiff bench generate`: throughput of the training step and of
 // generation, peak memory, and model FLOPs utilisation against this machine's measured matmul
-// peak. The training bench feeds random tokens of the recipe's shape through exactly the
-// trainer's step (forward, loss terms, routing losses, backward, clipping, AdamW), so its numbers
+// peak. The training bench feeds random tokens of the recipe's shape through Trainer::run_step, the
+// step training runs (forward, loss terms, routing losses, backward, clipping, AdamW), so its numbers
 // compare with the PyTorch reference's (tools/reference/mixdiff_ref.py, same workload).
 
 namespace mixdiff {
@@ -222,97 +222,65 @@ double matmul_peak_gflops(const at::Device& device = at::kCPU, at::ScalarType dt
 
 }  // namespace
 
+/// Uniform random tokens of the recipe's shape in place of its corpus: throughput does not
+/// depend on the text, and the bench runs where no corpus was prepared (a GPU machine).
+class RandomTokens final : public DataSource {
+ public:
+  RandomTokens(int64_t vocab, int64_t seq_len) : vocab_(vocab), seq_len_(seq_len) {}
+  int64_t seq_len() const override { return seq_len_; }
+  int64_t vocab_size() const override { return vocab_; }
+  int64_t eos_id() const override { return vocab_ - 1; }
+  std::string tokenizer_dir() const override { return ""; }
+  at::Tensor train_batch(int64_t first, int64_t count) override {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(first) + 1);
+    return torch::randint(0, vocab_, {count, seq_len_}, gen);
+  }
+  at::Tensor val_sequences(int64_t n) override { return train_batch(-1, n); }
+  std::string describe() const override {
+    return str("random tokens (vocab ", vocab_, ", seq_len ", seq_len_, ")");
+  }
+
+ private:
+  int64_t vocab_, seq_len_;
+};
+
 int cmd_bench_train(const BenchTrainArgs& a) {
   ConfigNode recipe = ConfigNode::from_file(a.recipe);
   for (const auto& o : a.overrides) recipe.apply_override(o);
-  torch::set_num_threads(static_cast<int>(recipe.section("runtime").get<int64_t>("threads", 1)));
   ConfigNode mc = recipe.at("model");
-  if (!mc.has("vocab_size")) mc.set<int64_t>("vocab_size", a.vocab);
-  torch::manual_seed(0);
-  auto model = build_model(mc);
-  ConfigNode rt = recipe.section("runtime");
-  const at::Device device = parse_device(rt);
-  const at::ScalarType dtype = parse_dtype(rt, device);
-  model->to(device);
-  ConfigNode sc = recipe.at("diffusion").at("schedule");
-  auto schedule = schedules_registry().create(sc.get<std::string>("kind"), "schedule", sc);
-  std::vector<WeightedLoss> terms;
-  std::vector<WeightedRoutingLoss> routing;
-  ConfigNode ls = recipe.at("losses");
-  for (size_t i = 0; i < ls.size(); ++i) {
-    WeightedLoss w{ls[i].get<std::string>("kind"), ls[i].get<double>("weight", 1.0), nullptr};
-    w.term = losses_registry().create(w.name, ls[i].path() + ".kind", ls[i]);
-    w.routing = w.term->is_routing();
-    if (w.routing) routing.push_back({w.name, w.weight, std::dynamic_pointer_cast<RoutingLoss>(w.term)});
-    terms.push_back(w);
-  }
-  for (MoeLayer* l : model->moe_layers()) {
-    l->set_aux_losses(routing);
-    l->set_aux_scale(1.0);
-  }
-  ConfigNode oc = recipe.at("optim");
-  auto opt = optimizers_registry().create(oc.get<std::string>("kind"), "optim", oc, *model);
-  const double clip = recipe.at("train").get<double>("grad_clip", 1.0);
-  const int64_t B = recipe.at("train").get<int64_t>("batch_size");
+  const int64_t vocab = mc.has("vocab_size") ? mc.get<int64_t>("vocab_size") : a.vocab;
   const int64_t L = recipe.at("data").get<int64_t>("seq_len");
-  const int64_t V = model->vocab_size();
-  model->train();
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(1);
+  // Every step at the full sequence length (training truncates 1% of batches, LLaDA-style).
+  if (recipe.has("diffusion") && recipe.at("diffusion").has("random_length_prob")) {
+    recipe.at("diffusion").set<double>("random_length_prob", 0.0);
+  }
+  // The trainer's own parts and step (forward, loss terms, routing losses, backward, gradient
+  // norm and clipping, LR schedule, optimizer, routing-state updates) on random tokens.
+  Trainer trainer(build_trainer_parts(recipe, std::make_unique<RandomTokens>(vocab, L)), "", "");
+  ModelBase& model = trainer.model();
+  model.train();
+  const at::Device device = parse_device(recipe.section("runtime"));
+  const at::ScalarType dtype = parse_dtype(recipe.section("runtime"), device);
   double fwd = 0, bwd = 0;
-  int64_t timed = 0;
+  int64_t timed = 0, tokens = 0;
   if (a.profile) profile::g_enabled = true;
   for (int64_t s = 0; s < a.warmup + a.steps; ++s) {
     if (s == a.warmup) profile::take();  // drop the warm-up's profile
-    auto x0 = torch::randint(0, V, {B, L}, gen);
-    auto t = torch::rand({B}, gen);
-    auto u = torch::rand({B, L}, gen);
-    DiffusionBatch batch = corrupt_with(x0, t, u, *schedule, model->mask_id());
-    if (!device.is_cpu()) {
-      batch = to_device(batch, device);
-      compat::synchronize(device);
-    }
-    const auto t0 = std::chrono::steady_clock::now();
-    ModelOutput out;
-    {
-      profile::Scope f("forward");
-      compat::AutocastGuard ac(device, dtype);
-      out = model->forward(ModelInput(batch.xt_BL, batch.index_M));
-    }
-    if (out.logits.scalar_type() != at::kFloat) out.logits = out.logits.to(at::kFloat);
-    at::Tensor total;
-    for (auto& w : terms) {
-      if (w.routing) continue;
-      auto v = w.term->compute(out, batch) * w.weight;
-      total = total.defined() ? total + v : v;
-    }
-    compat::synchronize(device);
-    const auto t1 = std::chrono::steady_clock::now();
-    {
-      profile::Scope b("backward");
-      total.backward();
-    }
-    {
-      profile::Scope o("optimizer_and_clip");
-      const auto params = model->parameters();
-      clip_step_zero(*opt, params, clip, clip > 0 ? global_grad_norm(params) : 0.0);
-    }
-    for (MoeLayer* l : model->moe_layers()) {
-      l->take_aux_values();
-      l->step_end(StatReducer());
-      l->take_stats();
-    }
-    compat::synchronize(device);
-    const auto t2 = std::chrono::steady_clock::now();
+    StepTimes t;
+    const StepResult r = trainer.run_step(s, &t);
+    if (r.nonfinite) throw InputError(str("bench train: non-finite loss at step ", s + 1));
+    for (MoeLayer* l : model.moe_layers()) l->take_stats();
     if (s >= a.warmup) {
-      fwd += std::chrono::duration<double>(t1 - t0).count();
-      bwd += std::chrono::duration<double>(t2 - t1).count();
+      fwd += t.forward;
+      bwd += t.backward + t.optimizer;
+      tokens += r.tokens;
       ++timed;
     }
   }
   profile::g_enabled = false;
-  const double tokens_per_s = static_cast<double>(timed * B * L) / (fwd + bwd);
+  const double tokens_per_s = static_cast<double>(tokens) / (fwd + bwd);
   const double peak = matmul_peak_gflops(device, dtype);
-  const double fpt = model->train_flops_per_token(L);
+  const double fpt = model.train_flops_per_token(L);
   nlohmann::json j = {{"impl", "mixdiff"},
                       {"what", "train"},
                       {"recipe", a.recipe},
@@ -325,8 +293,8 @@ int cmd_bench_train(const BenchTrainArgs& a) {
                       {"peak_rss_mb", peak_rss_mb()},
                       {"device", device.str()},
                       {"dtype", dtype == at::kFloat ? "fp32" : "bf16"},
-                      {"parameters", model->num_parameters()},
-                      {"active_parameters", model->num_active_parameters()}};
+                      {"parameters", model.num_parameters()},
+                      {"active_parameters", model.num_active_parameters()}};
   if (a.profile) {
     nlohmann::json p = nlohmann::json::object();
     for (const auto& [k, v] : profile::take()) p[k] = v / static_cast<double>(timed);

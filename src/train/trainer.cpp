@@ -164,7 +164,7 @@ at::ScalarType parse_dtype(const ConfigNode& runtime, const at::Device& device) 
   return at::kFloat;
 }
 
-TrainerParts build_trainer_parts(const ConfigNode& recipe) {
+TrainerParts build_trainer_parts(const ConfigNode& recipe, std::unique_ptr<DataSource> data) {
   TrainerParts p;
   p.name = recipe.get<std::string>("name");
   if (p.name.empty() || p.name.find('/') != std::string::npos) {
@@ -175,7 +175,7 @@ TrainerParts build_trainer_parts(const ConfigNode& recipe) {
   if (threads <= 0) recipe.at("runtime").fail("threads", "expected a positive integer");
   torch::set_num_threads(static_cast<int>(threads));
 
-  p.data = build_data_source(recipe.at("data"));
+  p.data = data ? std::move(data) : build_data_source(recipe.at("data"));
   ConfigNode model_cfg = recipe.at("model");
   if (!model_cfg.has("vocab_size")) {
     model_cfg.set<int64_t>("vocab_size", p.data->vocab_size());
@@ -279,6 +279,7 @@ Trainer::Trainer(TrainerParts parts, std::string run_dir, std::string recipe_yam
 void Trainer::log(const std::string& line) {
   if (!is_main()) return;
   std::cout << line << std::endl;
+  if (run_dir_.empty()) return;
   std::ofstream f(run_dir_ + "/train.log", std::ios::app);
   f << line << "\n";
 }
@@ -369,18 +370,25 @@ void Trainer::initialize_from_checkpoint() {
           dropped.size(), " dropped)"));
 }
 
-double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm, bool* nonfinite,
-                         std::vector<double>* aux) {
+StepResult Trainer::run_step(int64_t step, StepTimes* times) {
   auto& model = *parts_.model;
   const auto& o = parts_.options;
+  StepResult res;
+  // Phase timing for benchmarks: the device is synchronised at each boundary.
+  auto mark = std::chrono::steady_clock::now();
+  auto lap = [&](double* phase) {
+    if (!times) return;
+    compat::synchronize(parts_.device);
+    const auto now = std::chrono::steady_clock::now();
+    *phase += std::chrono::duration<double>(now - mark).count();
+    mark = now;
+  };
   // Data parallelism: rank r of W takes sequences [r B, (r + 1) B) of each global micro-batch of
   // W B sequences, and the rows of the global batch's noise (t, random length, mask uniforms are
   // drawn for the whole global batch from the step's generator), so W ranks reproduce one
   // process with batch W B.
   const int64_t W = world(), r = dp_ ? dp_->rank() : 0, B = o.batch_size;
   double loss_sum = 0;
-  *tokens = 0;
-  *nonfinite = false;
   const auto moe = model.moe_layers();
   for (MoeLayer* l : moe) l->set_aux_scale(1.0 / static_cast<double>(o.grad_accum));
   for (int64_t m = 0; m < o.grad_accum; ++m) {
@@ -430,6 +438,7 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm, bool*
     in.step = step;
     in.micro = m;
     data_scope.stop();
+    lap(times ? &times->data : nullptr);
     ModelOutput out = [&] {
       profile::Scope sc("forward");
       compat::AutocastGuard ac(parts_.device, parts_.dtype);
@@ -443,16 +452,19 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm, bool*
       total = total.defined() ? total + v : v;
     }
     if (fault::value("nan_loss_at_step") == step + 1) total = total * std::nan("");
+    lap(times ? &times->forward : nullptr);
     {
       profile::Scope sc("backward");
       (total / static_cast<double>(o.grad_accum)).backward();
     }
     loss_sum += total.item<double>();
-    *tokens += x0.numel() * W;
+    res.tokens += x0.numel() * W;
+    lap(times ? &times->backward : nullptr);
   }
   profile::Scope opt_scope("optimizer_and_clip");
   const auto params = model.parameters();
   if (dp_) dp_->average_gradients(params, o.bucket_bytes);
+  lap(times ? &times->backward : nullptr);
   // A non-finite loss or gradient (on any rank) is never applied: the step's gradients are
   // dropped and the caller decides (train.on_nonfinite).
   const double norm = global_grad_norm(params);
@@ -465,13 +477,15 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm, bool*
   if (bad != 0) {
     for (auto& p : params) p.mutable_grad() = at::Tensor();
     for (MoeLayer* l : moe) l->take_aux_values();
-    *nonfinite = true;
-    return std::isfinite(loss_sum) ? std::nan("") : loss_sum / static_cast<double>(o.grad_accum);
+    res.nonfinite = true;
+    res.loss = std::isfinite(loss_sum) ? std::nan("") : loss_sum / static_cast<double>(o.grad_accum);
+    lap(times ? &times->optimizer : nullptr);
+    return res;
   }
   const double lr = parts_.base_lr * parts_.lr_schedule->factor(step);
   for (auto& g : parts_.optimizer->param_groups()) g.options().set_lr(lr);
   clip_step_zero(*parts_.optimizer, params, o.grad_clip, norm);
-  *grad_norm = o.grad_clip > 0 ? norm : std::nan("");
+  res.grad_norm = o.grad_clip > 0 ? norm : std::nan("");
   opt_scope.stop();
   std::vector<double> vals{loss_sum / static_cast<double>(o.grad_accum)};
   for (MoeLayer* l : moe) {
@@ -487,8 +501,10 @@ double Trainer::run_step(int64_t step, int64_t* tokens, double* grad_norm, bool*
     dp_->all_reduce_sum(tv);
     for (size_t i = 0; i < vals.size(); ++i) vals[i] = tv[i].item<double>() / static_cast<double>(W);
   }
-  aux->assign(vals.begin() + 1, vals.end());
-  return vals[0];
+  res.aux.assign(vals.begin() + 1, vals.end());
+  res.loss = vals[0];
+  lap(times ? &times->optimizer : nullptr);
+  return res;
 }
 
 StatReducer Trainer::reducer() const {
@@ -583,6 +599,7 @@ std::string Trainer::write_checkpoint(bool replicas_identical) {
 }
 
 int Trainer::fit() {
+  if (run_dir_.empty()) throw std::logic_error("Trainer::fit needs a run folder");
   const auto& o = parts_.options;
   auto& model = *parts_.model;
   model.train();
@@ -636,10 +653,11 @@ int Trainer::fit() {
 
   while (state_.step < o.steps) {
     const int64_t step = state_.step;
-    int64_t tokens = 0;
-    double grad_norm = 0;
-    bool nonfinite = false;
-    const double loss = run_step(step, &tokens, &grad_norm, &nonfinite, &aux);
+    const StepResult r = run_step(step);
+    const int64_t tokens = r.tokens;
+    const double grad_norm = r.grad_norm, loss = r.loss;
+    const bool nonfinite = r.nonfinite;
+    aux = r.aux;
     const double comm_s = dp_ ? dp_->take_comm_seconds() : 0.0;
     interval_comm_s += comm_s;
     for (size_t i = 0; i < aux.size() && i < interval_aux.size(); ++i) interval_aux[i] += aux[i];

@@ -107,7 +107,28 @@ at::ScalarType parse_dtype(const ConfigNode& runtime, const at::Device& device);
 
 /// Builds every part of a recipe (data first: it fixes model.vocab_size when absent). The model
 /// is initialised from `seed` (recipe key `seed`). Throws ConfigError/DataError on bad input.
-TrainerParts build_trainer_parts(const ConfigNode& recipe);
+/// `data`, when given, replaces the recipe's data source (`mixdiff bench train` feeds random
+/// tokens of the recipe's shape through the same parts).
+TrainerParts build_trainer_parts(const ConfigNode& recipe,
+                                 std::unique_ptr<DataSource> data = nullptr);
+
+/// What one optimizer step did.
+struct StepResult {
+  double loss = 0;          ///< mean diffusion loss over the micro-batches (and ranks' logs)
+  int64_t tokens = 0;       ///< tokens consumed by all ranks
+  double grad_norm = 0;     ///< before clipping; NaN when clipping is off
+  bool nonfinite = false;   ///< loss or gradient NaN/Inf on some rank: nothing was applied
+  std::vector<double> aux;  ///< routing-loss values, mean over layers and micro-batches
+};
+
+/// Seconds per phase of one step, with the device synchronised at every phase boundary (which
+/// costs a GPU its overlap of host and device work, so only benchmarks ask for it).
+struct StepTimes {
+  double data = 0;       ///< batch, noise and masks, moved to the device
+  double forward = 0;    ///< forward and loss terms
+  double backward = 0;   ///< backward (and the gradient all-reduce)
+  double optimizer = 0;  ///< norm, clipping, optimizer step, routing-state updates
+};
 
 /// Progress of a run; the part of it that checkpoints carry.
 struct TrainerState {
@@ -122,7 +143,9 @@ struct TrainerState {
 
 class Trainer {
  public:
-  /// `run_dir` exists and holds recipe.yaml; `recipe_yaml` is the resolved recipe.
+  /// `run_dir` exists and holds recipe.yaml; `recipe_yaml` is the resolved recipe. An empty
+  /// `run_dir` makes a trainer that only steps (run_step): logs go to stdout alone and it
+  /// cannot checkpoint.
   Trainer(TrainerParts parts, std::string run_dir, std::string recipe_yaml);
   /// Restores model, optimizer and state from a verified checkpoint folder.
   void restore(const std::string& ckpt_dir);
@@ -136,14 +159,12 @@ class Trainer {
   int fit();
   const TrainerState& state() const { return state_; }
   ModelBase& model() { return *parts_.model; }
+  /// One optimizer step of grad_accum micro-batches at `step` (the LR schedule's and the noise's
+  /// step), reading the data stream at the state's cursor; fit() runs it, and so does
+  /// `mixdiff bench train`, which asks for `times`.
+  StepResult run_step(int64_t step, StepTimes* times = nullptr);
 
  private:
-  /// One optimizer step; returns the mean diffusion loss over micro-batches and the tokens it
-  /// consumed. Routing-loss values (mean over layers and micro-batches) go to `aux`.
-  /// One optimizer step (grad_accum micro-batches); *nonfinite when its loss or gradient norm was
-  /// NaN/Inf on any rank, in which case nothing was applied.
-  double run_step(int64_t step, int64_t* tokens, double* grad_norm, bool* nonfinite,
-                  std::vector<double>* aux);
   /// Per-layer routing telemetry since the last call (null for dense models).
   nlohmann::json take_moe_stats();
   void evaluate(nlohmann::json* metrics);

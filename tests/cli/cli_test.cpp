@@ -188,6 +188,37 @@ TEST(E2ECli, BenchMoeLayerReportsEveryExpertCount) {
                         "below --top-k");
 }
 
+// `bench train` runs the trainer's own step on random tokens of the recipe's shape, without its
+// corpus; `bench generate` times a checkpoint's sampler. Both print one JSON line.
+TEST(E2ECli, BenchTrainAndGenerateReportThroughput) {
+  const std::string d = tiny_dir();
+  for (const std::string& recipe :
+       {d + "/recipe.yaml", test::source_dir() + "/recipes/quickstart_moe.yaml"}) {
+    auto b = run_mixdiff({"bench", "train", recipe, "--steps", "2", "--warmup", "1", "--vocab",
+                          "128", "--set", "train.batch_size=2", "--set", "data.seq_len=32"});
+    ASSERT_EQ(b.status, 0) << recipe << "\n" << b.err;
+    const auto j = nlohmann::json::parse(test::lines(b.out).back());
+    EXPECT_EQ(j["what"], "train");
+    EXPECT_GT(j["tokens_per_s"].get<double>(), 0.0) << recipe;
+    EXPECT_GT(j["forward_s_per_step"].get<double>(), 0.0) << recipe;
+    EXPECT_GT(j["backward_optimizer_s_per_step"].get<double>(), 0.0) << recipe;
+    EXPECT_GT(j["mfu"].get<double>(), 0.0) << recipe;
+    EXPECT_GE(j["parameters"].get<int64_t>(), j["active_parameters"].get<int64_t>()) << recipe;
+  }
+  expect_one_line_error(
+      run_mixdiff({"bench", "train", d + "/recipe.yaml", "--set", "optim.kind=adam"}),
+      "optim.kind");
+
+  const std::string run = d + "/runs/bench";
+  ASSERT_EQ(run_mixdiff({"train", d + "/recipe.yaml", "--set", "train.steps=2", "--out", run}).status, 0);
+  auto g = run_mixdiff({"bench", "generate", "--ckpt", run, "--repeats", "1", "--profile"});
+  ASSERT_EQ(g.status, 0) << g.err;
+  const auto j = nlohmann::json::parse(test::lines(g.out).back());
+  EXPECT_GT(j["tokens_per_s"].get<double>(), 0.0);
+  EXPECT_DOUBLE_EQ(j["forwards_per_token"].get<double>(), 1.0);  // 16 steps for 16 tokens
+  EXPECT_TRUE(j["profile_s_per_forward"].contains("attention")) << g.out;
+}
+
 TEST(E2ECli, SigtermSavesACheckpointAndResumeFinishes) {
   const std::string d = tiny_dir();
   const std::string run = d + "/runs/sig";
