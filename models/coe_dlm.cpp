@@ -14,8 +14,7 @@
 #include <torch/torch.h>
 
 #include "core/errors.h"
-#include "model/transformer.h"
-#include "moe/moe_layer.h"
+#include "model/moe_model.h"
 
 namespace mixdiff {
 namespace {
@@ -85,29 +84,18 @@ class ChainOfExperts : public FeedForward {
 };
 
 std::shared_ptr<ModelBase> build(const ConfigNode& c) {
-  const TransformerOptions o = TransformerOptions::from(c);
-  ConfigNode moe = c.at("moe");
-  const std::string pattern = read_block_pattern(moe, o.n_layer);
-  const MoeOptions mo = MoeOptions::from(moe, o.d_model);
-  const int64_t C = moe.get<int64_t>("iterations", 2);
-  if (C < 1) moe.fail("iterations", str("expected at least 1 iteration, got ", C));
-  const std::string residual = moe.get<std::string>("residual", "code");
+  const MoeModelRecipe r(c, "Chain-of-Experts");
+  const int64_t C = r.moe.get<int64_t>("iterations", 2);
+  if (C < 1) r.moe.fail("iterations", str("expected at least 1 iteration, got ", C));
+  const std::string residual = r.moe.get<std::string>("residual", "code");
   if (residual != "code" && residual != "paper" && residual != "outer") {
-    moe.fail("residual", "expected code, paper or outer, got '" + residual + "'");
+    r.moe.fail("residual", "expected code, paper or outer, got '" + residual + "'");
   }
-  ConfigNode router_cfg = moe.at("router");
-  const std::string router_kind = router_cfg.get<std::string>("kind");
-  const RouterDims dims{o.d_model, mo.n_expert};
-  auto make_router = [&] {
-    return routers_registry().create(router_kind, router_cfg.path() + ".kind", router_cfg, dims);
-  };
-  return std::make_shared<TransformerDlm>(
-      o,
-      [&](int64_t layer) -> std::shared_ptr<FeedForward> {
-        if (pattern[static_cast<size_t>(layer)] == 'D') {
-          return std::make_shared<SwiGLU>(o.d_model, o.d_ff);
-        }
-        return std::make_shared<ChainOfExperts>(mo, C, residual, make_router, o.norm_eps);
+  auto make_router = [&] { return r.make_router(r.options.n_expert); };
+  return r.build(
+      [&](int64_t) {
+        return std::make_shared<ChainOfExperts>(r.options, C, residual, make_router,
+                                                r.backbone.norm_eps);
       },
       "coe_dlm");
 }

@@ -7,29 +7,16 @@
 #include <torch/nn/module.h>
 
 #include "core/errors.h"
-#include "model/transformer.h"
-#include "moe/moe_layer.h"
+#include "model/moe_model.h"
 
 namespace mixdiff {
 namespace {
 
 std::shared_ptr<ModelBase> build(const ConfigNode& c) {
-  const TransformerOptions o = TransformerOptions::from(c);
-  ConfigNode moe = c.at("moe");
-  const MoeOptions mo = MoeOptions::from(moe, o.d_model);
-  const std::string pattern = read_block_pattern(moe, o.n_layer);
-  ConfigNode router_cfg = moe.at("router");
-  const std::string router_kind = router_cfg.get<std::string>("kind");
-  const RouterDims dims{o.d_model, mo.n_expert};
-  return std::make_shared<TransformerDlm>(
-      o,
-      [&](int64_t layer) -> std::shared_ptr<FeedForward> {
-        if (pattern[static_cast<size_t>(layer)] == 'D') {
-          return std::make_shared<SwiGLU>(o.d_model, o.d_ff);
-        }
-        auto router = routers_registry().create(router_kind, router_cfg.path() + ".kind",
-                                                router_cfg, dims);
-        return std::make_shared<MoeLayer>(mo, std::move(router));
+  const MoeModelRecipe r(c, "moe_dlm");
+  return r.build(
+      [&](int64_t) {
+        return std::make_shared<MoeLayer>(r.options, r.make_router(r.options.n_expert));
       },
       "moe_dlm");
 }

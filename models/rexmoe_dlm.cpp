@@ -17,19 +17,16 @@
 #include <torch/torch.h>
 
 #include "core/errors.h"
-#include "model/transformer.h"
-#include "moe/moe_layer.h"
+#include "model/moe_model.h"
 
 namespace mixdiff {
 namespace {
 
 std::shared_ptr<ModelBase> build(const ConfigNode& c) {
-  const TransformerOptions o = TransformerOptions::from(c);
-  ConfigNode moe = c.at("moe");
-  const std::string pattern = read_block_pattern(moe, o.n_layer);
-  const int64_t n_moe = static_cast<int64_t>(std::count(pattern.begin(), pattern.end(), 'M'));
-  if (n_moe == 0) moe.fail("layer_pattern", "ReXMoE needs at least one MoE block");
-  MoeOptions mo = MoeOptions::from(moe, o.d_model);
+  const MoeModelRecipe r(c, "ReXMoE");
+  const ConfigNode& moe = r.moe;
+  const int64_t n_moe = r.n_moe;
+  const MoeOptions& mo = r.options;
   const int64_t E = mo.n_expert;
   const std::string sharing = moe.get<std::string>("sharing", "grouped");
   if (sharing != "grouped" && sharing != "sliding") {
@@ -54,7 +51,7 @@ std::shared_ptr<ModelBase> build(const ConfigNode& c) {
   const int64_t n_groups = sharing == "grouped" ? (n_moe + window - 1) / window : 1;
   for (int64_t g = 0; g < n_groups; ++g) {
     const int64_t blocks = sharing == "grouped" ? std::min(window, n_moe - g * window) : n_moe;
-    pools.push_back(std::make_shared<ExpertPool>(blocks * E, o.d_model, mo.d_expert, true));
+    pools.push_back(std::make_shared<ExpertPool>(blocks * E, r.backbone.d_model, mo.d_expert, true));
     if (sharing == "grouped") {
       pool_list->push_back(pools.back());
     } else {
@@ -62,15 +59,8 @@ std::shared_ptr<ModelBase> build(const ConfigNode& c) {
     }
   }
   if (sharing == "grouped") shared.emplace_back("pools", pool_list.ptr());
-  ConfigNode router_cfg = moe.at("router");
-  const std::string router_kind = router_cfg.get<std::string>("kind");
-  int64_t l = 0;
-  return std::make_shared<TransformerDlm>(
-      o,
-      [&](int64_t layer) -> std::shared_ptr<FeedForward> {
-        if (pattern[static_cast<size_t>(layer)] == 'D') {
-          return std::make_shared<SwiGLU>(o.d_model, o.d_ff);
-        }
+  return r.build(
+      [&](int64_t l) {
         // Candidates in pool-expert ids, own experts first.
         const int64_t g = group_of(l);
         const int64_t first_block = sharing == "grouped" ? g * window : 0;
@@ -113,12 +103,9 @@ std::shared_ptr<ModelBase> build(const ConfigNode& c) {
           ex.visibility.start = psr_start;
           ex.visibility.ramp_steps = psr_steps;
         }
-        ++l;
         MoeOptions lo_opts = mo;
         lo_opts.n_expert = S;
-        auto router = routers_registry().create(router_kind, router_cfg.path() + ".kind",
-                                                router_cfg, RouterDims{o.d_model, S});
-        return std::make_shared<MoeLayer>(lo_opts, std::move(router), std::move(ex));
+        return std::make_shared<MoeLayer>(lo_opts, r.make_router(S), std::move(ex));
       },
       "rexmoe_dlm", shared);
 }

@@ -16,19 +16,16 @@
 #include <cmath>
 
 #include "core/errors.h"
-#include "model/transformer.h"
-#include "moe/moe_layer.h"
+#include "model/moe_model.h"
 
 namespace mixdiff {
 namespace {
 
 std::shared_ptr<ModelBase> build(const ConfigNode& c) {
-  const TransformerOptions o = TransformerOptions::from(c);
-  ConfigNode moe = c.at("moe");
-  const std::string pattern = read_block_pattern(moe, o.n_layer);
-  const int64_t n_moe = static_cast<int64_t>(std::count(pattern.begin(), pattern.end(), 'M'));
-  if (n_moe == 0) moe.fail("layer_pattern", "UniPool needs at least one MoE block");
-  MoeOptions mo = MoeOptions::from(moe, o.d_model);
+  const MoeModelRecipe r(c, "UniPool");
+  const ConfigNode& moe = r.moe;
+  const int64_t n_moe = r.n_moe;
+  MoeOptions mo = r.options;
   const int64_t vanilla = n_moe * mo.n_expert;
   int64_t M = vanilla;
   if (moe.has("pool_size") && moe.has("pool_fraction")) {
@@ -52,31 +49,22 @@ std::shared_ptr<ModelBase> build(const ConfigNode& c) {
   }
   if (M <= 0) moe.fail("pool_size", "expected a positive pool size");
   mo.n_expert = M;  // every router chooses among the pool's M experts
-  auto pool = std::make_shared<ExpertPool>(M, o.d_model, mo.d_expert, /*track_usage=*/true);
-  ConfigNode router_cfg = moe.at("router");
-  const std::string router_kind = router_cfg.get<std::string>("kind");
-  int64_t moe_index = 0;
-  return std::make_shared<TransformerDlm>(
-      o,
-      [&](int64_t layer) -> std::shared_ptr<FeedForward> {
-        if (pattern[static_cast<size_t>(layer)] == 'D') {
-          return std::make_shared<SwiGLU>(o.d_model, o.d_ff);
-        }
+  auto pool = std::make_shared<ExpertPool>(M, r.backbone.d_model, mo.d_expert,
+                                           /*track_usage=*/true);
+  return r.build(
+      [&](int64_t l) {
         LayerExperts ex;
         ex.pool = pool;
         ex.pool_users = n_moe;
         if (vis != "all") {
-          const int64_t per = M / n_moe, l = moe_index;
+          const int64_t per = M / n_moe;
           const int64_t lo = vis == "partition" ? l : std::max<int64_t>(0, l - window);
           const int64_t hi = vis == "partition" ? l : std::min<int64_t>(n_moe - 1, l + window);
           auto mask = torch::zeros({M}, torch::kBool);
           mask.narrow(0, lo * per, (hi - lo + 1) * per).fill_(true);
           ex.visibility.fixed_S = mask;
         }
-        ++moe_index;
-        auto router = routers_registry().create(router_kind, router_cfg.path() + ".kind",
-                                                router_cfg, RouterDims{o.d_model, M});
-        return std::make_shared<MoeLayer>(mo, std::move(router), std::move(ex));
+        return std::make_shared<MoeLayer>(mo, r.make_router(M), std::move(ex));
       },
       "unipool_dlm", SharedModules{{"pool", pool}});
 }

@@ -1,4 +1,5 @@
 #include "model/transformer.h"
+#include "model/moe_model.h"
 
 #include "core/profile.h"
 
@@ -7,6 +8,7 @@
 #include "core/errors.h"
 #include "moe/moe_layer.h"
 
+#include <algorithm>
 #include <limits>
 #include <set>
 
@@ -65,6 +67,43 @@ std::string read_block_pattern(const ConfigNode& moe, int64_t n_layer) {
              str("expected ", n_layer, " letters D (dense) or M (MoE), got '", pattern, "'"));
   }
   return pattern;
+}
+
+namespace {
+int64_t count_moe_blocks(const std::string& pattern, const ConfigNode& moe,
+                         const std::string& name) {
+  const auto n = static_cast<int64_t>(std::count(pattern.begin(), pattern.end(), 'M'));
+  if (n == 0) moe.fail("layer_pattern", name + " needs at least one MoE block");
+  return n;
+}
+}  // namespace
+
+MoeModelRecipe::MoeModelRecipe(const ConfigNode& model, const std::string& name)
+    : backbone(TransformerOptions::from(model)),
+      moe(model.at("moe")),
+      pattern(read_block_pattern(moe, backbone.n_layer)),
+      n_moe(count_moe_blocks(pattern, moe, name)),
+      options(MoeOptions::from(moe, backbone.d_model)),
+      router(moe.at("router")) {}
+
+std::shared_ptr<RouterBase> MoeModelRecipe::make_router(int64_t n_candidates) const {
+  return routers_registry().create(router.get<std::string>("kind"), router.path() + ".kind",
+                                   router, RouterDims{backbone.d_model, n_candidates});
+}
+
+std::shared_ptr<ModelBase> MoeModelRecipe::build(
+    const std::function<std::shared_ptr<FeedForward>(int64_t moe_index)>& moe_block,
+    std::string kind, const SharedModules& shared) const {
+  int64_t moe_index = 0;
+  return std::make_shared<TransformerDlm>(
+      backbone,
+      [&](int64_t layer) -> std::shared_ptr<FeedForward> {
+        if (pattern[static_cast<size_t>(layer)] == 'D') {
+          return std::make_shared<SwiGLU>(backbone.d_model, backbone.d_ff);
+        }
+        return moe_block(moe_index++);
+      },
+      std::move(kind), shared);
 }
 
 TransformerDlm::TransformerDlm(const TransformerOptions& o, const FeedForwardFactory& ffn,
