@@ -35,7 +35,7 @@ class LoadBalance : public RoutingLoss {
     // N: the slots the router could choose (only the visible ones under a candidate schedule).
     const int64_t S = d.n_visible > 0 ? d.n_visible : d.probs_TS.size(1);
     const int64_t W = d.probs_TS.size(1);
-    auto w = valid_weights(r.ctx.valid_T, T).to(d.probs_TS.device());
+    auto w = valid_weights(r.ctx.valid_T, T, d.probs_TS.device());
     auto pw = d.probs_TS * w.unsqueeze(1);
     if (scope_ == "sequence") {
       TORCH_CHECK(r.ctx.seq_T.defined() && r.ctx.n_seq > 0,

@@ -25,7 +25,7 @@ class PoolBalance : public RoutingLoss {
                    "unipool_dlm or rexmoe_dlm)");
     const auto& d = r.decision;
     const int64_t S = d.n_expert, M = r.pool.n_expert();
-    auto w = valid_weights(r.ctx.valid_T, d.probs_TS.size(0)).to(d.probs_TS.device());
+    auto w = valid_weights(r.ctx.valid_T, d.probs_TS.size(0), d.probs_TS.device());
     const at::Tensor& scores = d.scores_TS.defined() ? d.scores_TS : d.probs_TS;
     auto P_slots = (scores.narrow(1, 0, S) * w.unsqueeze(1)).sum(0);
     at::Tensor counts = r.global.last_counts_S.defined() ? r.global.last_counts_S.narrow(0, 0, S)

@@ -57,20 +57,9 @@ class ExpertChoiceRouter : public RouterBase {
     d.n_expert = E;
     d.top_k = top_k();
     d.weight_SD = weight_;
-    // Router math in fp32 whatever the activations' dtype: the inputs are cast, and autocast is
-    // excluded here, since under autocast the linear itself would otherwise run in bf16.
-    at::Tensor z;
-    {
-      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-      z = torch::nn::functional::linear(x_TD.to(torch::kFloat32), weight_.to(torch::kFloat32));
-    }
-    at::Tensor vis = slot_visibility(ctx, E, E);
-    if (vis.defined()) {
-      vis = vis.to(z.device());
-      z = z.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
-      d.n_visible = vis.sum().item<int64_t>();
-    }
-    d.logits_TS = z;
+    d.logits_TS = router_logits_fp32(x_TD, weight_);
+    const at::Tensor vis = hide_invisible_slots(d, ctx, E, -std::numeric_limits<float>::infinity());
+    const at::Tensor z = d.logits_TS;
     d.probs_TS = torch::softmax(z, -1);
     // Groups: [G, Lg] token ids.
     const bool by_seq = group_ == "sequence" && ctx.seq_T.defined() && ctx.n_seq > 0 &&

@@ -79,21 +79,11 @@ class NormRouter : public RouterBase {
     d.n_expert = S;
     d.top_k = K;
     d.weight_SD = weight_;
-    // Router math in fp32 whatever the activations' dtype: the inputs are cast, and autocast is
-    // excluded here, since under autocast the linear itself would otherwise run in bf16.
-    at::Tensor z;
-    {
-      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-      z = torch::nn::functional::linear(x_TD.to(torch::kFloat32), weight_.to(torch::kFloat32));
-    }
-    at::Tensor vis = slot_visibility(ctx, S, S);
-    if (vis.defined()) {
-      vis = vis.to(z.device());
-      z = z.masked_fill(vis.logical_not(), 0.0);  // before the norm, never -inf
-      d.n_visible = vis.sum().item<int64_t>();
-      TORCH_CHECK(d.n_visible >= K, "[norm_router] ", d.n_visible, " visible slots for top-", K);
-    }
-    d.logits_TS = z;
+    d.logits_TS = router_logits_fp32(x_TD, weight_);
+    const at::Tensor vis = hide_invisible_slots(d, ctx, S, 0.0);  // before the norm, never -inf
+    TORCH_CHECK(!vis.defined() || d.n_visible >= K, "[norm_router] ", d.n_visible,
+                " visible slots for top-", K);
+    const at::Tensor z = d.logits_TS;
     auto s = torch::relu(z / (z.norm(2, -1, true) + 1e-8)) * scale_.to(torch::kFloat32) * c0_;
     d.scores_TS = s;
     d.probs_TS = s / (s.sum(-1, true) + 1e-20);

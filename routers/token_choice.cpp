@@ -108,20 +108,11 @@ class TokenChoiceRouter : public RouterBase {
     d.n_expert = n_expert_;
     d.top_k = K;
     d.weight_SD = weight_;
-    // Router math in fp32 whatever the activations' dtype: the inputs are cast, and autocast is
-    // excluded here, since under autocast the linear itself would otherwise run in bf16.
-    {
-      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-      d.logits_TS = torch::nn::functional::linear(x_TD.to(torch::kFloat32),
-                                                  weight_.to(torch::kFloat32));
-    }
-    at::Tensor vis = slot_visibility(ctx, n_expert_, S);
-    if (vis.defined()) {  // invisible slots: -inf logits (zero probability, never selected)
-      vis = vis.to(d.logits_TS.device());
-      d.logits_TS = d.logits_TS.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
-      d.n_visible = vis.sum().item<int64_t>();
-      TORCH_CHECK(d.n_visible >= K, "[token_choice] ", d.n_visible, " visible slots for top-", K);
-    }
+    d.logits_TS = router_logits_fp32(x_TD, weight_);
+    const at::Tensor vis =
+        hide_invisible_slots(d, ctx, n_expert_, -std::numeric_limits<float>::infinity());
+    TORCH_CHECK(!vis.defined() || d.n_visible >= K, "[token_choice] ", d.n_visible,
+                " visible slots for top-", K);
     at::Tensor scores;  // what the gates are read from
     if (o_.sigmoid) {
       scores = torch::sigmoid(d.logits_TS);

@@ -35,19 +35,8 @@ class TopPRouter : public RouterBase {
     d.n_expert = n_expert_;
     d.top_k = max_k_;
     d.weight_SD = weight_;
-    // Router math in fp32 whatever the activations' dtype: the inputs are cast, and autocast is
-    // excluded here, since under autocast the linear itself would otherwise run in bf16.
-    {
-      c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-      d.logits_TS = torch::nn::functional::linear(x_TD.to(torch::kFloat32),
-                                                  weight_.to(torch::kFloat32));
-    }
-    at::Tensor vis = slot_visibility(ctx, n_expert_, n_expert_);
-    if (vis.defined()) {
-      vis = vis.to(d.logits_TS.device());
-      d.logits_TS = d.logits_TS.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
-      d.n_visible = vis.sum().item<int64_t>();
-    }
+    d.logits_TS = router_logits_fp32(x_TD, weight_);
+    hide_invisible_slots(d, ctx, n_expert_, -std::numeric_limits<float>::infinity());
     d.probs_TS = torch::softmax(d.logits_TS, -1);
     at::Tensor idx, keep;
     {

@@ -82,7 +82,7 @@ MoeOptions MoeOptions::from(const ConfigNode& c, int64_t d_model) {
 }
 
 at::Tensor real_token_mean(const at::Tensor& v_T, const RoutingContext& ctx) {
-  auto w = valid_weights(ctx.valid_T, v_T.size(0)).to(v_T.device());
+  auto w = valid_weights(ctx.valid_T, v_T.size(0), v_T.device());
   return (v_T * w).sum() / w.sum().clamp_min(1.0);
 }
 
@@ -142,7 +142,7 @@ void RoutingStats::add(const RoutingDecision& d, const at::Tensor& kept_token_A,
                        const RoutingContext& ctx) {
   torch::NoGradGuard ng;
   const int64_t T = d.probs_TS.size(0);
-  auto w = valid_weights(ctx.valid_T, T);
+  auto w = valid_weights(ctx.valid_T, T, d.probs_TS.device());
   const double tokens = w.sum().item<double>();
   tokens_ += tokens;
   routed_ += static_cast<double>(routed);
@@ -344,7 +344,7 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
   if (updates_state(*this, ctx)) {
     {
       torch::NoGradGuard ng;
-      auto w = valid_weights(ctx.valid_T, T).to(d.probs_TS.device());
+      auto w = valid_weights(ctx.valid_T, T, d.probs_TS.device());
       const int64_t S = d.probs_TS.size(1);
       auto packed = torch::cat({d.lb_map_TS.sum(0), (d.probs_TS * w.unsqueeze(1)).sum(0),
                                 w.sum().reshape({1})});

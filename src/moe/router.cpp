@@ -61,10 +61,24 @@ at::Tensor restrict_to_allowed(const at::Tensor& sel, const RoutingContext& ctx,
   return sel.masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
 }
 
-at::Tensor valid_weights(const at::Tensor& valid_T, int64_t T) {
-  // No tensor to take a device from: host ones, which every caller moves to its own device.
-  if (!valid_T.defined()) return torch::ones({T}, torch::kFloat32);
-  return valid_T.to(torch::kFloat32);
+at::Tensor valid_weights(const at::Tensor& valid_T, int64_t T, const at::Device& device) {
+  if (!valid_T.defined()) return torch::ones({T}, torch::TensorOptions(torch::kFloat32).device(device));
+  return valid_T.to(device, torch::kFloat32);
+}
+
+at::Tensor router_logits_fp32(const at::Tensor& x_TD, const at::Tensor& weight_SD) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return torch::nn::functional::linear(x_TD.to(torch::kFloat32), weight_SD.to(torch::kFloat32));
+}
+
+at::Tensor hide_invisible_slots(RoutingDecision& d, const RoutingContext& ctx, int64_t n_real,
+                                double fill) {
+  at::Tensor vis = slot_visibility(ctx, n_real, d.logits_TS.size(1));
+  if (!vis.defined()) return vis;
+  vis = vis.to(d.logits_TS.device());
+  d.logits_TS = d.logits_TS.masked_fill(vis.logical_not(), fill);
+  d.n_visible = vis.sum().item<int64_t>();
+  return vis;
 }
 
 at::Tensor slot_counts(const at::Tensor& idx_TK, int64_t n_slots, const at::Tensor& valid_T) {

@@ -109,8 +109,19 @@ bool updates_state(const torch::nn::Module& m, const RoutingContext& ctx);
 /// first n_real slots; null slots stay allowed).
 at::Tensor restrict_to_allowed(const at::Tensor& sel_TS, const RoutingContext& ctx, int64_t n_real);
 
-/// fp32 [T] 1 for real tokens, 0 for padding (`valid_T` undefined: all ones).
-at::Tensor valid_weights(const at::Tensor& valid_T, int64_t T);
+/// fp32 [T] on `device`: 1 for real tokens, 0 for padding (`valid_T` undefined: all ones).
+at::Tensor valid_weights(const at::Tensor& valid_T, int64_t T, const at::Device& device);
+
+/// The router's logits x W^T in fp32 whatever the activations' dtype: the inputs are cast, and
+/// autocast is excluded, since under autocast the linear itself would otherwise run in bf16.
+at::Tensor router_logits_fp32(const at::Tensor& x_TD, const at::Tensor& weight_SD);
+
+/// Sets the logits of slots that ctx.visible_S hides (slot_visibility over the first n_real of
+/// d.logits_TS's slots) to `fill` (-inf: zero probability, never selected; NormRouter uses 0,
+/// before its norm) and counts the visible ones in d.n_visible. Returns the bool [S] visibility
+/// on the logits' device, or an undefined tensor (and changes nothing) when all are visible.
+at::Tensor hide_invisible_slots(RoutingDecision& d, const RoutingContext& ctx, int64_t n_real,
+                                double fill);
 
 /// fp32 [S] count of each slot in `idx_TK` over real tokens.
 at::Tensor slot_counts(const at::Tensor& idx_TK, int64_t n_slots, const at::Tensor& valid_T);
