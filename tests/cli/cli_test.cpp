@@ -18,14 +18,7 @@ namespace {
 namespace fs = std::filesystem;
 using test::run_mixdiff;
 
-const std::string& tiny_dir() {
-  static const std::string d = [] {
-    const std::string dir = test::scratch_dir("cli");
-    test::tiny_setup(dir, dir + "/data");
-    return dir;
-  }();
-  return d;
-}
+const std::string& tiny_dir() { return test::tiny_dir("cli"); }
 
 void expect_one_line_error(const test::CmdResult& r, const std::string& needle) {
   EXPECT_EQ(r.status, 2) << r.err;

@@ -19,14 +19,7 @@ namespace {
 namespace fs = std::filesystem;
 using test::run_mixdiff;
 
-const std::string& tiny_dir() {
-  static const std::string d = [] {
-    const std::string dir = test::scratch_dir("dist");
-    test::tiny_setup(dir, dir + "/data");
-    return dir;
-  }();
-  return d;
-}
+const std::string& tiny_dir() { return test::tiny_dir("dist"); }
 
 std::vector<nlohmann::json> metrics(const std::string& run) {
   std::vector<nlohmann::json> out;

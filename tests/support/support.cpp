@@ -10,6 +10,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <stdexcept>
 
@@ -64,6 +65,17 @@ std::string tiny_setup(const std::string& dir, const std::string& data_dir) {
   std::ostringstream log;
   prepare_dataset(r.at("data"), /*force=*/false, log);
   return path;
+}
+
+const std::string& tiny_dir(const std::string& name) {
+  static std::map<std::string, std::string> made;
+  auto it = made.find(name);
+  if (it == made.end()) {
+    const std::string dir = scratch_dir(name);
+    tiny_setup(dir, dir + "/data");
+    it = made.emplace(name, dir).first;
+  }
+  return it->second;
 }
 
 namespace {

@@ -18,6 +18,10 @@ std::string tiny_recipe(const std::string& data_dir);
 /// and returns the recipe path.
 std::string tiny_setup(const std::string& dir, const std::string& data_dir);
 
+/// A scratch folder `name` holding recipe.yaml (tiny_recipe) and its prepared data in data/,
+/// made on the first call for that name in this process.
+const std::string& tiny_dir(const std::string& name);
+
 struct CmdResult {
   int status = -1;   ///< exit status, or 128 + signal when killed
   std::string out;   ///< stdout

@@ -21,14 +21,7 @@ namespace {
 namespace fs = std::filesystem;
 using test::run_mixdiff;
 
-const std::string& tiny_dir() {
-  static const std::string d = [] {
-    const std::string dir = test::scratch_dir("sweep");
-    test::tiny_setup(dir, dir + "/data");
-    return dir;
-  }();
-  return d;
-}
+const std::string& tiny_dir() { return test::tiny_dir("sweep"); }
 
 std::string write_sweep(const std::string& dir, const std::string& body) {
   const std::string path = dir + "/sweep.yaml";
