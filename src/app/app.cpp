@@ -56,8 +56,6 @@ std::shared_ptr<ModelBase> load_checkpoint_model(const std::string& ckpt, const 
   return model;
 }
 
-at::Device model_device(const ModelBase& m) { return m.parameters().front().device(); }
-
 std::string text_until_eos(const Tokenizer& tok, const at::Tensor& ids_L) {
   std::vector<int32_t> ids;
   for (int64_t i = 0; i < ids_L.size(0); ++i) {
@@ -162,8 +160,8 @@ int cmd_generate(const GenerateArgs& a) {
       valid[r].narrow(0, pad, static_cast<int64_t>(ids.size())).fill_(true);
     }
     const auto t0 = std::chrono::steady_clock::now();
-    SampleResult res = g.sampler->generate_padded(*model, x.to(model_device(*model)),
-                                                  valid.to(model_device(*model)), gen);
+    SampleResult res = g.sampler->generate_padded(*model, x.to(module_device(*model)),
+                                                  valid.to(module_device(*model)), gen);
     res.tokens_BL = res.tokens_BL.to(torch::kCPU);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     for (int64_t r = 0; r < B; ++r) {
@@ -187,7 +185,7 @@ int cmd_generate(const GenerateArgs& a) {
       for (size_t i = 0; i < ids.size(); ++i) p[r][static_cast<int64_t>(i)] = ids[i];
     }
     const auto t0 = std::chrono::steady_clock::now();
-    SampleResult res = g.sampler->generate(*model, p.to(model_device(*model)), gen);
+    SampleResult res = g.sampler->generate(*model, p.to(module_device(*model)), gen);
     res.tokens_BL = res.tokens_BL.to(torch::kCPU);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     for (int64_t r = 0; r < g.num_samples; ++r) {
@@ -233,7 +231,7 @@ int cmd_eval(const EvalArgs& a) {
     throw DataError(str("data.path: the dataset's tokenizer has ", data->vocab_size(),
                         " tokens, the checkpoint's model ", model->vocab_size()));
   }
-  auto val = data->val_sequences(o.eval_sequences).to(model_device(*model));
+  auto val = data->val_sequences(o.eval_sequences).to(module_device(*model));
   const auto t0 = std::chrono::steady_clock::now();
   NelboResult r = validation_nelbo(*model, val, o.eval_batch_size,
                                    static_cast<uint64_t>(o.eval_seed), 0, 1, {},

@@ -19,16 +19,6 @@ LossRegistry& losses_registry() {
   return r;
 }
 
-namespace {
-
-/// Where the model's weights live (the host for a model without parameters).
-at::Device model_device(const torch::nn::Module& m) {
-  const auto params = m.parameters(/*recurse=*/true);
-  return params.empty() ? at::Device(at::kCPU) : params.front().device();
-}
-
-}  // namespace
-
 at::Tensor sample_t(int64_t B, const NoiseSchedule& s, at::Generator& gen) {
   at::Tensor u;
   if (s.stratified) {
@@ -106,7 +96,7 @@ NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t 
   const int64_t N = x0_NL.size(0), L = x0_NL.size(1);
   // The draws below stay on the host generator (the same bound on every device); each batch's
   // tokens, mask, indices and weights are moved to the model's device.
-  const at::Device dev = model_device(model);
+  const at::Device dev = module_device(model);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   // Stratified t in (0, 1]: one draw per stratum [i/N, (i+1)/N).
   // Masked diffusion: one t per sequence; block diffusion: one t per (sequence, block).

@@ -33,4 +33,9 @@ int64_t ModelBase::num_parameters() const {
   return n;
 }
 
+at::Device module_device(const torch::nn::Module& m, const at::Device& fallback) {
+  const auto params = m.parameters(/*recurse=*/true);
+  return params.empty() ? fallback : params.front().device();
+}
+
 }  // namespace mixdiff

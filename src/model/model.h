@@ -100,4 +100,7 @@ ModelRegistry& models_registry();
 /// Builds the model of `model_cfg` (the recipe's `model` section) by its `kind`.
 std::shared_ptr<ModelBase> build_model(const ConfigNode& model_cfg);
 
+/// Where a module's parameters live; `fallback` for a module without parameters.
+at::Device module_device(const torch::nn::Module& m, const at::Device& fallback = at::kCPU);
+
 }  // namespace mixdiff

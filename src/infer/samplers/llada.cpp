@@ -26,12 +26,6 @@
 namespace mixdiff {
 namespace {
 
-/// Where the model's weights live; a model without parameters runs where the prompt is.
-at::Device model_device(const torch::nn::Module& m, const at::Device& fallback) {
-  const auto params = m.parameters(/*recurse=*/true);
-  return params.empty() ? fallback : params.front().device();
-}
-
 struct LladaOptions {
   int64_t gen_length = 64;
   int64_t steps = 64;
@@ -89,7 +83,7 @@ class LladaSampler : public SamplerBase {
     const int64_t mask_id = model.mask_id();
     // Decoding runs on the model's device; random draws stay on the host generator `gen` (the
     // same samples on every device) and are moved there. The result goes back to the prompt's.
-    const at::Device dev = model_device(model, prompt.device());
+    const at::Device dev = module_device(model, prompt.device());
     const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
     auto x = torch::cat({prompt.to(dev, torch::kLong), torch::full({B, G}, mask_id, lopt)}, 1);
     const int64_t steps_per_block = o_.threshold ? Bk : o_.steps / n_blocks;
