@@ -22,6 +22,13 @@ echo "gpu_check: built in $(( $(date +%s) - t0 )) s"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   ./build-cuda/tests/mixdiff_tests --gtest_filter='Unit*:Component*:Roundtrip*:*Cuda*' --gtest_brief=1 \
     > "$out/tests.log" 2>&1; echo "tests exit $?"; grep -E "FAILED|PASSED|SKIPPED|Failure" "$out/tests.log" | head -40
+  # A crash: the test and its frames (tests/main.cpp prints them), named with addr2line.
+  if grep -q "fatal signal" "$out/tests.log"; then
+    grep -m1 "fatal signal" "$out/tests.log"
+    grep -A40 "fatal signal" "$out/tests.log" | grep -o "mixdiff_tests(+0x[0-9a-f]*)" |
+      grep -o "0x[0-9a-f]*" | xargs -r addr2line -f -C -e build-cuda/tests/mixdiff_tests |
+      paste - - | head -30
+  fi
 fi
 for r in recipes/gpu/dense_300m.yaml recipes/gpu/moe_300m_active.yaml; do
   n=$(basename "$r" .yaml)
