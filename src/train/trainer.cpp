@@ -376,11 +376,11 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
   StepResult res;
   // Phase timing for benchmarks: the device is synchronised at each boundary.
   auto mark = std::chrono::steady_clock::now();
-  auto lap = [&](double* phase) {
+  auto lap = [&](double StepTimes::*phase) {
     if (!times) return;
     compat::synchronize(parts_.device);
     const auto now = std::chrono::steady_clock::now();
-    *phase += std::chrono::duration<double>(now - mark).count();
+    times->*phase += std::chrono::duration<double>(now - mark).count();
     mark = now;
   };
   // Data parallelism: rank r of W takes sequences [r B, (r + 1) B) of each global micro-batch of
@@ -438,7 +438,7 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
     in.step = step;
     in.micro = m;
     data_scope.stop();
-    lap(times ? &times->data : nullptr);
+    lap(&StepTimes::data);
     ModelOutput out = [&] {
       profile::Scope sc("forward");
       compat::AutocastGuard ac(parts_.device, parts_.dtype);
@@ -452,19 +452,19 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
       total = total.defined() ? total + v : v;
     }
     if (fault::value("nan_loss_at_step") == step + 1) total = total * std::nan("");
-    lap(times ? &times->forward : nullptr);
+    lap(&StepTimes::forward);
     {
       profile::Scope sc("backward");
       (total / static_cast<double>(o.grad_accum)).backward();
     }
     loss_sum += total.item<double>();
     res.tokens += x0.numel() * W;
-    lap(times ? &times->backward : nullptr);
+    lap(&StepTimes::backward);
   }
   profile::Scope opt_scope("optimizer_and_clip");
   const auto params = model.parameters();
   if (dp_) dp_->average_gradients(params, o.bucket_bytes);
-  lap(times ? &times->backward : nullptr);
+  lap(&StepTimes::backward);
   // A non-finite loss or gradient (on any rank) is never applied: the step's gradients are
   // dropped and the caller decides (train.on_nonfinite).
   const double norm = global_grad_norm(params);
@@ -479,7 +479,7 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
     for (MoeLayer* l : moe) l->take_aux_values();
     res.nonfinite = true;
     res.loss = std::isfinite(loss_sum) ? std::nan("") : loss_sum / static_cast<double>(o.grad_accum);
-    lap(times ? &times->optimizer : nullptr);
+    lap(&StepTimes::optimizer);
     return res;
   }
   const double lr = parts_.base_lr * parts_.lr_schedule->factor(step);
@@ -503,7 +503,7 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
   }
   res.aux.assign(vals.begin() + 1, vals.end());
   res.loss = vals[0];
-  lap(times ? &times->optimizer : nullptr);
+  lap(&StepTimes::optimizer);
   return res;
 }
 
