@@ -69,7 +69,7 @@ PreparedSpec read_spec(const ConfigNode& data_cfg) {
     prep.fail("val_fraction", str("expected a fraction in (0, 0.5), got ", s.val_fraction));
   }
   s.seed = prep.get<int64_t>("seed", 0);
-  s.spec_yaml = prep.to_yaml();
+  s.spec_yaml = canonical_yaml(prep.to_yaml());
   return s;
 }
 
@@ -117,7 +117,10 @@ DatasetInfo read_dataset_info(const std::string& path) {
   d.path = path;
   try {
     auto j = nlohmann::json::parse(read_file(meta, "dataset meta.json"));
-    d.spec_yaml = j.at("spec").get<std::string>();
+    // Compared in canonical form: the layout of the recipe that made the data (flow or block
+    // style, key order) does not matter, and datasets made before specs were canonical still
+    // match.
+    d.spec_yaml = canonical_yaml(j.at("spec").get<std::string>());
     d.tokenizer_kind = j.at("tokenizer").get<std::string>();
     d.tokenizer_fingerprint = j.at("tokenizer_fingerprint").get<std::string>();
     d.vocab_size = json_int(j, "vocab_size");
@@ -129,6 +132,8 @@ DatasetInfo read_dataset_info(const std::string& path) {
     d.val_unigram_entropy = j.at("val_unigram_entropy_nats").get<double>();
     d.train_shards = j.at("train_shards").get<std::vector<std::string>>();
     d.val_shards = j.at("val_shards").get<std::vector<std::string>>();
+  } catch (const ConfigError& e) {
+    throw DataError(str(meta, ": malformed dataset metadata: spec: ", e.what()));
   } catch (const nlohmann::json::exception& e) {
     throw DataError(str(meta, ": malformed dataset metadata: ", e.what()));
   }

@@ -63,6 +63,9 @@ void recipe(const uint8_t* data, size_t size) {
   const std::string y = c.to_yaml();
   ConfigNode again = ConfigNode::from_string(y, "fuzz-roundtrip.yaml");  // must read back
   (void)again;
+  // The canonical form (dataset specs are compared in it) is a fixed point.
+  const std::string canon = canonical_yaml(y);
+  if (canonical_yaml(canon) != canon) std::abort();
   if (c.is_map() && c.has("train")) {
     ConfigNode t = c.at("train");
     if (t.has("steps")) (void)t.get<int64_t>("steps");

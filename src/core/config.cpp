@@ -2,6 +2,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -475,6 +476,65 @@ void ConfigNode::apply_override(const std::string& assignment) {
     sofar += (sofar.empty() ? "" : ".") + part;
   }
   root_->overrides[key] = shown;
+}
+
+namespace {
+/// A string as it reads back from a flow collection it was written into.
+std::string written_back(const std::string& s) {
+  YAML::Emitter e;
+  e << YAML::Flow << YAML::BeginSeq << s << YAML::EndSeq;
+  try {
+    const YAML::Node n = YAML::Load(e.c_str());
+    if (n.IsSequence() && n.size() == 1 && n[0].IsScalar()) return n[0].Scalar();
+  } catch (const YAML::Exception&) {
+  }
+  return s;
+}
+
+YAML::Node canonical_node(const YAML::Node& n) {
+  switch (n.Type()) {
+    case YAML::NodeType::Map: {
+      // Keys as they read back after being written out (bytes that are not UTF-8 come out
+      // replaced), so that a second pass sorts them the same way. Sorted through indices:
+      // assigning a YAML::Node (as std::sort would) rebinds the node it refers to.
+      std::vector<std::string> keys;
+      std::vector<YAML::Node> values;
+      for (const auto& kv : n) {
+        keys.push_back(written_back(kv.first.IsScalar() ? kv.first.Scalar() : YAML::Dump(kv.first)));
+        values.push_back(kv.second);
+      }
+      std::vector<size_t> order(keys.size());
+      for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+      std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return keys[a] < keys[b]; });
+      YAML::Node out(YAML::NodeType::Map);
+      out.SetStyle(YAML::EmitterStyle::Flow);
+      for (size_t i : order) out[keys[i]] = canonical_node(values[i]);
+      return out;
+    }
+    case YAML::NodeType::Sequence: {
+      YAML::Node out(YAML::NodeType::Sequence);
+      out.SetStyle(YAML::EmitterStyle::Flow);
+      for (const auto& e : n) out.push_back(canonical_node(e));
+      return out;
+    }
+    case YAML::NodeType::Scalar:
+      return YAML::Node(n.Scalar());
+    default:
+      return YAML::Node();
+  }
+}
+}  // namespace
+
+std::string canonical_yaml(const std::string& yaml) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml);
+  } catch (const YAML::Exception& e) {
+    throw ConfigError(str("invalid YAML (line ", e.mark.line + 1, "): ", e.msg));
+  }
+  YAML::Emitter out;
+  out << canonical_node(root);
+  return std::string(out.c_str()) + "\n";
 }
 
 std::string ConfigNode::to_yaml() const {

@@ -24,6 +24,11 @@ class Node;
 
 namespace mixdiff {
 
+/// `yaml` re-emitted in one form whatever its layout: map keys sorted, every collection in flow
+/// style, scalars as their text (quotes dropped), comments gone. Two texts that spell the same
+/// tree give the same string. Throws ConfigError on a YAML syntax error.
+std::string canonical_yaml(const std::string& yaml);
+
 class ConfigNode {
  public:
   /// Parses a YAML file. Throws ConfigError for a missing file or a YAML syntax error (with line).

@@ -127,6 +127,16 @@ TEST(RoundtripConfig, ResolvedRecipeReadsBackIdentically) {
   EXPECT_NE(y1.find("dropout: 0.1\n"), std::string::npos) << y1;
 }
 
+TEST(UnitConfig, CanonicalYamlIgnoresLayoutNotContent) {
+  const std::string flow = "{b: 1, a: [x, {d: 2, c: '3'}]}";
+  const std::string block = "# a comment\na:\n  - x\n  - c: 3\n    d: 2\nb: 1\n";
+  EXPECT_EQ(canonical_yaml(flow), canonical_yaml(block));
+  EXPECT_EQ(canonical_yaml(canonical_yaml(block)), canonical_yaml(block));
+  EXPECT_NE(canonical_yaml(flow), canonical_yaml("{b: 1, a: [x, {d: 2, c: 4}]}"));
+  EXPECT_NE(canonical_yaml(flow), canonical_yaml("{b: 1, a: [{d: 2, c: 3}, x]}"));  // order kept
+  EXPECT_THROW(canonical_yaml("a: [1, 2"), ConfigError);
+}
+
 TEST(UnitConfig, FormatDoubleIsShortestExact) {
   EXPECT_EQ(format_double(3e-4), "0.0003");
   EXPECT_EQ(format_double(0.1), "0.1");

@@ -11,6 +11,7 @@
 #include "core/errors.h"
 #include "data/prepare.h"
 #include "data/shards.h"
+#include "train/data_source.h"
 #include "support/support.h"
 
 namespace mixdiff {
@@ -93,6 +94,19 @@ TEST(UnitPrepare, PreparesOnceAndRefusesAChangedSpec) {
   std::ostringstream log;
   prepare_dataset(r.at("data"), false, log);
   EXPECT_NE(log.str().find("already prepared"), std::string::npos);
+  // The same spec in another layout (block style, other key order) is the same spec, for
+  // `data prepare` and for training.
+  const std::string corpus = test::fixtures_dir() + "/tiny_corpus.txt";
+  const ConfigNode block = ConfigNode::from_string(
+      "kind: token_shards\npath: " + d + "/data\nseq_len: 32\nprepare:\n  val_fraction: 0.2\n"
+      "  tokenizer:\n    min_frequency: 1\n    vocab_size: 320\n    kind: byte_bpe\n"
+      "  corpora:\n    - kind: text_files\n      paths:\n        - " + corpus + "\n        - " +
+      corpus + "\n        - " + corpus + "\n        - " + corpus + "\n",
+      "block.yaml");
+  std::ostringstream log_block;
+  prepare_dataset(block, false, log_block);
+  EXPECT_NE(log_block.str().find("already prepared"), std::string::npos) << log_block.str();
+  EXPECT_EQ(build_data_source(block)->vocab_size(), 320);
   ConfigNode r2 = ConfigNode::from_file(recipe);
   r2.apply_override("data.prepare.val_fraction=0.3");
   EXPECT_NE(data_error([&] { prepare_dataset(r2.at("data"), false, log); })
