@@ -308,14 +308,15 @@ void print_routing_summary(const std::string& run_dir) {
     std::cout << "\n";
   }
   std::cout << "  layer    tokens  max/mean      cv  dead  entropy  dropped  experts/token"
-               "  max/mean by mask ratio\n";
+               "  zero gate  max/mean by mask ratio\n";
   for (const auto& l : last["moe"]["layers"]) {
-    char buf[160];
-    std::snprintf(buf, sizeof(buf), "  %5lld %9.0f %9s %7s %5lld %8s %8s %14s ",
+    char buf[192];
+    std::snprintf(buf, sizeof(buf), "  %5lld %9.0f %9s %7s %5lld %8s %8s %14s %10s ",
                   static_cast<long long>(l.value("layer", -1)), l.value("tokens", 0.0),
                   num(l["max_mean"], 3).c_str(), num(l["cv"], 3).c_str(),
                   static_cast<long long>(l.value("dead", 0)), num(l["entropy"], 3).c_str(),
-                  num(l["dropped"], 3).c_str(), num(l["experts_per_token"], 2).c_str());
+                  num(l["dropped"], 3).c_str(), num(l["experts_per_token"], 2).c_str(),
+                  num(l.value("zero_gate", nlohmann::json()), 3).c_str());
     std::cout << buf;
     for (const auto& b : l["by_mask_ratio"]) {
       std::cout << " [" << num(b["mask_ratio"][0], 2) << "," << num(b["mask_ratio"][1], 2)

@@ -134,12 +134,12 @@ void RoutingStats::reset() {
   bucket_counts_NE_ = torch::zeros({buckets_, n_expert_}, torch::kFloat64);
   bucket_tokens_N_ = torch::zeros({buckets_}, torch::kFloat64);
   per_token_hist_ = torch::zeros({9}, torch::kFloat64);
-  tokens_ = entropy_sum_ = routed_ = kept_ = 0;
+  tokens_ = entropy_sum_ = routed_ = kept_ = zero_gate_ = 0;
 }
 
 void RoutingStats::add(const RoutingDecision& d, const at::Tensor& kept_token_A,
-                       const at::Tensor& kept_expert_A, int64_t routed,
-                       const RoutingContext& ctx) {
+                       const at::Tensor& kept_expert_A, const at::Tensor& kept_gate_A,
+                       int64_t routed, const RoutingContext& ctx) {
   torch::NoGradGuard ng;
   const int64_t T = d.probs_TS.size(0);
   auto w = valid_weights(ctx.valid_T, T, d.probs_TS.device());
@@ -151,6 +151,13 @@ void RoutingStats::add(const RoutingDecision& d, const at::Tensor& kept_token_A,
   counts_E_ += torch::bincount(ex, {}, n_expert_).to(torch::kFloat64);
   auto per_tok = torch::bincount(kept_token_A.to(torch::kCPU), {}, T).clamp_max(8);
   per_token_hist_ += torch::bincount(per_tok, w.to(torch::kCPU).to(torch::kFloat64), 9);
+  auto gate_sum_T = torch::zeros({T}, torch::kFloat64)
+                        .index_add_(0, kept_token_A.to(torch::kCPU),
+                                    kept_gate_A.detach().abs().to(torch::kCPU, torch::kFloat64));
+  zero_gate_ += ((per_tok > 0) & (gate_sum_T == 0)).to(torch::kFloat64)
+                    .mul(w.to(torch::kCPU, torch::kFloat64))
+                    .sum()
+                    .item<double>();
   auto p = d.probs_TS.detach();
   auto ent = -(p * p.clamp_min(1e-30).log()).sum(1);
   entropy_sum_ += (ent * w.to(ent.device())).sum().item<double>();
@@ -167,7 +174,7 @@ void RoutingStats::add(const RoutingDecision& d, const at::Tensor& kept_token_A,
 
 void RoutingStats::reduce(const StatReducer& r) {
   if (!r) return;
-  auto scalars = torch::tensor({tokens_, entropy_sum_, routed_, kept_}, torch::kFloat64);
+  auto scalars = torch::tensor({tokens_, entropy_sum_, routed_, kept_, zero_gate_}, torch::kFloat64);
   auto packed = torch::cat({counts_E_, bucket_counts_NE_.reshape({-1}), bucket_tokens_N_,
                             per_token_hist_, scalars});
   r(packed);
@@ -185,6 +192,7 @@ void RoutingStats::reduce(const StatReducer& r) {
   entropy_sum_ = scalars[1].item<double>();
   routed_ = scalars[2].item<double>();
   kept_ = scalars[3].item<double>();
+  zero_gate_ = scalars[4].item<double>();
 }
 
 namespace {
@@ -216,6 +224,7 @@ nlohmann::json RoutingStats::to_json() const {
   j["experts_per_token_hist"] = std::vector<double>(
       per_token_hist_.data_ptr<double>(), per_token_hist_.data_ptr<double>() + 9);
   j["unrouted"] = tokens_ > 0 ? per_token_hist_[0].item<double>() / tokens_ : 0.0;
+  j["zero_gate"] = tokens_ > 0 ? zero_gate_ / tokens_ : 0.0;
   nlohmann::json buckets = nlohmann::json::array();
   for (int64_t b = 0; b < buckets_; ++b) {
     const double lo = static_cast<double>(b) / static_cast<double>(buckets_);
@@ -368,7 +377,7 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
       }
       y = attach_aux_loss(y, total, aux_scale_);
     }
-    stats_.add(d, tok, ex, routed, ctx);
+    stats_.add(d, tok, ex, gate, routed, ctx);
   }
   return y.view(x_BLD.sizes());
 }

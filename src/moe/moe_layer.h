@@ -128,14 +128,17 @@ struct WeightedRoutingLoss {
 class RoutingStats {
  public:
   RoutingStats(int64_t n_expert, int64_t buckets);
-  /// `kept_expert_A`/`kept_token_A`: assignments after capacity; `routed` before it.
+  /// `kept_expert_A`/`kept_token_A`/`kept_gate_A`: assignments after capacity; `routed` before
+  /// it.
   void add(const RoutingDecision& d, const at::Tensor& kept_token_A,
-           const at::Tensor& kept_expert_A, int64_t routed, const RoutingContext& ctx);
+           const at::Tensor& kept_expert_A, const at::Tensor& kept_gate_A, int64_t routed,
+           const RoutingContext& ctx);
   bool empty() const { return tokens_ == 0; }
   /// Sums the accumulated statistics over data-parallel ranks (before to_json).
   void reduce(const StatReducer& r);
   /// tokens_per_expert, max_mean, cv, dead, entropy, dropped, experts_per_token,
-  /// experts_per_token_hist, unrouted, by_mask_ratio.
+  /// experts_per_token_hist, unrouted, zero_gate (tokens whose experts all got gate 0, e.g.
+  /// NormRouter rows with no positive score: the layer adds nothing for them), by_mask_ratio.
   nlohmann::json to_json() const;
   void reset();
 
@@ -146,6 +149,7 @@ class RoutingStats {
   at::Tensor bucket_tokens_N_;  ///< fp64 [buckets]
   at::Tensor per_token_hist_;   ///< fp64 [9]: real tokens with 0, 1, ..., 7, >= 8 experts
   double tokens_ = 0, entropy_sum_ = 0, routed_ = 0, kept_ = 0;
+  double zero_gate_ = 0;  ///< real tokens with experts whose gates are all 0
 };
 
 class MoeLayer : public FeedForward {
