@@ -351,6 +351,48 @@ TEST(UnitLosses, LoadBalanceAndZLossMatchHandComputedValues) {
   EXPECT_NEAR(make_loss("{kind: load_balance}")->layer_loss(rb).item<double>(), 1.0, 1e-6);
 }
 
+TEST(UnitLosses, PoolCardinalityTargetsTheLayersShareOfThePool) {
+  // A pool of 6 experts shared by 2 layers: a layer's share is 3 experts, target H = log 3.
+  ExpertPool pool(6, 2, 2);
+  GlobalLoad g;
+  RoutingContext ctx;
+  auto decision = [](const at::Tensor& scores) {
+    RoutingDecision d;
+    d.scores_TS = scores;
+    d.probs_TS = scores / scores.sum(-1, true);
+    d.n_expert = scores.size(1);
+    d.top_k = 1;
+    return d;
+  };
+  auto value = [&](const std::string& cfg, const at::Tensor& scores, int64_t step = 0) {
+    auto d = decision(scores);
+    ctx.step = step;
+    RoutingRecord r{d, ctx, pool, g, {}, 2};
+    return make_loss(cfg)->layer_loss(r).item<double>();
+  };
+  const auto spread3 = torch::tensor({{1.f, 0.f, 0.f, 0.f, 0.f, 0.f},
+                                      {0.f, 1.f, 0.f, 0.f, 0.f, 0.f},
+                                      {0.f, 0.f, 1.f, 0.f, 0.f, 0.f}});
+  const auto one = torch::tensor({{1.f, 0.f, 0.f, 0.f, 0.f, 0.f}, {2.f, 0.f, 0.f, 0.f, 0.f, 0.f}});
+  const double l3 = std::log(3.0);
+  EXPECT_NEAR(value("{kind: pool_cardinality}", spread3), 0.0, 1e-6);
+  EXPECT_NEAR(value("{kind: pool_cardinality}", one), l3 * l3 / 2, 1e-5);  // (0 - log 3)^2 / N_L
+  // Only the spread counts, not the size of the scores (the pool LBL falls with it).
+  EXPECT_NEAR(value("{kind: pool_cardinality}", one * 5.0), value("{kind: pool_cardinality}", one), 1e-6);
+  EXPECT_NEAR(value("{kind: pool_cardinality, target_experts: 1}", one), 0.0, 1e-6);
+  EXPECT_NEAR(value("{kind: pool_cardinality, warmup_steps: 4}", one, 0), l3 * l3 / 8, 1e-5);
+  EXPECT_NEAR(value("{kind: pool_cardinality, warmup_steps: 4}", one, 3), l3 * l3 / 2, 1e-5);
+  // A layer that concentrates (H below log 3) is pushed to spread: the dominant score's
+  // gradient is positive and the others' negative.
+  auto s = torch::tensor({{1.f, .01f, .01f, .01f, .01f, .01f}}).requires_grad_(true);
+  auto d = decision(s);
+  ctx.step = 0;
+  RoutingRecord r{d, ctx, pool, g, {}, 2};
+  make_loss("{kind: pool_cardinality}")->layer_loss(r).backward();
+  EXPECT_GT(s.grad()[0][0].item<double>(), 0.0);
+  EXPECT_LT(s.grad()[0][1].item<double>(), 0.0);
+}
+
 TEST(UnitLosses, SequenceScopeAveragesThePerSequenceLoss) {
   torch::manual_seed(10);
   auto logits = torch::randn({6, 4});
@@ -510,7 +552,29 @@ TEST(ComponentMoe, TelemetryCountsRealTokensByMaskRatio) {
   EXPECT_EQ(j["by_mask_ratio"][3]["tokens"].get<double>(), 2.0);
   EXPECT_EQ(j["dropped"].get<double>(), 0.0);
   EXPECT_NEAR(j["experts_per_token"].get<double>(), 2.0, 1e-9);
+  EXPECT_EQ(j["zero_gate"].get<double>(), 0.0);  // softmax gates are never 0
   EXPECT_TRUE(layer->take_stats().is_null());  // reset after reading
+}
+
+TEST(ComponentMoe, TelemetryCountsTokensWhoseGatesAreAllZero) {
+  // NormRouter with every router row equal to v: a token along +v has equal positive scores,
+  // one along -v only negative logits, so all-zero scores and gates (top-k still picks slots).
+  auto layer = make_layer("{n_expert: 4, d_expert: 8}", "{kind: norm_router, top_k: 2}", 16);
+  layer->train();
+  auto v = torch::randn({16});
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : layer->named_parameters()) {
+      if (p.key() == "router.weight") p.value().copy_(v.unsqueeze(0).expand({4, 16}));
+    }
+  }
+  auto x = torch::stack({v, -v, 2 * v, -3 * v}).view({1, 4, 16});
+  RoutingContext ctx;
+  layer->forward(x, &ctx);
+  auto j = layer->take_stats();
+  ASSERT_FALSE(j.is_null());
+  EXPECT_NEAR(j["zero_gate"].get<double>(), 0.5, 1e-9);
+  EXPECT_NEAR(j["experts_per_token"].get<double>(), 2.0, 1e-9);
 }
 
 }  // namespace
