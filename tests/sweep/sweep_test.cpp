@@ -124,6 +124,23 @@ TEST(E2ESweep, BadCellIsRejectedBeforeAnyRunStarts) {
   EXPECT_FALSE(fs::exists(d + "/runs/bad"));
 }
 
+// Every shipped sweep plans: its cells build as `mixdiff train` would build them (on the tiny
+// fixture data instead of the built-in corpus).
+TEST(E2ESweep, EveryShippedSweepPlans) {
+  const std::string d = tiny_dir();
+  int n = 0;
+  for (const auto& e : fs::directory_iterator(test::source_dir() + "/recipes/sweeps")) {
+    if (e.path().extension() != ".yaml") continue;
+    ++n;
+    auto plan = run_mixdiff({"sweep", e.path().string(), "--dry-run", "--out", d + "/shipped",
+                             "--set", "data.path=" + d + "/data", "--set", "data.prepare=null"});
+    EXPECT_EQ(plan.status, 0) << e.path() << ": " << plan.err;
+    EXPECT_NE(plan.out.find(" cells of "), std::string::npos) << e.path() << ": " << plan.out;
+  }
+  EXPECT_GE(n, 6);
+  EXPECT_FALSE(fs::exists(d + "/shipped"));
+}
+
 TEST(E2ESweep, RunsEveryCellKeepsFailedOnesAndResumesWithoutRerunningFinishedCells) {
   const std::string d = test::scratch_dir("sweep_run");
   // Three cells: two train; `huge` diverges (non-finite loss) and fails at run time.
