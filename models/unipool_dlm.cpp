@@ -8,8 +8,9 @@
 //                            sees the l-th of N_L equal slices: vanilla MoE with the pool's
 //                            weights); window (slices of the blocks within `visibility_window`)
 // Pair it with the `pool_balance` loss (the pool-level LBL on the previous micro-batch's
-// layer-averaged usage; weight 1e-2 in the paper, per-layer LBL 0). UniPool-lock (freezing a
-// learned expert-to-layer ownership after a warm phase) is not implemented.
+// layer-averaged usage; weight 1e-2 in the paper, per-layer LBL 0). Of UniPool-lock (v2), the
+// full-pool phase's target-cardinality entropy loss is `pool_cardinality`; the candidate freeze,
+// MILP partition and lock that follow it are not implemented.
 #include <torch/nn/module.h>
 #include <torch/torch.h>
 
