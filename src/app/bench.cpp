@@ -24,13 +24,11 @@
 #include "core/errors.h"
 #include "core/fs.h"
 #include "core/profile.h"
-#include "diffusion/diffusion.h"
 #include "infer/sampler.h"
 #include "moe/experts.h"
 #include "moe/moe_layer.h"
 #include "nn/layers.h"
 #include "train/checkpoint.h"
-#include "train/optim.h"
 #include "train/trainer.h"
 
 namespace mixdiff {
@@ -259,8 +257,8 @@ int cmd_bench_train(const BenchTrainArgs& a) {
   Trainer trainer(build_trainer_parts(recipe, std::make_unique<RandomTokens>(vocab, L)), "", "");
   ModelBase& model = trainer.model();
   model.train();
-  const at::Device device = parse_device(recipe.section("runtime"));
-  const at::ScalarType dtype = parse_dtype(recipe.section("runtime"), device);
+  const at::Device device = trainer.device();
+  const at::ScalarType dtype = trainer.dtype();
   double fwd = 0, bwd = 0;
   int64_t timed = 0, tokens = 0;
   if (a.profile) profile::g_enabled = true;

@@ -148,16 +148,14 @@ void RoutingStats::add(const RoutingDecision& d, const at::Tensor& kept_token_A,
   routed_ += static_cast<double>(routed);
   kept_ += static_cast<double>(kept_expert_A.numel());
   auto ex = kept_expert_A.to(torch::kCPU);
+  const auto tok = kept_token_A.to(torch::kCPU);
+  const auto w64 = w.to(torch::kCPU, torch::kFloat64);
   counts_E_ += torch::bincount(ex, {}, n_expert_).to(torch::kFloat64);
-  auto per_tok = torch::bincount(kept_token_A.to(torch::kCPU), {}, T).clamp_max(8);
-  per_token_hist_ += torch::bincount(per_tok, w.to(torch::kCPU).to(torch::kFloat64), 9);
+  auto per_tok = torch::bincount(tok, {}, T).clamp_max(8);
+  per_token_hist_ += torch::bincount(per_tok, w64, 9);
   auto gate_sum_T = torch::zeros({T}, torch::kFloat64)
-                        .index_add_(0, kept_token_A.to(torch::kCPU),
-                                    kept_gate_A.detach().abs().to(torch::kCPU, torch::kFloat64));
-  zero_gate_ += ((per_tok > 0) & (gate_sum_T == 0)).to(torch::kFloat64)
-                    .mul(w.to(torch::kCPU, torch::kFloat64))
-                    .sum()
-                    .item<double>();
+                        .index_add_(0, tok, kept_gate_A.detach().abs().to(torch::kCPU, torch::kFloat64));
+  zero_gate_ += ((per_tok > 0) & (gate_sum_T == 0)).to(torch::kFloat64).mul(w64).sum().item<double>();
   auto p = d.probs_TS.detach();
   auto ent = -(p * p.clamp_min(1e-30).log()).sum(1);
   entropy_sum_ += (ent * w.to(ent.device())).sum().item<double>();
@@ -165,8 +163,8 @@ void RoutingStats::add(const RoutingDecision& d, const at::Tensor& kept_token_A,
     auto r = ctx.mask_ratio_B.to(torch::kCPU).to(torch::kFloat64);
     auto b_B = (r * static_cast<double>(buckets_)).floor().clamp(0, buckets_ - 1).to(torch::kLong);
     auto b_T = b_B.index_select(0, ctx.seq_T.to(torch::kCPU));
-    bucket_tokens_N_.index_add_(0, b_T, w.to(torch::kFloat64).to(torch::kCPU));
-    auto b_A = b_T.index_select(0, kept_token_A.to(torch::kCPU));
+    bucket_tokens_N_.index_add_(0, b_T, w64);
+    auto b_A = b_T.index_select(0, tok);
     auto flat = bucket_counts_NE_.view({-1});
     flat.index_add_(0, b_A * n_expert_ + ex, torch::ones({ex.numel()}, torch::kFloat64));
   }

@@ -647,7 +647,7 @@ int Trainer::fit() {
   for (const auto& l : parts_.losses) {
     if (l.routing) aux_names.push_back(l.name);
   }
-  std::vector<double> interval_aux(aux_names.size(), 0.0), aux;
+  std::vector<double> interval_aux(aux_names.size(), 0.0);
   double interval_comm_s = 0;
   int64_t consecutive_skips = 0;
 
@@ -657,10 +657,9 @@ int Trainer::fit() {
     const int64_t tokens = r.tokens;
     const double grad_norm = r.grad_norm, loss = r.loss;
     const bool nonfinite = r.nonfinite;
-    aux = r.aux;
     const double comm_s = dp_ ? dp_->take_comm_seconds() : 0.0;
     interval_comm_s += comm_s;
-    for (size_t i = 0; i < aux.size() && i < interval_aux.size(); ++i) interval_aux[i] += aux[i];
+    for (size_t i = 0; i < r.aux.size() && i < interval_aux.size(); ++i) interval_aux[i] += r.aux[i];
     if (nonfinite) {
       ++consecutive_skips;
       if (o.on_nonfinite == "stop" || consecutive_skips > o.max_skips) {

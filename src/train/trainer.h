@@ -159,6 +159,8 @@ class Trainer {
   int fit();
   const TrainerState& state() const { return state_; }
   ModelBase& model() { return *parts_.model; }
+  const at::Device& device() const { return parts_.device; }
+  at::ScalarType dtype() const { return parts_.dtype; }
   /// One optimizer step of grad_accum micro-batches at `step` (the LR schedule's and the noise's
   /// step), reading the data stream at the state's cursor; fit() runs it, and so does
   /// `mixdiff bench train`, which asks for `times`.
