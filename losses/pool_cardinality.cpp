@@ -9,6 +9,9 @@
 // `warmup_steps` (the paper's 1000 of 60k). Unlike the pool-level LBL, whose value falls when
 // every score shrinks, this term depends only on how the scores are spread, so it pushes back
 // when a layer concentrates on a few experts, before its scores reach the ReLU's dead zone.
+// Under data parallelism s_l is the mean over the global batch (the score sums and token counts
+// of every rank), and each rank's gradient is scaled by the world size W, so that the averaged
+// gradients equal one process's on the W-times batch (the term is not linear in the tokens).
 // The paper's candidate freeze, MILP partition and lock that follow this phase are not built.
 #include <torch/torch.h>
 
@@ -35,8 +38,18 @@ class PoolCardinality : public RoutingLoss {
     const int64_t S = d.n_expert;
     const at::Tensor& scores = d.scores_TS.defined() ? d.scores_TS : d.probs_TS;
     auto w = valid_weights(r.ctx.valid_T, scores.size(0), scores.device());
-    auto s = (scores.narrow(1, 0, S).to(torch::kFloat32) * w.unsqueeze(1)).sum(0) /
-             w.sum().clamp_min(1.0);
+    auto sum = (scores.narrow(1, 0, S).to(torch::kFloat32) * w.unsqueeze(1)).sum(0);  // [S]
+    at::Tensor n = w.sum();
+    double world = 1.0;
+    if (r.reduce && *r.reduce) {
+      // The global batch's sums: this rank's with their gradient, the others' as constants.
+      auto packed = torch::cat({sum.detach(), n.reshape({1}), torch::ones({1}, n.options())});
+      (*r.reduce)(packed);
+      sum = sum + (packed.narrow(0, 0, S) - sum.detach());
+      n = packed[S];
+      world = packed[S + 1].item<double>();
+    }
+    auto s = sum / n.clamp_min(1.0);
     auto p = s / (s.sum() + 1e-8);
     auto H = -(p * (p + 1e-8).log()).sum();
     const int64_t share = std::max<int64_t>(1, r.pool.n_expert() / std::max<int64_t>(1, r.pool_users));
@@ -44,7 +57,9 @@ class PoolCardinality : public RoutingLoss {
     const double ramp =
         warmup_ > 0 ? std::min(1.0, static_cast<double>(r.ctx.step + 1) / static_cast<double>(warmup_))
                     : 1.0;
-    return (H - target).pow(2) * (ramp / static_cast<double>(r.pool_users));
+    auto loss = (H - target).pow(2) * (ramp / static_cast<double>(r.pool_users));
+    // The value is the global term; the gradient is W times this rank's share of it.
+    return world == 1.0 ? loss : loss * world - loss.detach() * (world - 1.0);
   }
 
  private:

@@ -7,9 +7,10 @@
 //     q_j = relu((cap+1)-th largest over tokens of (s_ij - p_i))
 // then the batch routes by top-K of s - q; gates stay the unbiased scores. q is a buffer
 // (`dual`) kept across steps, so the sweeps start warm and evaluation/generation route with the
-// last training batch's prices. Under data parallelism each rank solves its own batch and the
-// ranks' prices are averaged after the sweeps (Megatron averages its quantile-balancing duals
-// over data-parallel ranks), so every rank routes with the same q. RECONSTRUCTED: the paper's Algorithm 1 was not retrievable; this
+// last training batch's prices. Under data parallelism the ranks' scores are gathered and every
+// rank solves the global batch (W ranks route as one process with the W-times batch; Megatron
+// instead averages per-rank quantile-balancing duals, which differs from the global solution).
+// RECONSTRUCTED: the paper's Algorithm 1 was not retrievable; this
 // is the dual coordinate descent its LP implies and Megatron's quantile_balancing (one sweep);
 // iters default 2 (NOT FOUND in the paper).
 #include <torch/torch.h>
@@ -44,8 +45,14 @@ class BipBalancer : public Balancer {
                     bool update) override {
     if (update) {
       torch::NoGradGuard ng;
-      at::Tensor s = scores;
-      if (valid_T.defined()) s = s.index_select(0, valid_T.nonzero().squeeze(1));
+      at::Tensor s = scores, valid = valid_T;
+      if (gather_) {  // data parallelism: the global batch's scores, on every rank
+        s = gather_(s.to(torch::kFloat32).contiguous());
+        const auto v = valid.defined() ? valid.to(s.device(), torch::kFloat32)
+                                       : torch::ones({scores.size(0)}, s.options());
+        valid = gather_(v.contiguous()) > 0.5;
+      }
+      if (valid.defined()) s = s.index_select(0, valid.nonzero().squeeze(1));
       const int64_t n = s.size(0), m = s.size(1);
       if (n > 0) {
         const auto cap = static_cast<int64_t>(
@@ -54,11 +61,6 @@ class BipBalancer : public Balancer {
         for (int64_t it = 0; it < iters_; ++it) {
           auto p = kth_largest(s - q.unsqueeze(0), k + 1, 1).clamp_min(0);  // [n]
           q = kth_largest(s - p.unsqueeze(1), cap + 1, 0).clamp_min(0);     // [m]
-        }
-        if (reduce_) {  // data parallelism: the ranks' prices are averaged (as Megatron does)
-          auto packed = torch::cat({q, torch::ones({1}, q.options())});
-          reduce_(packed);
-          q = packed.narrow(0, 0, m) / packed[m];
         }
         dual_.copy_(q);
       }

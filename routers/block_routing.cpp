@@ -10,11 +10,15 @@
 //   des_seq    DES-Seq (NOT FOUND, proposed): the union over the block of every token's top-`k_prime`
 //              experts
 //   admission  LLaDA2.2-style admission: the `capacity` experts with the highest block-max score
-//   interval   TIDE-style interval refresh (arXiv 2605.20179): every `tau` denoising steps (and for
-//              every new block) the coreset becomes the `budget` experts the block's tokens chose
-//              most; in between the block keeps it
+//   interval   interval refresh after TIDE (arXiv 2605.20179): at the block's first denoising step
+//              and every `tau` steps after it (ModelInput::step is the step inside the block) the
+//              coreset becomes the `budget` experts the block's tokens chose most (`vote: count`,
+//              TIDE's bincount) or with the most gate weight (`vote: gate`, DES-Vote's tally:
+//              with tau 1 the policy is des_vote); in between the block keeps it. Unlike TIDE,
+//              which refreshes which experts are resident on the GPU and still computes every
+//              routed expert (lossless), this policy restricts routing to the set (lossy).
 // Scores: the router's raw scores where they differ from its probabilities (sigmoid, NormRouter),
-// else the probabilities.
+// else the probabilities. Padding tokens never vote.
 #include <torch/torch.h>
 
 #include <limits>
@@ -43,6 +47,12 @@ at::Tensor chosen_scores(const RoutingDecision& d, int64_t S) {
   auto out = torch::zeros({s.size(0), S}, s.options());
   if (d.token_A.numel() == 0) return out;
   return out.index_put({d.token_A, d.expert_A}, s.index({d.token_A, d.expert_A}));
+}
+
+/// `v_TS` with the rows of padding tokens set to `fill`.
+at::Tensor real_rows(const at::Tensor& v_TS, const at::Tensor& valid_T, double fill) {
+  if (!valid_T.defined()) return v_TS;
+  return v_TS.masked_fill(valid_T.to(v_TS.device()).logical_not().unsqueeze(1), fill);
 }
 
 /// bool [NB, S] marking the top-`n` of each row of `v`.
@@ -125,9 +135,10 @@ class DesSeq : public BlockRoutingPolicy {
     const auto& d = in.token_level;
     const int64_t S = d.n_expert;
     auto [ids, inv] = block_index(in.block_T);
-    auto s = scores_of(d).detach().narrow(1, 0, S);
-    auto mine = torch::zeros({s.size(0), S}, s.options().dtype(torch::kFloat32))
-                    .scatter_(1, topk_indices(s, std::min(k_prime_, S)), 1.0);
+    auto s = real_rows(scores_of(d).detach().narrow(1, 0, S), in.valid_T, 0.0);
+    auto mine = real_rows(torch::zeros({s.size(0), S}, s.options().dtype(torch::kFloat32))
+                              .scatter_(1, topk_indices(s, std::min(k_prime_, S)), 1.0),
+                          in.valid_T, 0.0);
     auto core = per_block_sum(mine, inv, ids.size(0)) > 0;
     // Each token still needs K experts inside the union: fill up from the block's best.
     const int64_t K = std::min(d.top_k, S);
@@ -154,7 +165,9 @@ class Admission : public BlockRoutingPolicy {
     const int64_t S = d.n_expert;
     auto [ids, inv] = block_index(in.block_T);
     const int64_t NB = ids.size(0);
-    auto s = scores_of(d).detach().narrow(1, 0, S).contiguous();
+    auto s = real_rows(scores_of(d).detach().narrow(1, 0, S), in.valid_T,
+                       -std::numeric_limits<double>::infinity())
+                 .contiguous();
     auto mx = torch::full({NB, S}, -std::numeric_limits<float>::infinity(),
                           s.options().dtype(torch::kFloat32));
     mx = mx.index_reduce(0, inv, s, "amax", /*include_self=*/true);
@@ -169,22 +182,28 @@ class Admission : public BlockRoutingPolicy {
 class Interval : public BlockRoutingPolicy {
  public:
   explicit Interval(const ConfigNode& c)
-      : tau_(c.get<int64_t>("tau", 4)), budget_(c.get<int64_t>("budget", 16)) {
+      : tau_(c.get<int64_t>("tau", 4)),
+        budget_(c.get<int64_t>("budget", 16)),
+        vote_(c.get<std::string>("vote", "count")) {
     if (tau_ < 1) c.fail("tau", "expected at least 1 step");
     if (budget_ < 1) c.fail("budget", "expected at least 1 expert");
+    if (vote_ != "count" && vote_ != "gate") {
+      c.fail("vote", "expected count (TIDE) or gate (DES-Vote), got '" + vote_ + "'");
+    }
   }
   at::Tensor allowed(const BlockRoutingInput& in) override {
     const auto& d = in.token_level;
     const int64_t S = d.n_expert;
     auto [ids, inv] = block_index(in.block_T);
     const int64_t NB = ids.size(0);
-    auto counts =
+    auto votes =
         torch::zeros({scores_of(d).size(0), S}, scores_of(d).options().dtype(torch::kFloat32));
     if (d.token_A.numel() > 0) {
-      counts.index_put_({d.token_A, d.expert_A},
-                        torch::ones({d.token_A.size(0)}, counts.options()));
+      votes.index_put_({d.token_A, d.expert_A},
+                       vote_ == "gate" ? d.gate_A.detach().to(torch::kFloat32)
+                                       : torch::ones({d.token_A.size(0)}, votes.options()));
     }
-    auto fresh = top_mask(per_block_sum(counts, inv, NB), budget_);
+    auto fresh = top_mask(per_block_sum(votes, inv, NB), budget_);
     auto core = torch::empty({NB, S}, fresh.options());
     for (int64_t b = 0; b < NB; ++b) {
       const auto key = std::make_pair(in.layer, ids[b].item<int64_t>());
@@ -200,11 +219,12 @@ class Interval : public BlockRoutingPolicy {
   }
   void reset() override { memory_.clear(); }
   std::string describe() const override {
-    return str("interval (tau ", tau_, ", budget ", budget_, ")");
+    return str("interval (tau ", tau_, ", budget ", budget_, ", vote ", vote_, ")");
   }
 
  private:
   int64_t tau_, budget_;
+  std::string vote_;
   std::map<std::pair<int64_t, int64_t>, at::Tensor> memory_;
 };
 
@@ -229,8 +249,9 @@ MIXDIFF_REGISTER(block_routing_registry(), "admission",
                  "admission of the top-C experts by block-max score; key: capacity (16)",
                  make<Admission>);
 MIXDIFF_REGISTER(block_routing_registry(), "interval",
-                 "TIDE-style interval refresh: the budget most chosen experts, kept for tau "
-                 "steps; keys: tau (4), budget (16)",
+                 "interval refresh after TIDE: the budget most chosen experts of the block, "
+                 "kept for tau denoising steps (lossy: routing is restricted to them); keys: "
+                 "tau (4), budget (16), vote count|gate",
                  make<Interval>);
 
 }  // namespace

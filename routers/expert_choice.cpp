@@ -126,6 +126,8 @@ class ExpertChoiceRouter : public RouterBase {
   int64_t top_k() const override {
     return std::max<int64_t>(1, static_cast<int64_t>(std::llround(schedule_->mean_k())));
   }
+  /// The capacity schedule's mean k over r ~ U(0, 1) (a run measures the realised value).
+  double planned_experts_per_token() const override { return schedule_->mean_k(); }
 
   std::string describe() const override {
     return str("expert_choice (", group_, " groups, ", gates_, ", capacity ", schedule_->name,

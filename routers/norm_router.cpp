@@ -116,6 +116,9 @@ class NormRouter : public RouterBase {
   void set_reducer(const StatReducer& reduce) override {
     if (balancer_) balancer_->set_reducer(reduce);
   }
+  void set_gatherer(const StatGatherer& gather) override {
+    if (balancer_) balancer_->set_gatherer(gather);
+  }
   int64_t top_k() const override { return top_k_; }
   std::string describe() const override {
     return str("norm_router top-", top_k_, " (c0 ", format_double(c0_), ")",

@@ -25,6 +25,8 @@
 // Router math is fp32.
 #include <torch/torch.h>
 
+#include <cmath>
+
 #include <limits>
 
 #include "core/errors.h"
@@ -161,8 +163,15 @@ class TokenChoiceRouter : public RouterBase {
   void set_reducer(const StatReducer& reduce) override {
     if (balancer_) balancer_->set_reducer(reduce);
   }
+  void set_gatherer(const StatGatherer& gather) override {
+    if (balancer_) balancer_->set_gatherer(gather);
+  }
 
   int64_t top_k() const override { return o_.top_k; }
+  /// Null experts cost nothing, and how often tokens take them only a run can tell.
+  double planned_experts_per_token() const override {
+    return o_.n_null > 0 ? std::nan("") : static_cast<double>(o_.top_k);
+  }
 
   std::string describe() const override {
     return str("token_choice top-", o_.top_k, " ", o_.sigmoid ? "sigmoid" : "softmax",

@@ -8,6 +8,7 @@
 // experts masked and clean tokens take.
 #include <torch/torch.h>
 
+#include <cmath>
 #include <limits>
 
 #include "core/errors.h"
@@ -70,6 +71,7 @@ class TopPRouter : public RouterBase {
   }
 
   int64_t top_k() const override { return max_k_; }
+  double planned_experts_per_token() const override { return std::nan(""); }
 
   std::string describe() const override {
     return str("top_p p=", format_double(p_), " (at most ", max_k_, " experts)");

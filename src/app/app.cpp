@@ -250,7 +250,9 @@ int cmd_eval(const EvalArgs& a) {
                       {"tokens", r.tokens}};
   if (blocks) {
     Tokenizer tok = Tokenizer::load(ckpt + "/tokenizer");
-    j["block_routing"] = run_block_eval(*model, *data, bs, *g, tok);
+    // MoE models: token-level vs block-routed (with each cache mode); dense ones: the caches.
+    j[model->moe_layers().empty() ? "decoding" : "block_routing"] =
+        run_block_eval(*model, *data, bs, *g, tok);
   }
   std::cout << j.dump() << std::endl;
   return 0;

@@ -89,10 +89,13 @@ int cmd_bench_generate(const BenchGenerateArgs& a);
 
 /// The recipe's `infer` section for block-routing evaluation (src/app/block_eval.cpp):
 /// infer.block_routing {kind, block_size, policy keys}, infer.infill {samples, context, span, seed}.
+/// infer.decode {prompts, prompt_tokens}: the held-out prompts that every cache mode of a
+/// block_diffusion sampler decodes, for speed and agreement with cache: none.
 struct BlockEvalSettings {
   BlockRoutingConfig routing;
   int64_t samples = 64, context = 64, span = 4;
   uint64_t seed = 7;
+  int64_t decode_prompts = 4, decode_prompt_tokens = 16;
   int64_t eval_sequences = 128, eval_batch_size = 32;
   uint64_t eval_seed = 1234;
   static BlockEvalSettings from(const ConfigNode& recipe);

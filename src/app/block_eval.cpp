@@ -11,6 +11,10 @@
 //                       decoded token
 //   generation          the recipe's sampler on the recipe's prompt: tokens/s, tokens per forward,
 //                       latency per block
+//   caches              block_diffusion samplers only: `infer.decode.prompts` held-out prompts of
+//                       `prompt_tokens` tokens decoded as one batch with every cache mode (none,
+//                       prefix, dual; none and exact for block-causal models): tokens/s, tokens
+//                       per forward and the share of generated tokens equal to cache: none's
 #include <torch/torch.h>
 
 #include <chrono>
@@ -33,10 +37,45 @@ namespace mixdiff {
 
 namespace {
 
+struct CacheRow {
+  std::string cache;
+  double tokens_per_s = 0, tokens_per_forward = 0, agreement = 0;
+};
+
 struct Measured {
   double nelbo = 0, infill = 0, unique = 0, bytes_per_token = 0, tokens_per_s = 0;
   double tokens_per_forward = 0, latency_per_block_ms = 0;
+  std::vector<CacheRow> caches;
 };
+
+/// Decodes `prompts_BP` with every cache mode of the recipe's block_diffusion sampler.
+std::vector<CacheRow> compare_caches(ModelBase& model, const GenerateSettings& g,
+                                     const at::Tensor& prompts_BP, BlockRoutingPolicy* policy) {
+  std::vector<CacheRow> rows;
+  if (g.sampler_kind != "block_diffusion" || prompts_BP.numel() == 0) return rows;
+  const bool block_causal = model.attention() == "block_causal";
+  const std::vector<std::string> modes = block_causal ? std::vector<std::string>{"none", "exact"}
+                                                      : std::vector<std::string>{"none", "prefix",
+                                                                                 "dual"};
+  at::Tensor reference;
+  for (const auto& mode : modes) {
+    auto sampler = g.variant("cache", mode == "exact" ? "auto" : mode);
+    sampler->set_eos(-1);  // every row decodes all its tokens: agreement counts the same tokens
+    if (policy) policy->reset();
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(g.seed));
+    const auto t0 = std::chrono::steady_clock::now();
+    SampleResult r = sampler->generate(model, prompts_BP, gen);
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const int64_t P = prompts_BP.size(1), G = sampler->gen_length();
+    auto out = r.tokens_BL.narrow(1, P, G);
+    if (!reference.defined()) reference = out;
+    const double toks = static_cast<double>(prompts_BP.size(0) * G);
+    rows.push_back({mode, toks / secs, toks / static_cast<double>(std::max<int64_t>(1, r.forwards)),
+                    (out == reference).to(torch::kFloat64).mean().item<double>()});
+  }
+  return rows;
+}
 
 double bytes_per_expert(ModelBase& model) {
   auto layers = model.moe_layers();
@@ -100,7 +139,7 @@ std::pair<double, int64_t> infill(ModelBase& model, const at::Tensor& windows, i
 
 Measured measure(ModelBase& model, const BlockRoutingConfig& cfg, const at::Tensor& val,
                  const at::Tensor& windows, const BlockEvalSettings& s, GenerateSettings& g,
-                 const at::Tensor& prompt) {
+                 const at::Tensor& prompt, const at::Tensor& decode_prompts) {
   Measured m;
   cfg.policy->reset();
   model.set_block_routing(cfg.policy, cfg.block_size);
@@ -123,13 +162,22 @@ Measured measure(ModelBase& model, const BlockRoutingConfig& cfg, const at::Tens
   const int64_t blocks = r.blocks > 0 ? r.blocks : 1;
   m.latency_per_block_ms = 1e3 * (r.decode_seconds > 0 ? r.decode_seconds : secs) /
                            static_cast<double>(blocks);
+  m.caches = compare_caches(model, g, decode_prompts, cfg.policy.get());
   count_unique(model, false);
   model.set_block_routing(nullptr, 0);
   return m;
 }
 
 nlohmann::json to_json(const Measured& m) {
-  return {{"val_nelbo", m.nelbo},
+  nlohmann::json caches = nlohmann::json::array();
+  for (const auto& c : m.caches) {
+    caches.push_back({{"cache", c.cache},
+                      {"tokens_per_s", c.tokens_per_s},
+                      {"tokens_per_forward", c.tokens_per_forward},
+                      {"agreement_with_none", c.agreement}});
+  }
+  return {{"caches", caches},
+          {"val_nelbo", m.nelbo},
           {"infill_exact_match", m.infill},
           {"unique_experts_per_forward", m.unique},
           {"expert_bytes_per_token", m.bytes_per_token},
@@ -153,13 +201,42 @@ BlockEvalSettings BlockEvalSettings::from(const ConfigNode& recipe) {
   if (s.span <= 0 || s.context < 4 * s.span) {
     f.fail("span", str("expected 1..context/4 (", s.context / 4, ") tokens"));
   }
+  ConfigNode d = infer.section("decode");
+  s.decode_prompts = d.get<int64_t>("prompts", 4);
+  s.decode_prompt_tokens = d.get<int64_t>("prompt_tokens", 16);
+  if (s.decode_prompts < 0) d.fail("prompts", "expected >= 0 (0: no cache comparison)");
+  if (s.decode_prompt_tokens <= 0) d.fail("prompt_tokens", "expected a positive number of tokens");
   return s;
 }
 
 nlohmann::json run_block_eval(ModelBase& model, DataSource& data, const BlockEvalSettings& s,
                               GenerateSettings& g, const Tokenizer& tok) {
-  if (model.moe_layers().empty()) {
+  const bool dense = model.moe_layers().empty();
+  if (dense && s.routing.policy->restricts()) {
     throw ConfigError("infer.block_routing: the model has no MoE layers to route by block");
+  }
+  at::Tensor decode_prompts;
+  if (s.decode_prompts > 0) {
+    auto w = data.val_sequences(s.decode_prompts);
+    decode_prompts = w.narrow(1, 0, std::min<int64_t>(s.decode_prompt_tokens, w.size(1)))
+                         .contiguous()
+                         .to(module_device(model));
+  }
+  if (dense) {  // a dense model: only the decoding comparison of the cache modes
+    const auto rows = compare_caches(model, g, decode_prompts, nullptr);
+    Measured m;
+    m.caches = rows;
+    char line[256];
+    std::cout << "decoding " << (decode_prompts.defined() ? decode_prompts.size(0) : 0)
+              << " held-out prompts, each cache mode (agreement: share of tokens equal to cache "
+                 "none's)\n";
+    for (const auto& r : rows) {
+      std::snprintf(line, sizeof(line), "  %-8s %12.1f tokens/s %8.2f tokens/forward %8.4f agreement\n",
+                    r.cache.c_str(), r.tokens_per_s, r.tokens_per_forward, r.agreement);
+      std::cout << line;
+    }
+    std::cout << std::flush;
+    return {{"caches", to_json(m)["caches"]}};
   }
   auto val = data.val_sequences(s.eval_sequences);
   auto long_windows = data.val_sequences(s.samples);
@@ -174,8 +251,8 @@ nlohmann::json run_block_eval(ModelBase& model, DataSource& data, const BlockEva
   token.block_size = s.routing.block_size;
   token.policy = block_routing_registry().create("token", "infer.block_routing.kind",
                                                  ConfigNode::from_string("{}", "token"));
-  const Measured base = measure(model, token, val, windows, s, g, prompt);
-  const Measured pol = measure(model, s.routing, val, windows, s, g, prompt);
+  const Measured base = measure(model, token, val, windows, s, g, prompt, decode_prompts);
+  const Measured pol = measure(model, s.routing, val, windows, s, g, prompt, decode_prompts);
   auto ratio = [](double a, double b) { return b != 0 ? a / b : 0.0; };
   nlohmann::json j = {
       {"policy", s.routing.policy->describe()},
@@ -207,6 +284,23 @@ nlohmann::json run_block_eval(ModelBase& model, DataSource& data, const BlockEva
   row("generation tokens/s", base.tokens_per_s, pol.tokens_per_s, 1);
   row("tokens per forward", base.tokens_per_forward, pol.tokens_per_forward, 2);
   row("latency per block (ms)", base.latency_per_block_ms, pol.latency_per_block_ms, 1);
+  if (!base.caches.empty()) {
+    std::cout << "decoding " << decode_prompts.size(0) << " held-out prompts of "
+              << decode_prompts.size(1) << " tokens, each cache mode (agreement: share of tokens "
+              << "equal to cache none's)\n";
+    std::snprintf(line, sizeof(line), "  %-8s %12s %12s %10s   %12s %12s %10s\n", "cache",
+                  "tokens/s", "tokens/fwd", "agreement", "tokens/s", "tokens/fwd", "agreement");
+    std::cout << line;
+    for (size_t i = 0; i < base.caches.size() && i < pol.caches.size(); ++i) {
+      const auto& a = base.caches[i];
+      const auto& b = pol.caches[i];
+      std::snprintf(line, sizeof(line), "  %-8s %12.1f %12.2f %10.4f   %12.1f %12.2f %10.4f\n",
+                    a.cache.c_str(), a.tokens_per_s, a.tokens_per_forward, a.agreement,
+                    b.tokens_per_s, b.tokens_per_forward, b.agreement);
+      std::cout << line;
+    }
+    std::cout << "  (left: token-level routing; right: block-routed)\n";
+  }
   std::cout << std::flush;
   return j;
 }

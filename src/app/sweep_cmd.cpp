@@ -135,12 +135,14 @@ int cmd_sweep(const SweepArgs& a) {
       const double tokens_per_step = static_cast<double>(world * parts.options.batch_size *
                                                          parts.options.grad_accum *
                                                          parts.data->seq_len());
-      if (spec.budget_tokens) {
-        p.steps = std::max<int64_t>(1, std::llround(*spec.budget_tokens / tokens_per_step));
-      } else if (spec.budget_flops) {
-        const double fpt = parts.model->train_flops_per_token(parts.data->seq_len());
-        p.steps = std::max<int64_t>(1, std::llround(*spec.budget_flops / (fpt * tokens_per_step)));
+      if (spec.budget_flops && parts.model->experts_per_token_data_dependent()) {
+        throw ConfigError(str(spec.file, ": budget: flops needs the experts per token before "
+                              "training, but cell '", cell.name, "' routes with a data-dependent "
+                              "count (top_p or null experts); use budget: {tokens: ...}"));
       }
+      p.steps = spec.budget_steps(tokens_per_step,
+                                  parts.model->train_flops_per_token(parts.data->seq_len()),
+                                  p.steps);
       if (spec.budget_tokens || spec.budget_flops) {
         p.cell.overrides.emplace_back("train.steps", std::to_string(p.steps));
       }

@@ -29,6 +29,25 @@ at::Tensor sample_t(int64_t B, const NoiseSchedule& s, at::Generator& gen) {
   return u * (s.t_max - s.t_min) + s.t_min;
 }
 
+DiffusionBatch training_noise(const at::Tensor& x0, const NoiseSchedule& s, int64_t mask_id,
+                              at::Generator& gen, int64_t W, int64_t r, int64_t block) {
+  const int64_t B = x0.size(0), Lb = x0.size(1);
+  if (block <= 0) {
+    auto t = sample_t(W * B, s, gen);
+    auto u = torch::rand({W * B, Lb}, gen);
+    return corrupt_with(x0, t.narrow(0, r * B, B), u.narrow(0, r * B, B), s, mask_id);
+  }
+  const int64_t nb = (Lb + block - 1) / block;
+  auto t = sample_t(W * B * nb, s, gen).view({W * B, nb});
+  auto u = torch::rand({W * B, Lb}, gen);
+  auto t_BL = t.narrow(0, r * B, B).repeat_interleave(block, 1).narrow(1, 0, Lb).contiguous();
+  DiffusionBatch batch = corrupt_per_token(x0, t_BL, u.narrow(0, r * B, B), s, mask_id);
+  // The noisy half's masked positions within the [x_t ; x_0] input of length 2 Lb.
+  const auto row = batch.index_M.div(Lb, "floor");
+  batch.index_M = row * (2 * Lb) + (batch.index_M - row * Lb);
+  return batch;
+}
+
 DiffusionBatch corrupt(const at::Tensor& x0_BL, const at::Tensor& t_B, const NoiseSchedule& s,
                        int64_t mask_id, at::Generator& gen) {
   // Drawn on the host generator (the same draws on every device), then used where x0 lives.
@@ -45,6 +64,7 @@ DiffusionBatch corrupt_per_token(const at::Tensor& x0_BL, const at::Tensor& t_BL
   const int64_t B = x0_BL.size(0), L = x0_BL.size(1);
   DiffusionBatch b;
   b.x0_BL = x0_BL;
+  b.t_BL = t_BL;
   b.t_B = t_BL.mean(1);
   auto p_BL = s.mask_prob(t_BL.reshape({-1})).view({B, L});
   b.p_B = p_BL.mean(1);
@@ -127,6 +147,7 @@ NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t 
       ModelInput in(torch::cat({xt, x0}, 1), row * (2 * L) + (idx - row * L));
       in.attn_bias = bias;
       in.positions_L = torch::cat({pos, pos});
+      in.noisy_len = L;
       logits = model.forward(in).logits;
     } else {
       logits = model.forward(ModelInput(xt, idx)).logits;

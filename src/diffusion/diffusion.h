@@ -44,7 +44,8 @@ struct DiffusionBatch {
   at::Tensor x0_BL;       ///< int64 clean tokens
   at::Tensor xt_BL;       ///< int64 tokens with [MASK] at masked positions
   at::Tensor masked_BL;   ///< bool
-  at::Tensor t_B;         ///< fp32 diffusion time per sequence
+  at::Tensor t_B;         ///< fp32 diffusion time per sequence (block diffusion: the mean)
+  at::Tensor t_BL;        ///< fp32 time of each position (block diffusion), else undefined
   at::Tensor p_B;         ///< fp32 mask probability per sequence
   at::Tensor index_M;     ///< int64 flattened positions (b * L + i) of masked tokens
   at::Tensor target_M;    ///< int64 clean tokens at those positions
@@ -69,6 +70,17 @@ DiffusionBatch corrupt_per_token(const at::Tensor& x0_BL, const at::Tensor& t_BL
 
 /// t_B ~ U[t_min, t_max] from `gen`, independent or stratified (NoiseSchedule::stratified).
 at::Tensor sample_t(int64_t B, const NoiseSchedule& schedule, at::Generator& gen);
+
+/// The training noise of one micro-batch of B rows on data-parallel rank `rank` of `world`: the
+/// times and mask uniforms of the global batch of world x B rows are drawn from `gen` and this
+/// rank takes its rows, so W ranks reproduce one process with batch W B.
+///   block == 0: one t per sequence (LLaDA, MDLM).
+///   block > 0:  BD3-LM, one t per (sequence, block of `block` positions), stratified over all
+///               blocks of the global batch when the schedule is; index_M then addresses the
+///               noisy half of the [x_t ; x_0] input of length 2 L.
+DiffusionBatch training_noise(const at::Tensor& x0_BL, const NoiseSchedule& schedule,
+                              int64_t mask_id, at::Generator& gen, int64_t world = 1,
+                              int64_t rank = 0, int64_t block = 0);
 
 /// A term of the training objective, computed from the logits at masked positions.
 class LossTerm {

@@ -40,6 +40,30 @@ class SamplerBase {
   }
 };
 
+/// A batch of prompts laid out for decoding: left padding, each row's prompt ending at column P,
+/// then G [MASK]. Decoding blocks start at P (the generation's start, as LLaDA's and Fast-dLLM's
+/// do) and so do the model's block grids (ModelInput::block_origin). A padded row gets the rotary
+/// positions it has alone (its first real token at 0) and its padding is hidden from attention
+/// and routing, so a prompt decodes the same alone and in a batch.
+struct DecodeLayout {
+  at::Tensor x_BL;      ///< int64 [B, P + G]
+  at::Tensor valid_BL;  ///< bool [B, P + G], false at padding; undefined without padding
+  at::Tensor pos_BL;    ///< int64 rotary positions of each row; undefined without padding
+  int64_t P = 0, G = 0;
+  int64_t length() const { return P + G; }
+  /// The model input for columns [from, from + len): tokens, padding and positions sliced,
+  /// blocks starting at P; `index` selects logits (flattened over the slice).
+  ModelInput input(int64_t from, int64_t len, at::Tensor index = {}) const;
+  /// int64 flattened indices of columns [from, from + len) of every row of a slice of `width`
+  /// columns that starts at `slice_from`.
+  at::Tensor columns(int64_t from, int64_t len, int64_t slice_from, int64_t width) const;
+};
+
+/// `prompt_BP` (rows padded on the left where `valid_BP` is false; undefined: no padding) and
+/// G masks, on `device`.
+DecodeLayout decode_layout(const at::Tensor& prompt_BP, const at::Tensor& valid_BP, int64_t G,
+                           int64_t mask_id, const at::Device& device);
+
 using SamplerRegistry = Registry<std::shared_ptr<SamplerBase>, const ConfigNode&>;
 SamplerRegistry& samplers_registry();
 
@@ -49,7 +73,11 @@ struct GenerateSettings {
   int64_t seed = 0;
   int64_t num_samples = 1;
   std::shared_ptr<SamplerBase> sampler;
+  std::string sampler_kind;
+  std::string sampler_yaml;  ///< the resolved generate.sampler section (to build variants)
   static GenerateSettings from(const ConfigNode& recipe);
+  /// The same sampler with `key` set to `value` (e.g. another cache mode).
+  std::shared_ptr<SamplerBase> variant(const std::string& key, const std::string& value) const;
 };
 
 }  // namespace mixdiff

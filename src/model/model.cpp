@@ -24,6 +24,16 @@ std::shared_ptr<ModelBase> build_model(const ConfigNode& model_cfg) {
   return m;
 }
 
+void KVCache::truncate(int64_t n) {
+  if (n >= length()) return;
+  for (auto& l : layers) {
+    if (!l.k.defined()) continue;
+    l.k = l.k.narrow(2, 0, n);
+    l.v = l.v.narrow(2, 0, n);
+  }
+  if (valid_BK.defined()) valid_BK = valid_BK.narrow(1, 0, n);
+}
+
 int64_t ModelBase::num_parameters() const {
   std::unordered_set<const void*> seen;
   int64_t n = 0;

@@ -24,6 +24,10 @@ class BlockRoutingPolicy;
 
 /// Keys and values of every layer for the positions decoded so far (block diffusion decoding:
 /// the clean prefix is encoded once and extended block by block).
+/// Positions are the sequence's layout indices 0..length-1; a forward either extends the cache
+/// (its tokens follow the cached ones) or, with ModelInput::cache_at, stands in for the cached
+/// tokens at [cache_at, cache_at + L) (Fast-dLLM's dual cache: the prefix and the suffix cached
+/// around the current block).
 struct KVCache {
   std::vector<LayerKV> layers;
   at::Tensor valid_BK;  ///< bool [B, length]: false at padding (undefined: all real)
@@ -32,6 +36,8 @@ struct KVCache {
     layers.clear();
     valid_BK = at::Tensor();
   }
+  /// Keeps the first `n` positions (Fast-dLLM's prefix cache after a full forward).
+  void truncate(int64_t n);
 };
 
 struct ModelInput {
@@ -47,16 +53,31 @@ struct ModelInput {
   at::Tensor valid_BL;
   /// Optimizer step and micro-batch of this forward (training): routing schedules (ReXMoE's
   /// progressive candidate pool) and routing noise (ERC) depend on them, so that resumed runs
-  /// route and draw the same.
+  /// route and draw the same. At inference `step` is the denoising step inside the current
+  /// block (0 at the block's first forward; interval-refresh block routing reads it); a
+  /// validation forward is step 0.
   int64_t step = 0;
   int64_t micro = 0;
-  /// Rotary positions of the L tokens (int64 [L]); undefined: 0..L-1, or after the cache.
+  /// Rotary positions of the L tokens: int64 [L], or [B, L] per row (a left-padded batch gives
+  /// each row the positions it has alone); undefined: the layout indices (0..L-1 after the cache).
   at::Tensor positions_L;
+  /// Where blocks start, as a layout index: block-causal attention blocks and block-routing
+  /// blocks are floor((i - block_origin) / block size) of the layout index i. Samplers set it to
+  /// the prompt's end (blocks start where generation starts, as LLaDA's and Fast-dLLM's blocks
+  /// do; the prompt is cut into blocks backwards from its end); a training window has no prompt:
+  /// 0.
+  int64_t block_origin = 0;
+  /// BD3's [x_t ; x_0] input: only the first `noisy_len` positions of a row are the noisy
+  /// sequence whose [MASK] fraction routing and its telemetry read (0: every position).
+  int64_t noisy_len = 0;
   /// Additive attention bias [L, Lk] that replaces the model's own (BD3 training's mask).
   at::Tensor attn_bias;
   /// With a cache the tokens also attend to the cached positions; `cache_append` adds them.
   KVCache* cache = nullptr;
   bool cache_append = false;
+  /// >= 0: the tokens replace the cached positions [cache_at, cache_at + L) for this forward
+  /// (read-only; the cache must cover them); -1: they follow the cache.
+  int64_t cache_at = -1;
 };
 
 struct ModelOutput {
@@ -75,14 +96,24 @@ class ModelBase : public torch::nn::Module {
   virtual std::string describe() const = 0;
   /// Parameter count (unique tensors).
   int64_t num_parameters() const;
-  /// Parameters one token's forward uses (routed experts counted K of E); dense models: all.
-  virtual int64_t num_active_parameters() const { return num_parameters(); }
-  /// Training FLOPs per token (forward + backward) at sequence length `seq_len`: 6 per active
-  /// matmul weight (embedding lookups excluded, the output head included) plus attention's
-  /// score and value products, 12 L (heads x head_dim) per layer (Kaplan et al. 2020's count).
-  virtual double train_flops_per_token(int64_t seq_len) const {
-    return 6.0 * static_cast<double>(num_active_parameters());
+  /// Parameters one token's forward uses; dense models: all. Routed experts count k of E per
+  /// MoE layer, with k from `experts_per_token` (one value per moe_layers() entry: a run's
+  /// measured mean of real experts per token, which is what top-p, null experts and capacity
+  /// drops need) or, when empty, each router's planned count (RouterBase::
+  /// planned_experts_per_token; its top_k() where that is unknown).
+  virtual int64_t num_active_parameters(const std::vector<double>& experts_per_token = {}) const {
+    return num_parameters();
   }
+  /// Training FLOPs per token (forward + backward) at sequence length `seq_len`: 6 per active
+  /// matmul weight (embedding lookups excluded, the output head and the routers included) plus
+  /// attention's score and value products, 12 L (heads x head_dim) per layer (Kaplan et al.
+  /// 2020's count); routed experts counted as in num_active_parameters.
+  virtual double train_flops_per_token(int64_t seq_len,
+                                       const std::vector<double>& experts_per_token = {}) const {
+    return 6.0 * static_cast<double>(num_active_parameters(experts_per_token));
+  }
+  /// Whether some router's experts per token are known only from a run (planned count NaN).
+  virtual bool experts_per_token_data_dependent() const { return false; }
   /// The model's MoE layers in depth order (empty for dense models): the trainer attaches
   /// routing losses, balancing updates and telemetry through them.
   virtual std::vector<MoeLayer*> moe_layers() { return {}; }

@@ -9,6 +9,7 @@
 #include "moe/moe_layer.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <set>
 
@@ -148,13 +149,23 @@ ModelOutput TransformerDlm::forward(const ModelInput& in) {
   const at::Tensor tok = in.tokens_BL.to(dev);
   const at::Tensor valid_BL = in.valid_BL.defined() ? in.valid_BL.to(dev) : at::Tensor();
   const int64_t B = tok.size(0), L = tok.size(1);
-  const int64_t offset = in.cache ? in.cache->length() : 0;
+  // Layout indices: a forward follows the cached positions, or (cache_at) stands in for some of
+  // them; the keys are the cache's positions and then this forward's.
+  const int64_t cached = in.cache ? in.cache->length() : 0;
+  const bool replace = in.cache && in.cache_at >= 0;
+  TORCH_CHECK(!replace || in.cache_at + L <= cached, "[", kind_, "] tokens at ", in.cache_at,
+              "..", in.cache_at + L, " beyond the cache of ", cached, " positions");
+  TORCH_CHECK(!(replace && in.cache_append), "[", kind_,
+              "] a forward in place of cached positions cannot append to the cache");
+  const int64_t first = replace ? in.cache_at : cached;
+  const int64_t n_keys = replace ? cached : cached + L;
   at::Tensor pos = in.positions_L.defined() ? in.positions_L.to(dev) : at::Tensor();
-  if (!pos.defined() && offset > 0) pos = torch::arange(offset, offset + L, lopt);
-  const at::Tensor q_pos = pos.defined() ? pos : torch::arange(L, lopt);
-  TORCH_CHECK(L == 0 || q_pos.max().item<int64_t>() < o_.max_seq_len, "[", kind_,
-              "] position ", q_pos.max().item<int64_t>(), " exceeds model.max_seq_len = ",
-              o_.max_seq_len);
+  if (!pos.defined() && first > 0) pos = torch::arange(first, first + L, lopt);
+  TORCH_CHECK(!pos.defined() || pos.size(-1) == L, "[", kind_, "] ", pos.size(-1),
+              " positions for ", L, " tokens");
+  const int64_t last_pos = L == 0 ? 0 : pos.defined() ? pos.max().item<int64_t>() : L - 1;
+  TORCH_CHECK(last_pos < o_.max_seq_len, "[", kind_, "] position ", last_pos,
+              " exceeds model.max_seq_len = ", o_.max_seq_len);
   // The rotary tables are plain members built on the host (not buffers: they are not saved):
   // moved once to the weights' device and kept there until the model moves again.
   if (rope_.cos_LH.device() != dev) {
@@ -162,13 +173,15 @@ ModelOutput TransformerDlm::forward(const ModelInput& in) {
     rope_.sin_LH = rope_.sin_LH.to(dev);
   }
   auto x = embed_.index_select(0, tok.reshape({-1})).view({B, L, o_.d_model});  // [B, L, D]
-  const at::Tensor k_pos = offset > 0 ? torch::cat({torch::arange(offset, lopt), q_pos}) : q_pos;
+  const at::Tensor q_idx = torch::arange(first, first + L, lopt);
+  const at::Tensor k_idx = torch::arange(n_keys, lopt);
   at::Tensor bias;
   if (in.attn_bias.defined()) {
     bias = in.attn_bias.to(dev);
   } else if (o_.attention == "block_causal") {
-    bias = !pos.defined() ? block_causal_bias(L, o_.block_size).to(dev)
-                          : block_causal_bias(q_pos, k_pos, o_.block_size);
+    bias = first == 0 && !replace && in.block_origin == 0
+               ? block_causal_bias(L, o_.block_size).to(dev)
+               : block_causal_bias(q_idx - in.block_origin, k_idx - in.block_origin, o_.block_size);
   }
   // Padding keys are hidden from every query but their own (a query that sees no key at all would
   // turn into NaN and leak through the values).
@@ -177,11 +190,16 @@ ModelOutput TransformerDlm::forward(const ModelInput& in) {
   if (pad) {
     const auto bopt = torch::TensorOptions().dtype(torch::kBool).device(dev);
     auto cur = valid_BL.defined() ? valid_BL : torch::ones({B, L}, bopt);
-    auto past = offset == 0 ? at::Tensor()
+    auto past = cached == 0 ? at::Tensor()
                 : in.cache->valid_BK.defined() ? in.cache->valid_BK.to(dev)
-                                               : torch::ones({B, offset}, bopt);
-    kv_valid = past.defined() ? torch::cat({past, cur}, 1) : cur;  // [B, Lk]
-    auto self = k_pos.unsqueeze(0) == q_pos.unsqueeze(1);           // [L, Lk]
+                                               : torch::ones({B, cached}, bopt);
+    if (replace) {
+      kv_valid = torch::cat({past.narrow(1, 0, first), cur,
+                             past.narrow(1, first + L, cached - first - L)}, 1);
+    } else {
+      kv_valid = past.defined() ? torch::cat({past, cur}, 1) : cur;  // [B, Lk]
+    }
+    auto self = k_idx.unsqueeze(0) == q_idx.unsqueeze(1);           // [L, Lk]
     auto ok = kv_valid.unsqueeze(1) | self.unsqueeze(0);            // [B, L, Lk]
     auto kb = torch::zeros(ok.sizes(), torch::TensorOptions().dtype(torch::kFloat32).device(dev))
                   .masked_fill(ok.logical_not(), -std::numeric_limits<float>::infinity());
@@ -191,23 +209,34 @@ ModelOutput TransformerDlm::forward(const ModelInput& in) {
   RoutingContext ctx;
   if (!moe_.empty()) {
     auto masked = tok == mask_id();
+    if (valid_BL.defined()) masked = masked & valid_BL;
+    // The [MASK] fraction of each row: over its real positions, and for BD3's [x_t ; x_0] over
+    // the noisy half only.
+    const int64_t n_ratio = in.noisy_len > 0 ? std::min(in.noisy_len, L) : L;
+    auto m_part = masked.narrow(1, 0, n_ratio).to(torch::kFloat32);
     if (valid_BL.defined()) {
-      masked = masked & valid_BL;
-      ctx.mask_ratio_B = masked.to(torch::kFloat32).sum(1) /
-                         valid_BL.to(torch::kFloat32).sum(1).clamp_min(1.0);
+      ctx.mask_ratio_B = m_part.sum(1) /
+                         valid_BL.narrow(1, 0, n_ratio).to(torch::kFloat32).sum(1).clamp_min(1.0);
       ctx.valid_T = valid_BL.reshape({-1});
     } else {
-      ctx.mask_ratio_B = masked.to(torch::kFloat32).mean(1);
+      ctx.mask_ratio_B = m_part.mean(1);
     }
     ctx.is_masked_T = masked.reshape({-1});
     ctx.seq_T = torch::arange(B, lopt).repeat_interleave(L);
     ctx.n_seq = B;
     ctx.step = in.step;
     ctx.micro = in.micro;
-    if (routing_block_ > 0) {  // chunks of the forward's own tokens (BD3's [x_t ; x_0] included)
-      const int64_t per_seq = L / routing_block_ + 1;
-      ctx.block_T = (torch::arange(B, lopt).unsqueeze(1) * per_seq +
-                     torch::arange(L, lopt).div(routing_block_, "floor").unsqueeze(0))
+    if (routing_block_ > 0) {
+      // Routing blocks on the same grid as attention blocks and the samplers' decoding blocks:
+      // floor((i - block_origin) / R) of the layout index i. Ids are shifted to be >= 0 and are
+      // the same in every forward of a generation (a block's id does not depend on which part of
+      // the sequence a cached forward runs), so policies can remember a block between forwards.
+      const int64_t R = routing_block_;
+      const int64_t shift = (std::max<int64_t>(in.block_origin, 0) + R - 1) / R + 1;
+      const int64_t span = std::max<int64_t>(o_.max_seq_len, first + L);
+      const int64_t per_seq = (span + R - 1) / R + shift + 1;
+      auto chunk = (q_idx - in.block_origin).div(R, "floor") + shift;  // [L], >= 0
+      ctx.block_T = (torch::arange(B, lopt).unsqueeze(1) * per_seq + chunk.unsqueeze(0))
                         .reshape({-1});
     }
   }
@@ -215,7 +244,8 @@ ModelOutput TransformerDlm::forward(const ModelInput& in) {
   for (size_t i = 0; i < blocks_.size(); ++i) {
     ctx.layer = static_cast<int64_t>(i);
     x = blocks_[i]->forward(x, rope_, bias, moe_.empty() ? nullptr : &ctx, pos,
-                            in.cache ? &in.cache->layers[i] : nullptr, in.cache_append);
+                            in.cache ? &in.cache->layers[i] : nullptr, in.cache_append,
+                            replace ? first : -1);
   }
   if (in.cache && in.cache_append && pad) in.cache->valid_BK = kv_valid;
   profile::Scope sc("output_head");
@@ -239,21 +269,44 @@ std::string TransformerDlm::describe() const {
              o_.tie_embeddings ? ", tied head" : ", untied head");
 }
 
-int64_t TransformerDlm::num_active_parameters() const {
-  // Routed experts count as used K times per routed layer (capped by the pool), everything else
-  // once. Pools shared by several layers are counted once in the total.
-  std::set<const ExpertPool*> pools;
-  int64_t routed_total = 0, routed_active = 0;
-  for (const MoeLayer* m : moe_) {
-    const auto& mo = m->options();
-    const int64_t per_expert = 3 * mo.d_model * mo.d_expert;
-    if (pools.insert(&m->pool()).second) routed_total += m->pool().n_expert() * per_expert;
-    routed_active += std::min(m->router().top_k(), mo.n_expert) * per_expert;
-  }
-  return num_parameters() - routed_total + std::min(routed_active, routed_total);
+namespace {
+
+/// Real experts per token that layer `i` is counted with: the measured value when given, else
+/// the router's plan, else its top-K; never more than the layer's experts.
+double counted_experts(const MoeLayer& m, size_t i, const std::vector<double>& measured) {
+  double k = i < measured.size() ? measured[i] : m.router().planned_experts_per_token();
+  if (std::isnan(k)) k = static_cast<double>(m.router().top_k());
+  return std::min(k, static_cast<double>(m.options().n_expert));
 }
 
-double TransformerDlm::train_flops_per_token(int64_t L) const {
+}  // namespace
+
+bool TransformerDlm::experts_per_token_data_dependent() const {
+  for (const MoeLayer* m : moe_) {
+    if (std::isnan(m->router().planned_experts_per_token())) return true;
+  }
+  return false;
+}
+
+int64_t TransformerDlm::num_active_parameters(const std::vector<double>& k_measured) const {
+  // Routed experts count as used k times per routed layer (capped by the pool), everything else
+  // once. Pools shared by several layers are counted once in the total.
+  std::set<const ExpertPool*> pools;
+  double routed_total = 0, routed_active = 0;
+  for (size_t i = 0; i < moe_.size(); ++i) {
+    const MoeLayer* m = moe_[i];
+    const auto& mo = m->options();
+    const double per_expert = 3.0 * static_cast<double>(mo.d_model * mo.d_expert);
+    if (pools.insert(&m->pool()).second) {
+      routed_total += static_cast<double>(m->pool().n_expert()) * per_expert;
+    }
+    routed_active += counted_experts(*m, i, k_measured) * per_expert;
+  }
+  return num_parameters() - static_cast<int64_t>(routed_total) +
+         std::llround(std::min(routed_active, routed_total));
+}
+
+double TransformerDlm::train_flops_per_token(int64_t L, const std::vector<double>& k_measured) const {
   const double D = static_cast<double>(o_.d_model), hd = static_cast<double>(o_.head_dim);
   const double H = static_cast<double>(o_.n_head), Hk = static_cast<double>(o_.n_kv_head);
   const double attn = (H + 2 * Hk) * hd * D + D * H * hd;  // wqkv + wo
@@ -262,9 +315,10 @@ double TransformerDlm::train_flops_per_token(int64_t L) const {
     matmul += attn;
     if (pattern_[i] == 'D') matmul += 3 * D * static_cast<double>(o_.d_ff);
   }
-  for (const MoeLayer* l : moe_) {  // every routed layer call (CoE: every iteration)
+  for (size_t i = 0; i < moe_.size(); ++i) {  // every routed layer call (CoE: every iteration)
+    const MoeLayer* l = moe_[i];
     const auto& mo = l->options();
-    const double k = static_cast<double>(std::min(l->router().top_k(), mo.n_expert));
+    const double k = counted_experts(*l, i, k_measured);
     matmul += 3 * D * (k * static_cast<double>(mo.d_expert) + static_cast<double>(mo.d_shared)) +
               static_cast<double>(mo.n_expert) * D;  // router
   }

@@ -62,8 +62,10 @@ class TransformerDlm : public ModelBase {
   int64_t vocab_size() const override { return o_.vocab_size; }
   int64_t max_seq_len() const override { return o_.max_seq_len; }
   std::string describe() const override;
-  int64_t num_active_parameters() const override;
-  double train_flops_per_token(int64_t seq_len) const override;
+  int64_t num_active_parameters(const std::vector<double>& experts_per_token = {}) const override;
+  double train_flops_per_token(int64_t seq_len,
+                               const std::vector<double>& experts_per_token = {}) const override;
+  bool experts_per_token_data_dependent() const override;
   std::vector<MoeLayer*> moe_layers() override { return moe_; }
   void set_block_routing(std::shared_ptr<BlockRoutingPolicy> policy, int64_t block_size) override;
   std::string attention() const override { return o_.attention; }

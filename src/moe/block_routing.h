@@ -24,7 +24,10 @@ struct BlockRoutingInput {
   const RoutingDecision& token_level;  ///< the unrestricted routing of the forward's tokens
   const at::Tensor& block_T;           ///< int64 [T] block id of each token
   int64_t layer = 0;                   ///< transformer block (and CoE iteration) of the router
-  int64_t step = 0;                    ///< denoising step (inference) or optimizer step
+  int64_t step = 0;                    ///< denoising step inside the block (inference; 0 for a
+                                       ///< validation forward) or optimizer step (training)
+  at::Tensor valid_T = {};             ///< bool [T], false at padding (never votes); undefined:
+                                       ///< every token is real
 };
 
 class BlockRoutingPolicy {

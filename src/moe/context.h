@@ -31,4 +31,9 @@ struct RoutingContext {
 /// state that every rank must share (global-batch counts, expert-bias counts) goes through it.
 using StatReducer = std::function<void(at::Tensor&)>;
 
+/// Concatenates along dim 0, in rank order, the tensors of one shape that every data-parallel
+/// rank passes (identity in one process): what a balancer that solves over the global batch
+/// (BIP) needs.
+using StatGatherer = std::function<at::Tensor(const at::Tensor&)>;
+
 }  // namespace mixdiff

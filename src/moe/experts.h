@@ -30,7 +30,8 @@ Dispatch parse_dispatch(const std::string& name);
 /// the layer-averaged expert counts of the previous micro-batch (buffers, so a resumed run has
 /// them) and the running sum of the current one.
 struct PoolUsage {
-  at::Tensor prev_M;   ///< buffer: layer-averaged counts of the previous micro-batch
+  at::Tensor prev_M;   ///< buffer: layer-averaged usage (top-K counts per routed token, over
+                       ///< every data-parallel rank) of the previous micro-batch
   at::Tensor ready;    ///< buffer [1]: 1 once prev_M holds a micro-batch
   at::Tensor sum_M;    ///< this micro-batch so far
   int64_t seen = 0;    ///< layers added this micro-batch

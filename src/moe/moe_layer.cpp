@@ -110,6 +110,7 @@ void GlobalLoad::reset() {
   counts_S = at::Tensor();
   last_counts_S = at::Tensor();
   prob_sum_S = at::Tensor();
+  last_tokens = 0;
   tokens = 0;
   micro = 0;
 }
@@ -314,8 +315,8 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
     RoutingContext probe = ctx;
     probe.probe = true;
     RoutingDecision d0 = router_->route(x, probe);
-    ctx.allowed_TS = block_policy_->allowed(
-        BlockRoutingInput{d0, ctx.block_T, block_ * 16 + std::max<int64_t>(iteration_, 0), ctx.step});
+    ctx.allowed_TS = block_policy_->allowed(BlockRoutingInput{
+        d0, ctx.block_T, block_ * 16 + std::max<int64_t>(iteration_, 0), ctx.step, ctx.valid_T});
   }
   RoutingDecision d;
   {
@@ -360,11 +361,13 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
       global_.last_counts_S = counts.clone();
       global_.counts_S = global_.counts_S.defined() ? global_.counts_S + counts : counts.clone();
       global_.prob_sum_S = global_.prob_sum_S.defined() ? global_.prob_sum_S + probs : probs.clone();
-      global_.tokens += packed[2 * S].item<double>();
+      global_.last_tokens = packed[2 * S].item<double>();
+      global_.tokens += global_.last_tokens;
       global_.micro += 1;
     }
     if (!aux_.empty()) {
-      RoutingRecord r{d, ctx, *pool_, global_, ex_.candidates_S, ex_.pool_users};
+      RoutingRecord r{d,      ctx, *pool_, global_, ex_.candidates_S, ex_.pool_users,
+                      reduce_ ? &reduce_ : nullptr};
       at::Tensor total;
       if (aux_values_.size() != aux_.size()) aux_values_.assign(aux_.size(), 0.0);
       for (size_t i = 0; i < aux_.size(); ++i) {

@@ -86,6 +86,7 @@ struct GlobalLoad {
   at::Tensor counts_S;    ///< unbiased top-K counts, summed over micro-batches (and ranks)
   at::Tensor prob_sum_S;  ///< sum of probs over real tokens, no grad (for the exact value)
   at::Tensor last_counts_S;  ///< the latest forward's counts alone (summed over ranks)
+  double last_tokens = 0;    ///< the latest forward's real tokens (summed over ranks)
   double tokens = 0;      ///< real tokens (summed like the counts)
   int64_t micro = 0;      ///< forwards added this step
   void reset();
@@ -102,6 +103,7 @@ struct RoutingRecord {
   const GlobalLoad& global;
   at::Tensor candidates_S;  ///< pool expert of each slot (undefined: identity)
   int64_t pool_users = 1;   ///< routed layers sharing `pool`
+  const StatReducer* reduce = nullptr;  ///< sum over data-parallel ranks (null: one process)
 };
 
 /// Mean of a per-token quantity over the real tokens of `ctx` (padding excluded).
@@ -175,6 +177,7 @@ class MoeLayer : public FeedForward {
     router_->set_reducer(r);
     reduce_ = std::move(r);
   }
+  void set_gatherer(const StatGatherer& g) { router_->set_gatherer(g); }
   /// Index of the transformer block this layer sits in (set by the backbone).
   void set_block_index(int64_t i) { block_ = i; }
   int64_t block_index() const { return block_; }

@@ -59,9 +59,12 @@ class Balancer : public torch::nn::Module {
   virtual std::string describe() const = 0;
   /// Sums over data-parallel ranks, for balancers whose per-batch state must agree across them.
   void set_reducer(StatReducer r) { reduce_ = std::move(r); }
+  /// Gathers the ranks' tensors, for balancers that solve over the global batch.
+  void set_gatherer(StatGatherer g) { gather_ = std::move(g); }
 
  protected:
   StatReducer reduce_;
+  StatGatherer gather_;
 };
 
 using BalancerRegistry = Registry<std::shared_ptr<Balancer>, const ConfigNode&, int64_t>;
@@ -85,8 +88,14 @@ class RouterBase : public torch::nn::Module {
   virtual void step_end(const StatReducer& reduce) {}
   /// Hands the data-parallel sum to the router's balancer (if any).
   virtual void set_reducer(const StatReducer& reduce) {}
+  /// Hands the data-parallel gather to the router's balancer (if any).
+  virtual void set_gatherer(const StatGatherer& gather) {}
   /// Most experts (routing slots) one token can take: K of top-K.
   virtual int64_t top_k() const = 0;
+  /// Real experts per token that accounting can plan with before any routing (FLOP budgets):
+  /// K for top-K routers, the capacity schedule's mean k for expert choice; NaN where only a
+  /// run can tell (top-p, null experts): a run's measured value is used instead.
+  virtual double planned_experts_per_token() const { return static_cast<double>(top_k()); }
   /// One line: kind and options.
   virtual std::string describe() const = 0;
 };

@@ -99,6 +99,20 @@ at::Tensor apply_rotary(const at::Tensor& x, const RotaryTables& rope, const at:
 at::Tensor apply_rotary_BLHd(const at::Tensor& x, const RotaryTables& rope, const at::Tensor& pos) {
   const int64_t L = x.size(1), half = x.size(3) / 2;
   at::Tensor cos, sin;
+  if (pos.defined() && pos.dim() == 2) {
+    // One row of positions per sequence (left-padded decoding): composite form, [B, L, 1, hd].
+    TORCH_CHECK(pos.size(0) == x.size(0) && pos.size(1) == L, "[apply_rotary] positions ",
+                pos.sizes(), " for tokens ", x.sizes());
+    TORCH_CHECK(L == 0 || pos.max().item<int64_t>() < rope.cos_LH.size(0),
+                "[apply_rotary] position ", pos.max().item<int64_t>(),
+                " beyond the rotary table (model.max_seq_len = ", rope.cos_LH.size(0), ")");
+    const auto at_table = pos.reshape({-1}).to(rope.cos_LH.device());
+    const int64_t hd = rope.cos_LH.size(1);
+    cos = rope.cos_LH.index_select(0, at_table).view({x.size(0), L, 1, hd}).to(x.device());
+    sin = rope.sin_LH.index_select(0, at_table).view({x.size(0), L, 1, hd}).to(x.device());
+    auto swapped = torch::cat({x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+    return x * cos + swapped * sin;
+  }
   if (pos.defined()) {
     TORCH_CHECK(pos.size(0) == L, "[apply_rotary] ", pos.size(0), " positions for ", L, " tokens");
     TORCH_CHECK(L == 0 || pos.max().item<int64_t>() < rope.cos_LH.size(0),
@@ -166,7 +180,7 @@ Attention::Attention(const AttentionOptions& o) : o_(o) {
 
 at::Tensor Attention::forward(const at::Tensor& x, const RotaryTables& rope,
                               const at::Tensor& bias, const at::Tensor& pos, LayerKV* kv,
-                              bool append) {
+                              bool append, int64_t at) {
   const int64_t B = x.size(0), L = x.size(1), H = o_.n_head, Hk = o_.n_kv_head, hd = o_.head_dim;
   auto qkv = torch::nn::functional::linear(x, wqkv_);  // [B, L, (H + 2Hk) hd]
   auto q = qkv.narrow(-1, 0, H * hd).view({B, L, H, hd});
@@ -178,10 +192,17 @@ at::Tensor Attention::forward(const at::Tensor& x, const RotaryTables& rope,
   }
   q = apply_rotary_BLHd(q, rope, pos).transpose(1, 2);  // [B, H, L, hd]
   k = apply_rotary_BLHd(k, rope, pos).transpose(1, 2);
-  if (kv && kv->k.defined()) {  // cached keys first, then this forward's
+  if (kv && kv->k.defined() && at >= 0) {  // this forward's keys in place of cached ones
+    const int64_t Lc = kv->k.size(2);
+    TORCH_CHECK(at + L <= Lc, "[Attention] tokens at ", at, "..", at + L,
+                " beyond the cache of ", Lc);
+    k = torch::cat({kv->k.narrow(2, 0, at), k, kv->k.narrow(2, at + L, Lc - at - L)}, 2);
+    v = torch::cat({kv->v.narrow(2, 0, at), v, kv->v.narrow(2, at + L, Lc - at - L)}, 2);
+  } else if (kv && kv->k.defined()) {  // cached keys first, then this forward's
     k = torch::cat({kv->k, k}, 2);
     v = torch::cat({kv->v, v}, 2);
   }
+  TORCH_CHECK(!(append && at >= 0), "[Attention] a forward in place of cached keys cannot append");
   if (kv && append) {
     kv->k = k;
     kv->v = v;
@@ -217,11 +238,12 @@ TransformerBlock::TransformerBlock(const AttentionOptions& a, std::shared_ptr<Fe
 
 at::Tensor TransformerBlock::forward(const at::Tensor& x, const RotaryTables& rope,
                                      const at::Tensor& bias, const RoutingContext* ctx,
-                                     const at::Tensor& pos, LayerKV* kv, bool append) {
+                                     const at::Tensor& pos, LayerKV* kv, bool append,
+                                     int64_t at) {
   at::Tensor a;
   {
     profile::Scope sc("attention");
-    a = attn_->forward(attn_norm_->forward(x), rope, bias, pos, kv, append);
+    a = attn_->forward(attn_norm_->forward(x), rope, bias, pos, kv, append, at);
   }
   auto h = x + a;
   return ffn_->residual(h, ffn_norm_->forward(h), ctx);

@@ -35,7 +35,8 @@ struct RotaryTables {
   static RotaryTables make(int64_t max_len, int64_t head_dim, double theta);
 };
 
-/// x [B, H, L, hd] rotated by positions 0..L-1 of the tables, or by `pos_L` (int64 [L]).
+/// x [B, H, L, hd] rotated by positions 0..L-1 of the tables, or by `pos_L` (int64 [L], or
+/// [B, L]: one row of positions per sequence).
 at::Tensor apply_rotary(const at::Tensor& x_BHLd, const RotaryTables& rope,
                         const at::Tensor& pos_L = {});
 /// The same for x [B, L, H, hd] (the layout the QKV projection produces); returns that layout.
@@ -74,10 +75,12 @@ class Attention : public torch::nn::Module {
  public:
   explicit Attention(const AttentionOptions& o);
   /// x_BLD [B, L, D]; bias undefined (full attention) or broadcastable to [B, H, L, Lk].
-  /// `pos_L`: rotary positions of the L queries (undefined: 0..L-1). With `kv`, the queries also
-  /// attend to the cached keys (before their own); `append` adds this forward's keys to it.
+  /// `pos_L`: rotary positions of the L queries ([L] or [B, L]; undefined: 0..L-1). With `kv`,
+  /// the queries also attend to the cached keys: before their own, or with `at` >= 0 in place of
+  /// the cached keys [at, at + L) (read-only); `append` adds this forward's keys to the cache.
   at::Tensor forward(const at::Tensor& x_BLD, const RotaryTables& rope, const at::Tensor& bias,
-                     const at::Tensor& pos_L = {}, LayerKV* kv = nullptr, bool append = false);
+                     const at::Tensor& pos_L = {}, LayerKV* kv = nullptr, bool append = false,
+                     int64_t at = -1);
 
  private:
   AttentionOptions o_;
@@ -119,7 +122,7 @@ class TransformerBlock : public torch::nn::Module {
   TransformerBlock(const AttentionOptions& attn, std::shared_ptr<FeedForward> ffn);
   at::Tensor forward(const at::Tensor& x_BLD, const RotaryTables& rope, const at::Tensor& bias,
                      const RoutingContext* ctx = nullptr, const at::Tensor& pos_L = {},
-                     LayerKV* kv = nullptr, bool append = false);
+                     LayerKV* kv = nullptr, bool append = false, int64_t at = -1);
   FeedForward& ffn() { return *ffn_; }
   std::shared_ptr<FeedForward> ffn_ptr() const { return ffn_; }
 

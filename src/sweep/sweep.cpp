@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <set>
 
@@ -267,6 +268,14 @@ SweepSpec SweepSpec::load(const std::string& file) {
     }
   }
   return s;
+}
+
+int64_t SweepSpec::budget_steps(double tokens_per_step, double flops_per_token,
+                                int64_t fallback) const {
+  double steps = static_cast<double>(fallback);
+  if (budget_tokens) steps = *budget_tokens / tokens_per_step;
+  if (budget_flops) steps = *budget_flops / (flops_per_token * tokens_per_step);
+  return std::max<int64_t>(1, std::llround(steps));
 }
 
 }  // namespace mixdiff

@@ -49,6 +49,10 @@ struct SweepSpec {
   /// Parses and expands `file`. Unknown keys, empty or ragged axes, bad templates and duplicate
   /// cell names throw ConfigError naming file, line and key.
   static SweepSpec load(const std::string& file);
+  /// train.steps of a cell under the budget: round(tokens / tokens_per_step), or
+  /// round(flops / (flops_per_token x tokens_per_step)) with the cell's planned training FLOPs
+  /// per token; at least 1. `fallback` without a budget.
+  int64_t budget_steps(double tokens_per_step, double flops_per_token, int64_t fallback) const;
 };
 
 /// Flow-style, single-line YAML of a YAML text ("{kind: aux_free, rate: 0.001}").

@@ -128,7 +128,7 @@ TrainOptions TrainOptions::from(const ConfigNode& recipe) {
 
 DiffusionBatch to_device(const DiffusionBatch& b, const at::Device& device) {
   DiffusionBatch o = b;
-  for (at::Tensor* t : {&o.x0_BL, &o.xt_BL, &o.masked_BL, &o.t_B, &o.p_B, &o.index_M,
+  for (at::Tensor* t : {&o.x0_BL, &o.xt_BL, &o.masked_BL, &o.t_B, &o.t_BL, &o.p_B, &o.index_M,
                         &o.target_M, &o.weight_M}) {
     if (t->defined()) *t = t->to(device);
   }
@@ -403,29 +403,10 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
       x0 = x0.narrow(1, 0, len).contiguous();
     }
     const int64_t Lb = x0.size(1);
-    DiffusionBatch batch;
+    DiffusionBatch batch = training_noise(x0, *parts_.schedule, model.mask_id(), gen, W, r,
+                                          o.objective == "block" ? o.diffusion_block : 0);
     at::Tensor bd3_bias;
-    if (o.objective == "block") {
-      // BD3-LM: one t per (sequence, block), stratified over all of the global batch's blocks.
-      const int64_t nb = (Lb + o.diffusion_block - 1) / o.diffusion_block;
-      auto t = sample_t(W * B * nb, *parts_.schedule, gen).view({W * B, nb});
-      auto u = torch::rand({W * B, Lb}, gen);
-      auto t_BL = t.narrow(0, r * B, B)
-                      .repeat_interleave(o.diffusion_block, 1)
-                      .narrow(1, 0, Lb)
-                      .contiguous();
-      batch = corrupt_per_token(x0, t_BL, u.narrow(0, r * B, B), *parts_.schedule,
-                                model.mask_id());
-      // The noisy half's masked positions within the [x_t ; x_0] input of length 2 Lb.
-      const auto row = batch.index_M.div(Lb, "floor");
-      batch.index_M = row * (2 * Lb) + (batch.index_M - row * Lb);
-      bd3_bias = bd3_training_bias(Lb, o.diffusion_block);
-    } else {
-      auto t = sample_t(W * B, *parts_.schedule, gen);
-      auto u = torch::rand({W * B, Lb}, gen);
-      batch = corrupt_with(x0, t.narrow(0, r * B, B), u.narrow(0, r * B, B), *parts_.schedule,
-                           model.mask_id());
-    }
+    if (o.objective == "block") bd3_bias = bd3_training_bias(Lb, o.diffusion_block);
     if (!parts_.device.is_cpu()) batch = to_device(batch, parts_.device);
     ModelInput in(bd3_bias.defined() ? torch::cat({batch.xt_BL, x0.to(parts_.device)}, 1)
                                      : batch.xt_BL,
@@ -434,6 +415,7 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
       in.attn_bias = bd3_bias.to(parts_.device);
       auto pos = torch::arange(Lb, torch::kLong);
       in.positions_L = torch::cat({pos, pos}).to(parts_.device);
+      in.noisy_len = Lb;  // routing's mask ratio: the noisy half's
     }
     in.step = step;
     in.micro = m;
@@ -511,6 +493,23 @@ StatReducer Trainer::reducer() const {
   if (!dp_ || !dp_->active()) return {};
   auto dp = dp_;
   return [dp](at::Tensor& t) { dp->all_reduce_sum(t); };
+}
+
+StatGatherer Trainer::gatherer() const {
+  if (!dp_ || !dp_->active()) return {};
+  auto dp = dp_;
+  return [dp](const at::Tensor& t) {
+    // Every rank passes the same shape: rank r's rows land at [r n, (r + 1) n) of a zero tensor
+    // that the sum over ranks then fills.
+    auto sizes = t.sizes().vec();
+    const int64_t n = sizes.empty() ? 1 : sizes[0];
+    if (sizes.empty()) sizes.push_back(1);
+    sizes[0] = n * dp->world();
+    auto out = torch::zeros(sizes, t.options());
+    out.narrow(0, n * dp->rank(), n).copy_(t.reshape(t.dim() == 0 ? at::IntArrayRef{1} : t.sizes()));
+    dp->all_reduce_sum(out);
+    return out;
+  };
 }
 
 int64_t Trainer::world() const { return dp_ ? dp_->world() : 1; }
@@ -598,6 +597,65 @@ std::string Trainer::write_checkpoint(bool replicas_identical) {
   return save_checkpoint(run_dir_, state_.step, c, parts_.options.keep_checkpoints);
 }
 
+std::vector<double> measured_experts_per_token(const std::string& metrics_path, size_t n_layers) {
+  if (n_layers == 0 || !fs::exists(metrics_path)) return {};
+  std::vector<double> kept(n_layers, 0.0), tokens(n_layers, 0.0);
+  std::ifstream in(metrics_path);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded() || !j.contains("moe") || !j["moe"].contains("layers")) continue;
+    const auto& layers = j["moe"]["layers"];
+    if (layers.size() != n_layers) continue;  // an interval where some layer routed nothing
+    for (size_t i = 0; i < n_layers; ++i) {
+      const double t = layers[i].value("tokens", 0.0);
+      kept[i] += layers[i].value("experts_per_token", 0.0) * t;
+      tokens[i] += t;
+    }
+  }
+  std::vector<double> k(n_layers);
+  for (size_t i = 0; i < n_layers; ++i) {
+    if (tokens[i] <= 0) return {};
+    k[i] = kept[i] / tokens[i];
+  }
+  return k;
+}
+
+void Trainer::write_run_info(const std::vector<double>& measured) {
+  if (!is_main()) return;
+  auto& model = *parts_.model;
+  const auto& o = parts_.options;
+  const int64_t L = parts_.data->seq_len();
+  // Accounting for sweeps and reports: sizes, training FLOPs per token, tokens per step; the
+  // planned counts at the start, the measured ones at the end of an MoE run.
+  nlohmann::json info = {
+      {"name", parts_.name},
+      {"model", model.describe()},
+      {"parameters", model.num_parameters()},
+      {"active_parameters", model.num_active_parameters(measured)},
+      {"train_flops_per_token", model.train_flops_per_token(L, measured)},
+      {"seq_len", L},
+      {"tokens_per_step", world() * o.batch_size * o.grad_accum * L},
+      {"steps", o.steps},
+      {"world_size", world()}};
+  if (!model.moe_layers().empty()) {
+    info["active_parameters_planned"] = model.num_active_parameters();
+    info["train_flops_per_token_planned"] = model.train_flops_per_token(L);
+    info["experts_per_token_data_dependent"] = model.experts_per_token_data_dependent();
+    if (!measured.empty()) {
+      info["experts_per_token"] = measured;
+      double mean = 0;
+      for (double k : measured) mean += k / static_cast<double>(measured.size());
+      log(str("accounting: ", format_double(mean), " experts per token measured (mean over MoE "
+              "layers) -> ", info["active_parameters"].get<int64_t>(),
+              " active parameters, ", info["train_flops_per_token"].get<double>(),
+              " training FLOPs per token (planned ", info["active_parameters_planned"].get<int64_t>(),
+              ", ", info["train_flops_per_token_planned"].get<double>(), ")"));
+    }
+  }
+  write_file_atomic(run_dir_ + "/run.json", info.dump(2) + "\n");
+}
+
 int Trainer::fit() {
   if (run_dir_.empty()) throw std::logic_error("Trainer::fit needs a run folder");
   const auto& o = parts_.options;
@@ -615,25 +673,15 @@ int Trainer::fit() {
   log(str("train: ", o.steps, " steps x ", tokens_per_step, " tokens (",
           world() > 1 ? str(world(), " ranks x ") : "", "batch ", o.batch_size, " x accum ",
           o.grad_accum, " x seq ", parts_.data->seq_len(), "), from step ", state_.step));
-  if (is_main()) {
-    // Accounting for sweeps and reports: sizes, training FLOPs per token, tokens per step.
-    const nlohmann::json info = {
-        {"name", parts_.name},
-        {"model", model.describe()},
-        {"parameters", n_params},
-        {"active_parameters", n_active},
-        {"train_flops_per_token", model.train_flops_per_token(parts_.data->seq_len())},
-        {"seq_len", parts_.data->seq_len()},
-        {"tokens_per_step", tokens_per_step},
-        {"steps", o.steps},
-        {"world_size", world()}};
-    write_file_atomic(run_dir_ + "/run.json", info.dump(2) + "\n");
-  }
+  write_run_info({});
   if (dp_ && dp_->active()) {
     // Every rank starts from rank 0's weights and routing state; routing statistics that must
     // agree across ranks (global-batch counts, aux-free bias counts) are summed over them.
     dp_->broadcast_state(model);
-    for (MoeLayer* l : model.moe_layers()) l->set_reducer(reducer());
+    for (MoeLayer* l : model.moe_layers()) {
+      l->set_reducer(reducer());
+      l->set_gatherer(gatherer());
+    }
   }
 
   using clock = std::chrono::steady_clock;
@@ -757,6 +805,11 @@ int Trainer::fit() {
       last_log = clock::now();
     }
     if (last && is_main()) {
+      // Accounting from what the routers did: the run's mean experts per token (top-p, null
+      // experts and capacity drops make it differ from the planned count).
+      const auto k = measured_experts_per_token(run_dir_ + "/metrics.jsonl",
+                                                model.moe_layers().size());
+      if (!k.empty()) write_run_info(k);
       try {
         log(str("report: ", write_report(run_dir_)));
       } catch (const std::exception& e) {

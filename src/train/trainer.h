@@ -112,6 +112,11 @@ at::ScalarType parse_dtype(const ConfigNode& runtime, const at::Device& device);
 TrainerParts build_trainer_parts(const ConfigNode& recipe,
                                  std::unique_ptr<DataSource> data = nullptr);
 
+/// Per MoE layer (moe_layers() order), the run's mean real experts per token from the routing
+/// telemetry in `metrics_path` (every logged interval, weighted by its tokens); empty when the
+/// file has none.
+std::vector<double> measured_experts_per_token(const std::string& metrics_path, size_t n_layers);
+
 /// What one optimizer step did.
 struct StepResult {
   double loss = 0;          ///< mean diffusion loss over the micro-batches (and ranks' logs)
@@ -170,9 +175,13 @@ class Trainer {
   /// Per-layer routing telemetry since the last call (null for dense models).
   nlohmann::json take_moe_stats();
   void evaluate(nlohmann::json* metrics);
+  /// run.json: sizes and accounting, with MoE layers counted at `measured` experts per token
+  /// (empty: the planned counts).
+  void write_run_info(const std::vector<double>& measured);
   std::string checkpoint();
   std::string write_checkpoint(bool replicas_identical);
   StatReducer reducer() const;
+  StatGatherer gatherer() const;
   int64_t world() const;
   bool is_main() const;
   void log(const std::string& line);

@@ -108,6 +108,48 @@ TEST(ComponentDiffusion, MaskFractionFollowsTheSchedule) {
   }
 }
 
+TEST(ComponentDiffusion, BlockDiffusionNoiseHasOneClippedStratifiedTimePerBlock) {
+  // The trainer's BD3 noise (training_noise with a block size): every position of a block shares
+  // its block's t, t stays inside [t_min, t_max], the stratified draws put exactly one block of
+  // the global batch in each of the W B nb strata, and the ELBO weight of a masked position is
+  // its own block's.
+  auto s = schedule("kind: linear\neps: 0.001\nt_min: 0.3\nt_max: 0.8\nt_sampling: stratified\n");
+  const int64_t B = 3, L = 20, blk = 8, nb = 3, W = 2;
+  auto x0 = torch::randint(0, 50, {B, L});
+  std::vector<double> all_t;
+  for (int64_t r = 0; r < W; ++r) {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(9);
+    DiffusionBatch b = training_noise(x0, *s, 99, gen, W, r, blk);
+    ASSERT_TRUE(b.t_BL.defined());
+    for (int64_t i = 0; i < B; ++i) {
+      for (int64_t j = 0; j < nb; ++j) {
+        auto t = b.t_BL[i].narrow(0, j * blk, std::min(blk, L - j * blk));
+        EXPECT_TRUE((t == t[0]).all().item<bool>()) << "row " << i << " block " << j;
+        const double tv = t[0].item<double>();
+        EXPECT_GE(tv, 0.3 - 1e-6);
+        EXPECT_LE(tv, 0.8 + 1e-6);
+        all_t.push_back(tv);
+      }
+    }
+    // Masked positions index the noisy half of [x_t ; x_0] and carry their block's weight.
+    for (int64_t m = 0; m < b.index_M.size(0); ++m) {
+      const int64_t flat = b.index_M[m].item<int64_t>(), row = flat / (2 * L), col = flat % (2 * L);
+      ASSERT_LT(col, L);
+      EXPECT_EQ(b.xt_BL[row][col].item<int64_t>(), 99);
+      const double t = b.t_BL[row][col].item<double>();
+      EXPECT_NEAR(b.weight_M[m].item<double>(), 1.0 / (0.999 * t + 0.001), 1e-4);
+    }
+  }
+  // Stratified over the W x B x nb blocks of the global batch: one t per stratum of [0.3, 0.8].
+  ASSERT_EQ(all_t.size(), static_cast<size_t>(W * B * nb));
+  std::vector<int> per_stratum(all_t.size(), 0);
+  for (double t : all_t) {
+    const auto k = static_cast<size_t>((t - 0.3) / 0.5 * static_cast<double>(all_t.size()));
+    ++per_stratum[std::min(k, all_t.size() - 1)];
+  }
+  for (int c : per_stratum) EXPECT_EQ(c, 1);
+}
+
 // A model that ignores its input and predicts the uniform distribution.
 class UniformModel : public ModelBase {
  public:

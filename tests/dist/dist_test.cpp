@@ -60,29 +60,34 @@ test::CmdResult train(const std::string& run, int workers, int batch,
   return run_mixdiff(args);
 }
 
-void expect_same_run(const std::string& a, const std::string& b) {
+// `later` is the tolerance after the first step (the first is always held to 1e-5).
+void expect_same_run(const std::string& a, const std::string& b, double later = 1e-5) {
   const auto ma = metrics(a), mb = metrics(b);
   ASSERT_EQ(ma.size(), mb.size());
   ASSERT_GE(ma.size(), 5u);
   for (size_t i = 0; i < ma.size(); ++i) {
     SCOPED_TRACE(testing::Message() << "step " << ma[i]["step"]);
+    const double tol = i == 0 ? 1e-5 : later;
     EXPECT_EQ(ma[i]["step"], mb[i]["step"]);
     EXPECT_EQ(ma[i]["tokens"], mb[i]["tokens"]);
-    EXPECT_NEAR(ma[i]["loss"].get<double>(), mb[i]["loss"].get<double>(), 1e-5);
+    EXPECT_NEAR(ma[i]["loss"].get<double>(), mb[i]["loss"].get<double>(), tol);
     if (ma[i].contains("val_nelbo")) {
-      EXPECT_NEAR(ma[i]["val_nelbo"].get<double>(), mb[i]["val_nelbo"].get<double>(), 1e-5);
+      EXPECT_NEAR(ma[i]["val_nelbo"].get<double>(), mb[i]["val_nelbo"].get<double>(), tol);
     }
     if (ma[i].contains("aux")) {
       for (const auto& [k, v] : ma[i]["aux"].items()) {
-        EXPECT_NEAR(v.get<double>(), mb[i]["aux"][k].get<double>(), 1e-5) << k;
+        EXPECT_NEAR(v.get<double>(), mb[i]["aux"][k].get<double>(), tol) << k;
       }
     }
     if (ma[i].contains("moe")) {
-      const auto& la = ma[i]["moe"]["layers"][0];
-      const auto& lb = mb[i]["moe"]["layers"][0];
-      // The exact global-batch LBL over all ranks and micro-batches, and the summed telemetry.
-      EXPECT_NEAR(la["global_lbl"].get<double>(), lb["global_lbl"].get<double>(), 1e-5);
-      EXPECT_EQ(la["tokens_per_expert"], lb["tokens_per_expert"]);
+      ASSERT_EQ(ma[i]["moe"]["layers"].size(), mb[i]["moe"]["layers"].size());
+      for (size_t l = 0; l < ma[i]["moe"]["layers"].size(); ++l) {
+        const auto& la = ma[i]["moe"]["layers"][l];
+        const auto& lb = mb[i]["moe"]["layers"][l];
+        // The exact global-batch LBL over all ranks and micro-batches, and the summed telemetry.
+        EXPECT_NEAR(la["global_lbl"].get<double>(), lb["global_lbl"].get<double>(), 1e-5) << l;
+        EXPECT_EQ(la["tokens_per_expert"], lb["tokens_per_expert"]) << "layer " << l;
+      }
     }
   }
 }
@@ -115,6 +120,65 @@ TEST(DistributedTrain, MoeRoutingStateAndGlobalBatchStatisticsAgreeAcrossRanks) 
   // Aux-free biases (and every other weight) are identical on both ranks.
   auto st = nlohmann::json::parse(test::read_text(d + "/two/checkpoints/step_6/trainer_state.json"));
   EXPECT_EQ(st["replicas_identical"], true);
+}
+
+// Every shipped model kind and router family: two workers equal one process with the global
+// batch (losses, routing losses, telemetry and validation NELBO to 1e-5). Micro-batch-scope LBL is
+// left out on purpose: it is defined on each rank's own micro-batch, so it differs by design.
+// Expert choice ranks the tokens of a sequence against each other: a rounding-level difference
+// between the two batch shapes' GEMMs can swap two tokens at an expert's capacity boundary, after
+// which the runs differ by ~1e-4 (seen on some seeds, not others); its first step is held to 1e-5
+// and the rest to 1e-3.
+TEST(DistributedTrain, EveryModelKindAndRouterFamilyEqualsOneProcessOnTheGlobalBatch) {
+  const std::string elbo = "{kind: masked_diffusion_elbo}";
+  struct Case {
+    const char* name;
+    std::vector<std::string> sets;
+    double later = 1e-5;
+  } cases[] = {
+      {"unipool", {"model.kind=unipool_dlm",
+                   "model.moe={n_expert: 4, d_expert: 16, router: {kind: norm_router, top_k: 2}}",
+                   "losses=[" + elbo + ", {kind: pool_balance, weight: 0.1}, {kind: pool_cardinality, "
+                   "weight: 0.01}]"}},
+      {"coe", {"model.kind=coe_dlm",
+               "model.moe={n_expert: 4, d_expert: 16, n_shared: 1, iterations: 2, router: "
+               "{kind: token_choice, top_k: 1}}",
+               "losses=[" + elbo + ", {kind: load_balance, scope: global, weight: 0.01}]"}},
+      {"rexmoe", {"model.kind=rexmoe_dlm",
+                  "model.moe={n_expert: 4, d_expert: 16, sharing: sliding, window: 1, psr_steps: 3, "
+                  "router: {kind: token_choice, top_k: 2}}",
+                  "losses=[" + elbo + ", {kind: load_balance, scope: sequence, weight: 0.01}, "
+                  "{kind: pool_balance, weight: 0.01}]"}},
+      {"softmax_plain", {"model.kind=moe_dlm",
+                         "model.moe={n_expert: 4, d_expert: 16, router: {kind: token_choice, "
+                         "top_k: 2, score: softmax, softmax: after_topk}}",
+                         "losses=[" + elbo + ", {kind: z_loss, weight: 0.01}]"}},
+      {"bip", {"model.kind=moe_dlm",
+               "model.moe={n_expert: 4, d_expert: 16, router: {kind: token_choice, top_k: 2, "
+               "score: sigmoid, balancer: {kind: bip, iters: 2}}}",
+               "losses=[" + elbo + "]"}},
+      {"top_p", {"model.kind=moe_dlm",
+                 "model.moe={n_expert: 4, d_expert: 16, router: {kind: top_p, p: 0.5}}",
+                 "losses=[" + elbo + ", {kind: load_balance, scope: global, weight: 0.01}, "
+                 "{kind: router_entropy, weight: 0.001}]"}},
+      {"expert_choice", {"model.kind=moe_dlm",
+                         "model.moe={n_expert: 4, d_expert: 16, router: {kind: expert_choice, "
+                         "capacity: {kind: linear, k_min: 1, k_max: 3}}}",
+                         "losses=[" + elbo + "]"},
+       1e-3},
+  };
+  const std::string d = test::scratch_dir("dist_kinds");
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    std::vector<std::string> sets = c.sets;
+    for (const char* s : {"train.steps=5", "train.grad_accum=2", "train.log_every=1"}) sets.push_back(s);
+    const std::string base = d + "/" + c.name;
+    auto one = train(base + "/one", 1, 8, sets);
+    ASSERT_EQ(one.status, 0) << one.err;
+    auto two = train(base + "/two", 2, 8, sets);
+    ASSERT_EQ(two.status, 0) << two.err << two.out;
+    expect_same_run(base + "/one", base + "/two", c.later);
+  }
 }
 
 TEST(DistributedTrain, ResumeFromATwoWorkerCheckpointWithOneWorker) {

@@ -5,6 +5,8 @@
 #include <torch/torch.h>
 
 #include "core/compat.h"
+#include "infer/sampler.h"
+#include "model/model.h"
 #include "support/support.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
@@ -65,6 +67,87 @@ TEST(ComponentCuda, ForwardAndBackwardMatchTheCpu) {
     if (!gc.defined()) continue;
     const double scale = gc.abs().max().item<double>() + 1e-12;
     EXPECT_LT((gc - gg.cpu()).abs().max().item<double>() / scale, 1e-2) << kv.key();
+  }
+}
+
+// Ten model set-ups, one CPU copy and one CUDA copy of the same weights (fp32): logits, the
+// diffusion loss and every gradient agree.
+TEST(ComponentCuda, EveryModelKindAndRouterFamilyMatchesTheCpu) {
+  SKIP_WITHOUT_CUDA();
+  const std::string back = "vocab_size: 64, d_model: 32, n_layer: 2, n_head: 2, max_seq_len: 64";
+  const std::vector<std::string> models = {
+      "{kind: dense_dlm, " + back + "}",
+      "{kind: dense_dlm, " + back + ", attention: block_causal, block_size: 8}",
+      "{kind: moe_dlm, " + back + ", moe: {n_expert: 8, d_expert: 16, n_shared: 1, router: {kind: token_choice, top_k: 2}}}",
+      "{kind: moe_dlm, " + back + ", moe: {n_expert: 8, d_expert: 16, router: {kind: token_choice, top_k: 2, score: sigmoid, balancer: {kind: aux_free}}}}",
+      "{kind: moe_dlm, " + back + ", moe: {n_expert: 8, d_expert: 16, router: {kind: top_p, p: 0.5}}}",
+      "{kind: moe_dlm, " + back + ", moe: {n_expert: 8, d_expert: 16, router: {kind: expert_choice, capacity: {kind: constant, k: 2}}}}",
+      "{kind: unipool_dlm, " + back + ", moe: {n_expert: 4, d_expert: 16, router: {kind: norm_router, top_k: 2}}}",
+      "{kind: rexmoe_dlm, " + back + ", moe: {n_expert: 4, d_expert: 16, sharing: sliding, window: 1, router: {kind: token_choice, top_k: 2}}}",
+      "{kind: coe_dlm, " + back + ", moe: {n_expert: 4, d_expert: 16, iterations: 2, router: {kind: token_choice, top_k: 1}}}",
+      "{kind: moe_dlm, " + back + ", moe: {n_expert: 8, d_expert: 16, router: {kind: token_choice, top_k: 2}, block_routing: {kind: dmoe, p: 0.5, guard: 2, block_size: 8}}}",
+  };
+  for (const auto& yaml : models) {
+    SCOPED_TRACE(yaml);
+    ConfigNode c = ConfigNode::from_string(yaml, "m.yaml");
+    torch::manual_seed(0);
+    auto cpu = build_model(c);
+    torch::manual_seed(0);
+    auto gpu = build_model(c);
+    gpu->to(at::Device("cuda"));
+    cpu->train();
+    gpu->train();
+    auto x = torch::randint(0, 65, {3, 24});
+    auto idx = (x == 64).reshape({-1}).nonzero().squeeze(1);
+    auto target = torch::randint(0, 64, {idx.size(0)});
+    auto run = [&](ModelBase& m, const at::Device& dev) {
+      auto out = m.forward(ModelInput(x.to(dev), idx.to(dev))).logits;
+      auto loss = torch::nn::functional::cross_entropy(out, target.to(dev));
+      loss.backward();
+      return std::make_pair(out.detach().cpu(), loss.item<double>());
+    };
+    auto [lc, vc] = run(*cpu, at::kCPU);
+    auto [lg, vg] = run(*gpu, at::Device("cuda"));
+    EXPECT_LT((lc - lg).abs().max().item<double>(), 1e-4 * (lc.abs().max().item<double>() + 1));
+    EXPECT_NEAR(vc, vg, 1e-5 * std::abs(vc));
+    auto pg = gpu->named_parameters();
+    for (const auto& kv : cpu->named_parameters()) {
+      const auto& gc = kv.value().grad();
+      const auto& gg = pg[kv.key()].grad();
+      ASSERT_EQ(gc.defined(), gg.defined()) << kv.key();
+      if (!gc.defined()) continue;
+      const double scale = gc.abs().max().item<double>() + 1e-12;
+      EXPECT_LT((gc - gg.cpu()).abs().max().item<double>() / scale, 1e-3) << kv.key();
+    }
+  }
+}
+
+// Greedy decoding on the GPU gives the CPU's tokens, for every sampler and cache mode.
+TEST(ComponentCuda, SamplersDecodeTheCpusTokens) {
+  SKIP_WITHOUT_CUDA();
+  ConfigNode c = ConfigNode::from_string(
+      "{kind: moe_dlm, vocab_size: 40, d_model: 32, n_layer: 2, n_head: 2, max_seq_len: 64, "
+      "init_std: 0.3, moe: {n_expert: 8, d_expert: 16, router: {kind: token_choice, top_k: 2}}}",
+      "m.yaml");
+  torch::manual_seed(0);
+  auto cpu = build_model(c);
+  torch::manual_seed(0);
+  auto gpu = build_model(c);
+  gpu->to(at::Device("cuda"));
+  auto prompt = torch::randint(0, 40, {2, 6});
+  for (const char* yaml : {"{kind: llada, gen_length: 16, steps: 16, block_length: 8}",
+                           "{kind: confidence_threshold, gen_length: 16, block_length: 8, threshold: 0.3}",
+                           "{kind: block_diffusion, gen_length: 16, block_length: 8, threshold: 0.3, cache: none}",
+                           "{kind: block_diffusion, gen_length: 16, block_length: 8, threshold: 0.3, cache: prefix}",
+                           "{kind: block_diffusion, gen_length: 16, block_length: 8, threshold: 0.3, cache: dual}"}) {
+    SCOPED_TRACE(yaml);
+    ConfigNode sc = ConfigNode::from_string(yaml, "s.yaml");
+    auto s = samplers_registry().create(sc.get<std::string>("kind"), "kind", sc);
+    auto g1 = at::make_generator<at::CPUGeneratorImpl>(0);
+    auto g2 = at::make_generator<at::CPUGeneratorImpl>(0);
+    auto a = s->generate(*cpu, prompt, g1).tokens_BL;
+    auto b = s->generate(*gpu, prompt.to(at::Device("cuda")), g2).tokens_BL.cpu();
+    EXPECT_TRUE(torch::equal(a, b)) << a << b;
   }
 }
 

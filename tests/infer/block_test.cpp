@@ -6,6 +6,8 @@
 #include <torch/torch.h>
 
 #include <limits>
+#include <map>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
@@ -148,6 +150,295 @@ TEST(UnitBlock, UniqueExpertsOnHandMadeRoutings) {
   auto [s2, b2] = unique_experts_per_block(block, tok.narrow(0, 0, 4), ex.narrow(0, 0, 4), 4, valid);
   EXPECT_EQ(b2, 1);
   EXPECT_EQ(s2, 2.0);
+}
+
+// ---- decoding conventions: caches, batches, interval refresh, block alignment ----
+
+std::shared_ptr<ModelBase> model_of(const std::string& yaml, uint64_t seed = 0) {
+  torch::manual_seed(seed);
+  auto m = build_model(ConfigNode::from_string(yaml, "m.yaml"));
+  m->eval();
+  return m;
+}
+
+// init_std 0.3 spreads the logits of an untrained model, so that greedy decisions are not
+// near-ties that rounding could flip.
+const char* kBidir =
+    "{kind: dense_dlm, vocab_size: 40, d_model: 32, n_layer: 2, n_head: 2, max_seq_len: 64, "
+    "init_std: 0.3}";
+const char* kBlockCausal =
+    "{kind: dense_dlm, vocab_size: 40, d_model: 32, n_layer: 2, n_head: 2, max_seq_len: 64, "
+    "init_std: 0.3, attention: block_causal, block_size: 8}";
+const char* kMoeBlockRouted =
+    "{kind: moe_dlm, vocab_size: 40, d_model: 32, n_layer: 2, n_head: 2, max_seq_len: 64, "
+    "init_std: 0.3, moe: {n_expert: 8, d_expert: 16, router: {kind: token_choice, top_k: 2}, "
+    "block_routing: {kind: dmoe, p: 0.3, guard: 2, block_size: 8}}}";
+
+std::shared_ptr<SamplerBase> make_sampler(const std::string& yaml) {
+  ConfigNode c = ConfigNode::from_string(yaml, "s.yaml");
+  auto s = samplers_registry().create(c.get<std::string>("kind"), "kind", c);
+  c.check_unknown_keys();
+  return s;
+}
+
+SampleResult decode(ModelBase& m, SamplerBase& s, const at::Tensor& prompt,
+                    const at::Tensor& valid = {}) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(0);
+  return valid.defined() ? s.generate_padded(m, prompt, valid, gen) : s.generate(m, prompt, gen);
+}
+
+TEST(ComponentDecode, FastDllmCachesRefreshedEveryStepEqualUncachedDecoding) {
+  auto m = model_of(kBidir);
+  auto prompt = torch::randint(0, 40, {2, 7});
+  const std::string base =
+      "{kind: block_diffusion, gen_length: 20, block_length: 8, steps: 8, threshold: 0.3, ";
+  auto none = decode(*m, *make_sampler(base + "cache: none}"), prompt);
+  for (const char* c : {"prefix", "dual"}) {
+    SCOPED_TRACE(c);
+    auto every = decode(*m, *make_sampler(base + "cache: " + c + ", refresh_every: 1}"), prompt);
+    EXPECT_TRUE(torch::equal(every.tokens_BL, none.tokens_BL));
+    EXPECT_EQ(every.forwards, none.forwards);
+    // Refreshed once per block (Fast-dLLM): the same number of forwards, most of them cheap.
+    auto cached = decode(*m, *make_sampler(base + "cache: " + c + "}"), prompt);
+    EXPECT_FALSE((cached.tokens_BL == m->mask_id()).any().item<bool>());
+    EXPECT_TRUE(torch::equal(cached.tokens_BL.narrow(1, 0, 7), prompt));
+  }
+}
+
+TEST(ComponentDecode, PrefixCacheHoldsTheFullForwardsKeysOfThePrefix) {
+  // Fast-dLLM's prefix cache comes from a forward of the whole sequence (prompt, block and masked
+  // suffix), not from the prefix alone: in a bidirectional model the two differ.
+  torch::NoGradGuard ng;
+  auto m = model_of(kBidir);
+  auto x = torch::randint(0, 40, {1, 16});
+  KVCache full, alone;
+  ModelInput a(x);
+  a.cache = &full;
+  a.cache_append = true;
+  m->forward(a);
+  full.truncate(8);
+  ModelInput b(x.narrow(1, 0, 8));
+  b.cache = &alone;
+  b.cache_append = true;
+  m->forward(b);
+  ASSERT_EQ(full.length(), 8);
+  EXPECT_GT((full.layers[1].k - alone.layers[1].k).abs().max().item<double>(), 1e-4);
+  // A step against the truncated cache equals a full forward's logits at those positions when
+  // the cached keys are exact: here the tokens did not change since the cache was built.
+  auto ref = m->forward(ModelInput(x)).logits.narrow(1, 8, 8);
+  ModelInput step(x.narrow(1, 8, 8));
+  step.cache = &full;
+  EXPECT_LT((m->forward(step).logits - ref).abs().max().item<double>(), 1e-5);
+  // Dual cache: the block's fresh keys in place of its cached ones, the suffix kept.
+  KVCache dual;
+  ModelInput d(x);
+  d.cache = &dual;
+  d.cache_append = true;
+  m->forward(d);
+  ModelInput blk(x.narrow(1, 4, 4));
+  blk.cache = &dual;
+  blk.cache_at = 4;
+  EXPECT_LT((m->forward(blk).logits - m->forward(ModelInput(x)).logits.narrow(1, 4, 4))
+                .abs().max().item<double>(), 1e-5);
+  EXPECT_EQ(dual.length(), 16);  // read-only
+}
+
+TEST(ComponentDecode, APromptDecodesTheSameAloneAndInAPaddedBatch) {
+  // Eight prompts of 3..10 tokens, left-padded to 10 in one batch, against each decoded alone:
+  // the same greedy tokens for every sampler and cache mode.
+  torch::manual_seed(5);
+  std::vector<at::Tensor> prompts;
+  const int64_t P = 10, N = 8;
+  auto batch = torch::zeros({N, P}, torch::kLong);
+  auto valid = torch::zeros({N, P}, torch::kBool);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t len = 3 + i;
+    prompts.push_back(torch::randint(0, 40, {1, len}));
+    batch[i].narrow(0, P - len, len).copy_(prompts.back()[0]);
+    valid[i].narrow(0, P - len, len).fill_(true);
+  }
+  struct Case {
+    const char* model;
+    const char* sampler;
+  } cases[] = {
+      {kBidir, "{kind: llada, gen_length: 16, steps: 16, block_length: 8}"},
+      {kBidir, "{kind: confidence_threshold, gen_length: 16, block_length: 8, threshold: 0.3}"},
+      {kBidir, "{kind: block_diffusion, gen_length: 16, block_length: 8, threshold: 0.3, cache: none}"},
+      {kBidir, "{kind: block_diffusion, gen_length: 16, block_length: 8, threshold: 0.3, cache: prefix}"},
+      {kBidir, "{kind: block_diffusion, gen_length: 16, block_length: 8, threshold: 0.3, cache: dual}"},
+      {kBlockCausal, "{kind: block_diffusion, gen_length: 16, block_length: 8, threshold: 0.3}"},
+      {kBlockCausal, "{kind: block_diffusion, gen_length: 16, block_length: 8, cache: none}"},
+      {kMoeBlockRouted, "{kind: llada, gen_length: 16, steps: 16, block_length: 8}"},
+      {kMoeBlockRouted, "{kind: block_diffusion, gen_length: 16, block_length: 8, threshold: 0.3, cache: dual}"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(std::string(c.model) + " " + c.sampler);
+    auto m = model_of(c.model);
+    auto s = make_sampler(c.sampler);
+    auto together = decode(*m, *s, batch, valid).tokens_BL;
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t len = prompts[i].size(1);
+      auto alone = decode(*m, *s, prompts[i]).tokens_BL;
+      EXPECT_TRUE(torch::equal(alone.narrow(1, len, 16)[0], together[i].narrow(0, P, 16)))
+          << "prompt " << i << ": alone " << alone.narrow(1, len, 16) << " in the batch "
+          << together[i].narrow(0, P, 16);
+    }
+  }
+}
+
+// Forwards every call to a policy and records, per call, the denoising step, the block ids and
+// each block's allowed experts.
+class RecordingPolicy : public BlockRoutingPolicy {
+ public:
+  explicit RecordingPolicy(std::shared_ptr<BlockRoutingPolicy> inner) : inner_(std::move(inner)) {}
+  struct Call {
+    int64_t layer = 0, step = 0;
+    at::Tensor block_T, allowed_TS;
+  };
+  at::Tensor allowed(const BlockRoutingInput& in) override {
+    auto a = inner_->allowed(in);
+    calls.push_back({in.layer, in.step, in.block_T.clone(), a.clone()});
+    return a;
+  }
+  void reset() override { inner_->reset(); }
+  std::string describe() const override { return "recording " + inner_->describe(); }
+  std::vector<Call> calls;
+
+ private:
+  std::shared_ptr<BlockRoutingPolicy> inner_;
+};
+
+std::shared_ptr<RecordingPolicy> recording(const std::string& yaml) {
+  return std::make_shared<RecordingPolicy>(
+      BlockRoutingConfig::from(ConfigNode::from_string(yaml, "p.yaml")).policy);
+}
+
+const char* kMoe8 =
+    "{kind: moe_dlm, vocab_size: 40, d_model: 32, n_layer: 2, n_head: 2, max_seq_len: 64, "
+    "init_std: 0.3, moe: {n_expert: 8, d_expert: 16, router: {kind: token_choice, top_k: 2}}}";
+
+TEST(ComponentDecode, IntervalRefreshKeepsABlocksExpertsForTauSteps) {
+  auto m = model_of(kMoe8);
+  auto prompt = torch::randint(0, 40, {1, 5});
+  auto s = make_sampler("{kind: llada, gen_length: 16, steps: 16, block_length: 8}");
+  auto rec = recording("{kind: interval, tau: 4, budget: 2}");
+  m->set_block_routing(rec, 8);
+  decode(*m, *s, prompt);
+  // Per (layer, block): the sets of consecutive forwards may differ only at steps 0, 4, ...
+  std::map<std::pair<int64_t, int64_t>, at::Tensor> last;
+  std::set<int64_t> steps;
+  int64_t changes = 0;
+  for (const auto& c : rec->calls) {
+    steps.insert(c.step);
+    auto [ids, inv] = block_index(c.block_T);
+    for (int64_t b = 0; b < ids.size(0); ++b) {
+      const auto first = (inv == b).nonzero()[0][0].item<int64_t>();
+      auto set = c.allowed_TS[first];
+      const auto key = std::make_pair(c.layer, ids[b].item<int64_t>());
+      auto it = last.find(key);
+      if (it != last.end() && !torch::equal(it->second, set)) {
+        ++changes;
+        EXPECT_EQ(c.step % 4, 0) << "layer " << c.layer << " block " << key.second;
+      }
+      last[key] = set;
+    }
+  }
+  // Every forward carries its step inside the block: 0..7 for 8 steps per block.
+  EXPECT_EQ(steps, (std::set<int64_t>{0, 1, 2, 3, 4, 5, 6, 7}));
+  // tau 1 with gate votes is DES-Vote on every forward: the same sets and the same tokens.
+  auto a = recording("{kind: interval, tau: 1, budget: 2, vote: gate}");
+  m->set_block_routing(a, 8);
+  auto ta = decode(*m, *s, prompt).tokens_BL;
+  auto b = recording("{kind: des_vote, budget: 2}");
+  m->set_block_routing(b, 8);
+  auto tb = decode(*m, *s, prompt).tokens_BL;
+  EXPECT_TRUE(torch::equal(ta, tb));
+  ASSERT_EQ(a->calls.size(), b->calls.size());
+  for (size_t i = 0; i < a->calls.size(); ++i) {
+    EXPECT_TRUE(torch::equal(a->calls[i].allowed_TS, b->calls[i].allowed_TS)) << "call " << i;
+  }
+  m->set_block_routing(nullptr, 0);
+}
+
+// Runs a model and records each forward's input tokens and logits.
+class SpyModel : public ModelBase {
+ public:
+  explicit SpyModel(std::shared_ptr<ModelBase> inner) : inner_(register_module("inner", inner)) {}
+  ModelOutput forward(const ModelInput& in) override {
+    auto out = inner_->forward(in);
+    inputs.push_back(in.tokens_BL.clone());
+    index.push_back(in.logits_index_M.defined() ? in.logits_index_M.clone() : at::Tensor());
+    logits.push_back(out.logits.clone());
+    std::vector<std::pair<at::Tensor, at::Tensor>> r;
+    for (MoeLayer* l : inner_->moe_layers()) {
+      r.emplace_back(l->last_routing().token_A.clone(), l->last_routing().expert_A.clone());
+    }
+    routing.push_back(r);
+    return out;
+  }
+  int64_t vocab_size() const override { return inner_->vocab_size(); }
+  int64_t max_seq_len() const override { return inner_->max_seq_len(); }
+  std::string describe() const override { return "spy"; }
+  std::vector<MoeLayer*> moe_layers() override { return inner_->moe_layers(); }
+  std::vector<at::Tensor> inputs, index, logits;
+  std::vector<std::vector<std::pair<at::Tensor, at::Tensor>>> routing;
+
+ private:
+  std::shared_ptr<ModelBase> inner_;
+};
+
+/// Sorted experts of each token: [T] lists.
+std::vector<std::vector<int64_t>> experts_by_token(const std::pair<at::Tensor, at::Tensor>& r,
+                                                   int64_t T) {
+  std::vector<std::vector<int64_t>> e(static_cast<size_t>(T));
+  for (int64_t a = 0; a < r.first.size(0); ++a) {
+    e[static_cast<size_t>(r.first[a].item<int64_t>())].push_back(r.second[a].item<int64_t>());
+  }
+  for (auto& v : e) std::sort(v.begin(), v.end());
+  return e;
+}
+
+TEST(ComponentDecode, DmoeRoutesTheSamplersBlocksAsTrainingDoes) {
+  auto inner = model_of(kMoeBlockRouted);
+  for (MoeLayer* l : inner->moe_layers()) l->keep_last_routing(true);
+  // (a) Decoding blocks start at the prompt's end, and so do routing blocks: with a prompt of 5
+  // tokens and blocks of 8, the tokens of each decoding block share one routing block.
+  auto rec = recording("{kind: dmoe, p: 0.3, guard: 2}");
+  inner->set_block_routing(rec, 8);
+  auto s = make_sampler("{kind: llada, gen_length: 16, steps: 16, block_length: 8}");
+  decode(*inner, *s, torch::randint(0, 40, {1, 5}));
+  ASSERT_FALSE(rec->calls.empty());
+  for (const auto& c : rec->calls) {
+    for (int64_t j = 0; j < 2; ++j) {
+      auto blk = c.block_T.narrow(0, 5 + 8 * j, 8);
+      EXPECT_TRUE((blk == blk[0]).all().item<bool>()) << "decoding block " << j << ": " << blk;
+    }
+    EXPECT_NE(c.block_T[4].item<int64_t>(), c.block_T[5].item<int64_t>());
+  }
+  // (b) Where the grids coincide (a prompt of 8 = one block), the sampler's forward and the
+  // training forward (train mode, as the trainer calls it) on the same tokens choose the same
+  // experts for every token and give the same logits.
+  auto spy = std::make_shared<SpyModel>(inner);
+  inner->set_block_routing(
+      BlockRoutingConfig::from(ConfigNode::from_string("{kind: dmoe, p: 0.3, guard: 2}", "p")).policy,
+      8);
+  decode(*spy, *s, torch::randint(0, 40, {1, 8}));
+  ASSERT_GE(spy->inputs.size(), 4u);
+  inner->train();
+  for (size_t f : {size_t(1), spy->inputs.size() - 3}) {
+    SCOPED_TRACE(f);
+    ModelInput tin(spy->inputs[f], spy->index[f]);  // the trainer's input: tokens and logit rows
+    auto out = inner->forward(tin).logits;
+    EXPECT_LT((out - spy->logits[f]).abs().max().item<double>(), 1e-5);
+    const int64_t T = spy->inputs[f].numel();
+    const auto layers = inner->moe_layers();
+    for (size_t l = 0; l < layers.size(); ++l) {
+      auto trained = experts_by_token(
+          {layers[l]->last_routing().token_A, layers[l]->last_routing().expert_A}, T);
+      EXPECT_EQ(trained, experts_by_token(spy->routing[f][l], T)) << "layer " << l;
+    }
+  }
+  inner->eval();
 }
 
 const std::string& data_dir() {

@@ -11,12 +11,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/compat.h"
 #include "core/config.h"
 #include "core/safetensors.h"
 #include "model/model.h"
 #include "moe/moe_layer.h"
 #include "support/support.h"
 #include "train/checkpoint.h"
+#include "train/trainer.h"
 
 namespace mixdiff {
 namespace {
@@ -172,6 +174,39 @@ TEST(UnitArch, ParameterCountsMatchClosedForms) {
             backbone + 3 * 4 * expert + (8 + 8 + 4) * D);
 }
 
+TEST(UnitArch, TrainingFlopsPerTokenMatchAHandCount) {
+  // V 50, D 16, 3 layers of 2 heads x 8, dense SwiGLU 32, sequence length 16.
+  // Per token, forward + backward = 6 x the matmul weights it uses + 12 x layers x L x heads x hd.
+  const double V = 50, D = 16, F = 32, Ls = 16, attn_w = (2 + 2 * 2) * 8 * D + D * 2 * 8;
+  const double attn_scores = 12.0 * 3 * Ls * 2 * 8;
+  auto dense = build_model(ConfigNode::from_string(
+      std::string("{kind: dense_dlm, ") + kBackbone + "}", "model.yaml"));
+  // Head 50 x 16; per layer wqkv 48 x 16 + wo 16 x 16 and 3 x 16 x 32 SwiGLU.
+  EXPECT_DOUBLE_EQ(dense->train_flops_per_token(16),
+                   6.0 * (V * D + 3 * (attn_w + 3 * D * F)) + attn_scores);
+  EXPECT_DOUBLE_EQ(6.0 * (50 * 16 + 3 * (1024 + 1536)) + 9216, dense->train_flops_per_token(16));
+  // One dense block, two MoE blocks of top-2 of 4 experts of width 8 plus a shared expert of
+  // width 8 and a router of 4 x 16.
+  auto moe = model("moe_dlm", "{n_expert: 4, d_expert: 8, n_shared: 1, first_k_dense: 1, "
+                              "router: {kind: token_choice, top_k: 2}}");
+  const double moe_block = attn_w + 3 * D * (2 * 8 + 8) + 4 * D;
+  EXPECT_DOUBLE_EQ(moe->train_flops_per_token(16),
+                   6.0 * (V * D + attn_w + 3 * D * F + 2 * moe_block) + attn_scores);
+  // Measured experts per token (top-p, null experts, drops) replace K: 1.5 and 0.5 per layer.
+  EXPECT_DOUBLE_EQ(moe->train_flops_per_token(16, {1.5, 0.5}),
+                   moe->train_flops_per_token(16) - 6.0 * 3 * D * 8 * ((2 - 1.5) + (2 - 0.5)));
+  EXPECT_EQ(moe->num_active_parameters(), moe->num_parameters() - 2 * 2 * 3 * 16 * 8);
+  EXPECT_EQ(moe->num_active_parameters({1.5, 0.5}),
+            moe->num_parameters() - 2 * 4 * 3 * 16 * 8 + (1.5 + 0.5) * 3 * 16 * 8);
+  EXPECT_FALSE(moe->experts_per_token_data_dependent());
+  // Top-p: no planned count (its max_k bounds the nominal one), null experts likewise.
+  EXPECT_TRUE(model("moe_dlm", "{n_expert: 4, d_expert: 8, router: {kind: top_p, p: 0.5}}")
+                  ->experts_per_token_data_dependent());
+  EXPECT_TRUE(model("moe_dlm", "{n_expert: 4, d_expert: 8, router: {kind: token_choice, top_k: 2, "
+                               "n_null: 2}}")
+                  ->experts_per_token_data_dependent());
+}
+
 TEST(ComponentArch, RexmoeProgressiveRoutingWidensTheCandidatePool) {
   auto rex = model("rexmoe_dlm", "{sharing: grouped, window: 3, n_expert: 4, d_expert: 8, psr_steps: 100, "
                                  "router: {kind: token_choice, top_k: 2}}");
@@ -281,6 +316,19 @@ TEST(E2EUpcycle, DenseToMoeAndGranularUpcyclingPreserveTheFunction) {
   EXPECT_EQ(st["provenance"]["method"], "upcycle");
 }
 
+// The AdamW moments of every parameter of a run's latest checkpoint, by parameter name.
+std::map<std::string, compat::AdamMoments> adam_state(const std::string& run) {
+  const std::string ckpt = resolve_checkpoint(run);
+  TrainerParts p = build_trainer_parts(ConfigNode::from_file(ckpt + "/recipe.yaml"));
+  load_model_weights(*p.model, ckpt + "/model.safetensors");
+  load_optimizer_state(*p.optimizer, ckpt + "/optimizer.pt");
+  std::map<std::string, compat::AdamMoments> out;
+  for (const auto& kv : p.model->named_parameters()) {
+    out.emplace(kv.key(), compat::adamw_moments(*p.optimizer, kv.value()));
+  }
+  return out;
+}
+
 TEST(E2EUpcycle, ExpertUpcyclingCopiesExpertsRouterAndOptimizerState) {
   const std::string d = test::scratch_dir("upcycle_moe");
   const std::string moe4 =
@@ -324,6 +372,27 @@ TEST(E2EUpcycle, ExpertUpcyclingCopiesExpertsRouterAndOptimizerState) {
     }
     if (std::string(c.name) == "utility_fisher") {  // at most one copy of each expert
       EXPECT_EQ(std::set<int64_t>(sources.begin(), sources.end()).size(), sources.size());
+    }
+    // Adam moments (optimizer: copy): the originals keep theirs, a copy gets its source's.
+    auto src = adam_state(d + "/e4"), dst = adam_state(d + "/" + c.name);
+    for (const char* name : {"layers.0.ffn.experts.w_up", "layers.0.ffn.experts.w_down"}) {
+      SCOPED_TRACE(name);
+      const auto& ms = src.at(name);
+      const auto& mt = dst.at(name);
+      ASSERT_TRUE(ms.exp_avg.defined() && mt.exp_avg.defined());
+      EXPECT_GT(ms.exp_avg_sq.abs().sum().item<double>(), 0.0);  // the source has trained
+      EXPECT_TRUE(torch::equal(mt.exp_avg.narrow(0, 0, 4), ms.exp_avg));
+      EXPECT_TRUE(torch::equal(mt.exp_avg_sq.narrow(0, 0, 4), ms.exp_avg_sq));
+      for (size_t j = 0; j < sources.size(); ++j) {
+        EXPECT_TRUE(torch::equal(mt.exp_avg[4 + static_cast<int64_t>(j)], ms.exp_avg[sources[j]]));
+        EXPECT_TRUE(
+            torch::equal(mt.exp_avg_sq[4 + static_cast<int64_t>(j)], ms.exp_avg_sq[sources[j]]));
+      }
+    }
+    const auto& rs = src.at("layers.1.ffn.router.weight");
+    const auto& rt = dst.at("layers.1.ffn.router.weight");
+    for (size_t j = 0; j < sources1.size(); ++j) {
+      EXPECT_TRUE(torch::equal(rt.exp_avg[4 + static_cast<int64_t>(j)], rs.exp_avg[sources1[j]]));
     }
     auto r = test::run_mixdiff({"train", "--resume", d + "/" + c.name});
     EXPECT_EQ(r.status, 0) << r.err;

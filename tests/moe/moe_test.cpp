@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <set>
 
 #include "core/config.h"
@@ -554,6 +555,55 @@ TEST(ComponentMoe, TelemetryCountsRealTokensByMaskRatio) {
   EXPECT_NEAR(j["experts_per_token"].get<double>(), 2.0, 1e-9);
   EXPECT_EQ(j["zero_gate"].get<double>(), 0.0);  // softmax gates are never 0
   EXPECT_TRUE(layer->take_stats().is_null());  // reset after reading
+}
+
+TEST(UnitMoe, TelemetryValuesMatchHandMadeRoutings) {
+  // 4 experts, 2 mask-ratio buckets, 6 real tokens of 2 sequences (ratios 0.2 and 0.9) and one
+  // padding token. Assignments: expert 0 x3, expert 1 x1, expert 2 never, expert 3 x4.
+  RoutingStats st(4, 2);
+  RoutingDecision d;
+  d.n_expert = 4;
+  d.top_k = 2;
+  d.probs_TS = torch::tensor({{0.25f, 0.25f, 0.25f, 0.25f},  // entropy log 4
+                              {1.0f, 0.0f, 0.0f, 0.0f},      // 0
+                              {0.5f, 0.5f, 0.0f, 0.0f},      // log 2
+                              {0.0f, 0.0f, 0.0f, 1.0f},      // 0
+                              {0.5f, 0.0f, 0.0f, 0.5f},      // log 2
+                              {0.0f, 0.0f, 0.0f, 1.0f},      // 0
+                              {0.25f, 0.25f, 0.25f, 0.25f}}); // padding: never counted
+  auto tok = torch::tensor({0, 0, 1, 2, 3, 3, 4, 5}, torch::kLong);
+  auto ex = torch::tensor({0, 3, 0, 1, 3, 0, 3, 3}, torch::kLong);
+  auto gate = torch::full({8}, 0.5f);
+  RoutingContext ctx;
+  ctx.n_seq = 2;
+  ctx.seq_T = torch::tensor({0, 0, 0, 1, 1, 1, 1}, torch::kLong);
+  ctx.mask_ratio_B = torch::tensor({0.2f, 0.9f});
+  ctx.valid_T = torch::tensor({1, 1, 1, 1, 1, 1, 0}, torch::kBool);
+  st.add(d, tok, ex, gate, /*routed=*/10, ctx);
+  auto j = st.to_json();
+  EXPECT_EQ(j["tokens_per_expert"].get<std::vector<double>>(), (std::vector<double>{3, 1, 0, 4}));
+  EXPECT_NEAR(j["max_mean"].get<double>(), 4.0 / 2.0, 1e-12);
+  // Population standard deviation of {3, 1, 0, 4} is sqrt(2.5); the mean is 2.
+  EXPECT_NEAR(j["cv"].get<double>(), std::sqrt(2.5) / 2.0, 1e-12);
+  EXPECT_EQ(j["dead"].get<int64_t>(), 1);
+  EXPECT_NEAR(j["entropy"].get<double>(), (std::log(4.0) + 2 * std::log(2.0)) / 6.0, 1e-6);
+  EXPECT_NEAR(j["dropped"].get<double>(), 1.0 - 8.0 / 10.0, 1e-12);
+  EXPECT_NEAR(j["experts_per_token"].get<double>(), 8.0 / 6.0, 1e-12);
+  // Buckets [0, 0.5): sequence 0's tokens 0-2 (experts 0, 3, 0, 1); [0.5, 1]: tokens 3-5.
+  const auto& lo = j["by_mask_ratio"][0];
+  const auto& hi = j["by_mask_ratio"][1];
+  EXPECT_EQ(lo["tokens"].get<double>(), 3.0);
+  EXPECT_EQ(hi["tokens"].get<double>(), 3.0);
+  EXPECT_EQ(lo["tokens_per_expert"].get<std::vector<double>>(), (std::vector<double>{2, 1, 0, 1}));
+  EXPECT_EQ(hi["tokens_per_expert"].get<std::vector<double>>(), (std::vector<double>{1, 0, 0, 3}));
+  EXPECT_NEAR(hi["max_mean"].get<double>(), 3.0 / 1.0, 1e-12);
+  EXPECT_EQ(hi["dead"].get<int64_t>(), 2);
+  // Experts per real token: 2 for tokens 0 and 3, 1 for tokens 1, 2, 4 and 5; padding uncounted.
+  auto hist = j["experts_per_token_hist"].get<std::vector<double>>();
+  EXPECT_EQ(hist[0], 0.0);
+  EXPECT_EQ(hist[1], 4.0);
+  EXPECT_EQ(hist[2], 2.0);
+  EXPECT_EQ(j["unrouted"].get<double>(), 0.0);
 }
 
 TEST(ComponentMoe, TelemetryCountsTokensWhoseGatesAreAllZero) {

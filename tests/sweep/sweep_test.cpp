@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <regex>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -113,6 +114,44 @@ std::vector<std::vector<std::string>> csv_rows(const std::string& path) {
     rows.push_back(row);
   }
   return rows;
+}
+
+TEST(UnitSweep, BudgetsTurnIntoStepsByTheTokensOrFlopsPerStep) {
+  const std::string d = test::scratch_dir("sweep_budget");
+  // 1.2e6 tokens at 2048 tokens per step: 585.9 -> 586 steps.
+  auto t = SweepSpec::load(write_sweep(d, "name: b\nbudget: {tokens: 1.2e6}\naxes: [{grid: {seed: [0]}}]\n"));
+  EXPECT_EQ(t.budget_steps(2048, 1e9, 77), 586);
+  // 3e15 FLOPs at 2.5e7 FLOPs per token and 2048 tokens per step: 58593.75 -> 58594 steps.
+  auto f = SweepSpec::load(write_sweep(d, "name: b\nbudget: {flops: 3e15}\naxes: [{grid: {seed: [0]}}]\n"));
+  EXPECT_EQ(f.budget_steps(2048, 2.5e7, 77), 58594);
+  EXPECT_EQ(f.budget_steps(2048, 1e20, 77), 1);  // at least one step
+  auto none = SweepSpec::load(write_sweep(d, "name: b\naxes: [{grid: {seed: [0]}}]\n"));
+  EXPECT_EQ(none.budget_steps(2048, 2.5e7, 77), 77);  // no budget: the recipe's steps
+}
+
+TEST(E2ESweep, FlopBudgetPlansMatchedComputeAndRefusesDataDependentRouting) {
+  const std::string d = test::scratch_dir("sweep_flops");
+  // Cells with more active experts get fewer steps: steps = round(budget / (FLOPs/token x
+  // tokens/step)), the cell's planned FLOPs per token (tiny recipe: 8 x 32 tokens per step).
+  const std::string moe =
+      "{n_expert: 4, d_expert: 16, router: {kind: token_choice, top_k: K}}";
+  auto f = write_sweep(d, "name: fl\nbudget: {flops: 2.0e9}\nset: {model.kind: moe_dlm}\naxes:\n"
+                          "  - list:\n"
+                          "      - {label: k1, set: {model.moe: " + std::regex_replace(moe, std::regex("K"), "1") + "}}\n"
+                          "      - {label: k2, set: {model.moe: " + std::regex_replace(moe, std::regex("K"), "2") + "}}\n");
+  auto plan = run_mixdiff({"sweep", f, "--dry-run", "--out", d + "/runs"});
+  ASSERT_EQ(plan.status, 0) << plan.err;
+  std::smatch m1, m2;
+  ASSERT_TRUE(std::regex_search(plan.out, m1, std::regex("k1 +\\(new, ([0-9]+) steps\\)"))) << plan.out;
+  ASSERT_TRUE(std::regex_search(plan.out, m2, std::regex("k2 +\\(new, ([0-9]+) steps\\)"))) << plan.out;
+  EXPECT_GT(std::stoi(m1[1]), std::stoi(m2[1]));
+  // Top-p's experts per token are only known after training: a FLOP budget is refused.
+  auto p = write_sweep(d, "name: tp\nbudget: {flops: 2.0e9}\nset: {model.kind: moe_dlm, model.moe: "
+                          "{n_expert: 4, d_expert: 16, router: {kind: top_p, p: 0.5}}}\n"
+                          "axes: [{grid: {seed: [0]}}]\n");
+  auto bad = run_mixdiff({"sweep", p, "--dry-run", "--out", d + "/runs"});
+  EXPECT_EQ(bad.status, 2);
+  EXPECT_NE(bad.err.find("data-dependent"), std::string::npos) << bad.err;
 }
 
 TEST(E2ESweep, BadCellIsRejectedBeforeAnyRunStarts) {

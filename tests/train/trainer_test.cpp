@@ -4,12 +4,15 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <sstream>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "core/errors.h"
 #include "core/safetensors.h"
+#include "data/prepare.h"
 #include "infer/sampler.h"
 #include "support/support.h"
 #include "train/checkpoint.h"
@@ -124,6 +127,66 @@ TEST(E2ETrain, TinyRunLossFallsAndWritesACheckpoint) {
   }
 }
 
+// The per-step losses (and routing losses) of the shipped quickstart recipes, 6 steps on the
+// built-in corpus, against tests/golden/quickstart_losses.json: any change in what the trainer
+// computes (noise, masking, loss, model, optimizer, schedule) shows here. After an intended change,
+// regenerate with MIXDIFF_UPDATE_GOLDEN=1 and say why in the commit.
+TEST(E2ETrain, QuickstartPerStepLossesMatchTheGoldenFile) {
+  const std::string d = test::scratch_dir("golden");
+  const std::string golden_path = test::source_dir() + "/tests/golden/quickstart_losses.json";
+  const bool update = std::getenv("MIXDIFF_UPDATE_GOLDEN") != nullptr;
+  nlohmann::json golden = update ? nlohmann::json::object()
+                                 : nlohmann::json::parse(test::read_text(golden_path));
+  bool prepared = false;
+  for (const char* name : {"quickstart", "quickstart_moe"}) {
+    SCOPED_TRACE(name);
+    ConfigNode r = ConfigNode::from_file(test::source_dir() + "/recipes/" + name + ".yaml");
+    for (const std::string o : {"data.path=" + d + "/data", std::string("train.steps=6"),
+                                std::string("train.log_every=1"), std::string("train.ckpt_every=0"),
+                                std::string("eval.sequences=16"), std::string("eval.every=0")}) {
+      r.apply_override(o);
+    }
+    if (!prepared) {
+      std::ostringstream log;
+      prepare_dataset(r.at("data"), /*force=*/false, log);
+      prepared = true;
+    }
+    const std::string run = d + "/" + name;
+    TrainerParts parts = build_trainer_parts(r);
+    GenerateSettings::from(r);
+    r.check_unknown_keys();
+    fs::create_directories(run);
+    Trainer t(std::move(parts), run, r.to_yaml());
+    ASSERT_EQ(t.fit(), 0);
+    nlohmann::json got = nlohmann::json::array();
+    for (const auto& m : metrics(run)) {
+      nlohmann::json row = {{"step", m["step"]}, {"loss", m["loss"]}, {"grad_norm", m["grad_norm"]}};
+      if (m.contains("aux")) row["aux"] = m["aux"];
+      got.push_back(row);
+    }
+    if (update) {
+      golden[name] = got;
+      continue;
+    }
+    const auto& want = golden.at(name);
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      SCOPED_TRACE(testing::Message() << "step " << got[i]["step"]);
+      // Same machine kind: equal to rounding; BLAS kernels of another CPU differ in the last
+      // digits only.
+      EXPECT_NEAR(got[i]["loss"].get<double>(), want[i]["loss"].get<double>(), 2e-4);
+      EXPECT_NEAR(got[i]["grad_norm"].get<double>(), want[i]["grad_norm"].get<double>(),
+                  2e-3 * want[i]["grad_norm"].get<double>());
+      if (want[i].contains("aux")) {
+        for (const auto& [k, v] : want[i]["aux"].items()) {
+          EXPECT_NEAR(got[i]["aux"][k].get<double>(), v.get<double>(), 2e-4) << k;
+        }
+      }
+    }
+  }
+  if (update) test::write_text(golden_path, golden.dump(1) + "\n");
+}
+
 TEST(E2ETrain, SameSeedGivesIdenticalLosses) {
   const std::string d = test::scratch_dir("run_det");
   ASSERT_EQ(train(d + "/a", {"train.steps=12", "train.grad_accum=2"}), 0);
@@ -232,6 +295,54 @@ TEST(E2EMoe, TinyMoeRunLogsAuxLossesAndTelemetryAndLearns) {
   EXPECT_EQ(t["layers.1.ffn.router.balancer.updates"].item<double>(), 60.0);  // once per step
   EXPECT_TRUE(t.count("layers.1.ffn.experts.w_gate"));
   EXPECT_EQ(t["layers.1.ffn.experts.w_gate"].sizes(), (std::vector<int64_t>{4, 16, 32}));
+}
+
+TEST(E2EMoe, TopPActiveParametersAndFlopsUseTheMeasuredExpertsPerToken) {
+  const std::string run = test::scratch_dir("topp_run") + "/run";
+  ASSERT_EQ(train(run, {"model.kind=moe_dlm",
+                        "model.moe={n_expert: 8, d_expert: 16, first_k_dense: 1, router: {kind: "
+                        "top_p, p: 0.5}}",
+                        "train.steps=8", "train.log_every=4"}),
+            0);
+  auto info = nlohmann::json::parse(test::read_text(run + "/run.json"));
+  ASSERT_TRUE(info.contains("experts_per_token")) << info.dump();
+  const double k = info["experts_per_token"][0].get<double>();
+  // The run's mean of the logged intervals, weighted by their tokens.
+  double kept = 0, tokens = 0;
+  for (const auto& j : metrics(run)) {
+    if (!j.contains("moe")) continue;
+    const auto& l = j["moe"]["layers"][0];
+    kept += l["experts_per_token"].get<double>() * l["tokens"].get<double>();
+    tokens += l["tokens"].get<double>();
+  }
+  EXPECT_NEAR(k, kept / tokens, 1e-9);
+  EXPECT_GT(k, 1.0);
+  EXPECT_LT(k, 8.0);
+  // One MoE block of 8 experts of 3 x 32 x 16 weights: k of them count per token, not max_k.
+  const int64_t expert = 3 * 32 * 16, total = info["parameters"].get<int64_t>();
+  EXPECT_EQ(info["active_parameters"].get<int64_t>(), total - 8 * expert + std::llround(k * expert));
+  EXPECT_EQ(info["active_parameters_planned"].get<int64_t>(), total);  // max_k = 8: all of them
+  EXPECT_TRUE(info["experts_per_token_data_dependent"].get<bool>());
+  EXPECT_NEAR(info["train_flops_per_token_planned"].get<double>() -
+                  info["train_flops_per_token"].get<double>(),
+              6.0 * (8 - k) * expert, 1e-6 * info["train_flops_per_token"].get<double>());
+}
+
+TEST(E2EMoe, BlockDiffusionRoutingTelemetryReadsTheNoisyHalfsMaskRatio) {
+  // BD3 trains on [x_t ; x_0]; the clean half never holds [MASK], so a mask ratio over the whole
+  // input could never exceed 0.5. Over the noisy half it does.
+  const std::string run = test::scratch_dir("bd3_moe") + "/run";
+  ASSERT_EQ(train(run, {"model.kind=moe_dlm", "model.attention=block_causal", "model.block_size=8",
+                        "model.moe={n_expert: 4, d_expert: 16, router: {kind: token_choice, top_k: 2}}",
+                        "diffusion.objective=block", "diffusion.block_size=8", "train.steps=6",
+                        "train.log_every=6"}),
+            0);
+  auto m = metrics(run);
+  ASSERT_TRUE(m.back().contains("moe"));
+  const auto& buckets = m.back()["moe"]["layers"][0]["by_mask_ratio"];
+  ASSERT_EQ(buckets.size(), 4u);
+  EXPECT_GT(buckets[2]["tokens"].get<double>() + buckets[3]["tokens"].get<double>(), 0.0)
+      << buckets.dump();
 }
 
 TEST(E2EMoe, MoeResumeEqualsTheUninterruptedRun) {

@@ -1,22 +1,33 @@
-// block_diffusion: semi-autoregressive block decoding with a key/value cache (BD3-LM,
+// block_diffusion: semi-autoregressive block decoding with key/value caches (BD3-LM,
 // arXiv 2503.09573; LLaDA2.0's `generate`; Fast-dLLM, arXiv 2505.22618; algorithms.md 1.6-1.8).
-// Blocks are aligned to multiples of block_length in the (left-padded) sequence and decoded left
-// to right. Within the current block each step runs ONLY the block's tokens against the cached
-// keys and values of the positions before it, samples every masked position (argmax, or Gumbel
-// in float64 at temperature > 0) and commits: with `threshold`, every masked position whose
-// confidence reaches it, but at least the linear schedule's count (LLaDA2.0); without, the
-// schedule's count by confidence. A finished block is run once more to extend the cache.
-//   cache: auto      exact prefix cache for block-causal models (model.attention: block_causal,
-//                    block_length = model.block_size); for fully bidirectional models the
-//                    Fast-dLLM prefix cache (approximate: the prefix's keys were computed while
-//                    the block was still masked, refreshed at every block)
-//          prefix    the Fast-dLLM prefix cache on any model: the step runs the block and every
-//                    later position
-//          none      full forwards of the whole sequence (the reference)
+// Blocks of block_length start at the prompt's end (the model's routing and attention blocks use
+// the same grid, ModelInput::block_origin) and are decoded left to right. Each step samples every
+// masked position of the current block (argmax, or Gumbel in float64 at temperature > 0) and
+// commits: with `threshold`, every masked position whose confidence reaches it, but at least the
+// linear schedule's count (LLaDA2.0); without, the schedule's count by confidence.
+//   cache: none    every step is a full forward of the whole sequence (the reference)
+//          prefix  Fast-dLLM's PrefixCache: at the block's first step a full forward (prompt,
+//                  block, masked suffix) commits as step 0 and caches the keys and values of the
+//                  positions before the block; later steps run the block and every later
+//                  position against that cache
+//          dual    Fast-dLLM's DualCache: the same full forward caches the prefix AND the
+//                  suffix; later steps run only the block, its fresh keys in place of its cached
+//                  ones (Fast-dLLM's replace_position)
+//          exact   block-causal models (model.attention: block_causal, block_length =
+//                  model.block_size): the prompt is encoded once, each step runs only the block
+//                  against the clean earlier blocks, a finished block is run once more to extend
+//                  the cache; nothing is approximate. Any cache mode but none means this on a
+//                  block-causal model.
+//          auto    exact for block-causal models, prefix otherwise
+//   refresh_every: prefix and dual caches are rebuilt by a full forward at every block's first
+//                  step (Fast-dLLM) and, when > 0, every refresh_every steps inside the block;
+//                  with 1 every step is a full forward and decoding equals cache: none.
+// Both Fast-dLLM caches are approximations for bidirectional models (the cached keys were computed
+// while the block was still masked); `mixdiff eval` reports their agreement with cache: none.
 // EOS early stop (with the tokenizer's EOS): a row is done when an EOS was committed and every
 // position before it is decoded; its remaining masks become EOS; generation ends when every row is
-// done. Several prompts decode as one batch, left-padded (padding is hidden from attention and
-// routing).
+// done. Several prompts decode as one left-padded batch, each row as it would alone (padding is
+// hidden from attention and routing, positions are the row's own).
 #include <torch/torch.h>
 
 #include <chrono>
@@ -38,6 +49,7 @@ struct BlockOptions {
   double temperature = 0.0;
   std::optional<double> threshold;
   std::string cache = "auto";
+  int64_t refresh_every = 0;
 
   static BlockOptions from(const ConfigNode& c) {
     BlockOptions o;
@@ -50,15 +62,17 @@ struct BlockOptions {
       if (!(*o.threshold > 0 && *o.threshold <= 1)) c.fail("threshold", "expected (0, 1]");
     }
     o.cache = c.get<std::string>("cache", "auto");
+    o.refresh_every = c.get<int64_t>("refresh_every", 0);
     if (o.gen_length <= 0) c.fail("gen_length", "expected a positive integer");
     if (o.block_length <= 0) c.fail("block_length", "expected a positive integer");
     if (o.steps <= 0 || o.steps > o.block_length) {
       c.fail("steps", str("expected 1..block_length (", o.block_length, ") steps per block"));
     }
     if (o.temperature < 0) c.fail("temperature", "expected >= 0 (0 is greedy)");
-    if (o.cache != "auto" && o.cache != "prefix" && o.cache != "none") {
-      c.fail("cache", "expected auto, prefix or none, got '" + o.cache + "'");
+    if (o.cache != "auto" && o.cache != "prefix" && o.cache != "dual" && o.cache != "none") {
+      c.fail("cache", "expected auto, prefix, dual or none, got '" + o.cache + "'");
     }
+    if (o.refresh_every < 0) c.fail("refresh_every", "expected >= 0 steps (0: once per block)");
     return o;
   }
 };
@@ -90,80 +104,83 @@ class BlockDiffusionSampler : public SamplerBase {
       throw InputError(str("generate.sampler.block_length ", Bk, " must equal the block-causal "
                            "model's model.block_size ", model.attention_block()));
     }
-    std::string cache = o_.cache == "auto" ? (block_causal ? "exact" : "prefix") : o_.cache;
-    if (block_causal && cache == "prefix") cache = "exact";
+    const std::string cache = block_causal ? (o_.cache == "none" ? "none" : "exact")
+                              : o_.cache == "auto" ? "prefix"
+                                                   : o_.cache;
     const int64_t mask_id = model.mask_id();
     // Decoding runs on the model's device; random draws stay on the host generator `gen` (the
     // same samples on every device) and are moved there. The result goes back to the prompt's.
     const at::Device dev = module_device(model, prompt.device());
-    const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
     const auto bopt = torch::TensorOptions().dtype(torch::kBool).device(dev);
-    auto x = torch::cat({prompt.to(dev, torch::kLong), torch::full({B, G}, mask_id, lopt)}, 1);
-    at::Tensor valid;
-    if (valid_BP.defined()) valid = torch::cat({valid_BP.to(dev), torch::ones({B, G}, bopt)}, 1);
+    const DecodeLayout lay = decode_layout(prompt, valid_BP, G, mask_id, dev);
+    at::Tensor x = lay.x_BL;  // shares storage with the layout: commits are seen by input()
     auto done = torch::zeros({B}, bopt);
     SampleResult res;
     KVCache kv;
-    const int64_t first_block = P / Bk, n_blocks = (Lt + Bk - 1) / Bk;
-    auto forward = [&](int64_t from, int64_t len, bool use_cache, bool append,
-                       const at::Tensor& index) {
-      ModelInput in(x.narrow(1, from, len), index);
-      if (valid.defined()) in.valid_BL = valid.narrow(1, from, len);
-      if (use_cache) {
-        in.cache = &kv;
-        in.cache_append = append;
-      }
+    auto run = [&](ModelInput in, int64_t step) {
+      in.step = step;  // the denoising step inside the block (interval-refresh block routing)
       ++res.forwards;
       throw_if_interrupted();
       fault::delay("generate_delay_ms");
       return model.forward(in).logits;
     };
-    // Prefill: the complete blocks before the first one with masks.
-    if (cache != "none" && first_block > 0) {
-      kv.clear();
-      forward(0, first_block * Bk, true, true, {});
+    // Exact cache: the prompt is encoded once (its blocks end at the prompt's end).
+    if (cache == "exact" && P > 0) {
+      ModelInput in = lay.input(0, P);
+      in.cache = &kv;
+      in.cache_append = true;
+      run(in, 0);
     }
     const auto t0 = std::chrono::steady_clock::now();
-    for (int64_t j = first_block; j < n_blocks && !done.all().item<bool>(); ++j) {
-      const int64_t start = j * Bk, len = std::min(Bk, Lt - start);
+    const int64_t n_blocks = (G + Bk - 1) / Bk;
+    for (int64_t j = 0; j < n_blocks && !done.all().item<bool>(); ++j) {
+      const int64_t start = P + j * Bk, len = std::min(Bk, Lt - start);
       auto n_masked = (x.narrow(1, start, len) == mask_id).sum(1);
-      if (cache == "prefix" && !block_causal) {
-        // Fast-dLLM prefix cache: the prefix's keys from one forward at the block's start.
-        kv.clear();
-        if (start > 0) forward(0, start, true, true, {});
-      }
-      for (int64_t s = 0; s < o_.steps; ++s) {
+      int64_t s = 0;
+      for (; s < o_.steps; ++s) {
         auto blk = x.narrow(1, start, len);
         auto is_mask = (blk == mask_id) & done.logical_not().unsqueeze(1);
         if (!is_mask.any().item<bool>()) break;
-        at::Tensor logits;  // [B, len, V]
-        if (cache == "none") {
-          auto pos = torch::arange(start, start + len, lopt);
-          auto index = (torch::arange(B, lopt).unsqueeze(1) * Lt + pos).reshape({-1});
-          ModelInput in(x, index);
-          if (valid.defined()) in.valid_BL = valid;
-          ++res.forwards;
-          throw_if_interrupted();
-          fault::delay("generate_delay_ms");
-          logits = model.forward(in).logits.view({B, len, -1});
+        const bool refresh = s == 0 || (o_.refresh_every > 0 && s % o_.refresh_every == 0);
+        at::Tensor logits;  // [B * len, V]
+        if (cache == "none" || ((cache == "prefix" || cache == "dual") && refresh)) {
+          ModelInput in = lay.input(0, Lt, lay.columns(start, len, 0, Lt));
+          if (cache != "none") {  // the full forward that (re)builds a Fast-dLLM cache
+            kv.clear();
+            in.cache = &kv;
+            in.cache_append = true;
+          }
+          logits = run(in, s);
+          if (cache == "prefix") kv.truncate(start);
         } else if (cache == "exact") {
-          logits = forward(start, len, true, false, {});
-        } else {  // prefix: the block and every later position
-          const int64_t rest = Lt - start;
-          auto idx = (torch::arange(B, lopt).unsqueeze(1) * rest + torch::arange(len, lopt))
-                         .reshape({-1});
-          logits = forward(start, rest, true, false, idx).view({B, len, -1});
+          ModelInput in = lay.input(start, len);
+          in.cache = &kv;
+          logits = run(in, s);
+        } else if (cache == "prefix") {  // the block and every later position
+          ModelInput in = lay.input(start, Lt - start, lay.columns(start, len, start, Lt - start));
+          in.cache = &kv;
+          logits = run(in, s);
+        } else {  // dual: the block alone, between the cached prefix and suffix
+          ModelInput in = lay.input(start, len);
+          in.cache = &kv;
+          in.cache_at = start;
+          logits = run(in, s);
         }
-        commit(logits.to(torch::kFloat64), blk, is_mask, n_masked, s, gen);
+        commit(logits.view({B, len, -1}).to(torch::kFloat64), blk, is_mask, n_masked, s, gen);
       }
       // Rows whose block is finished: EOS early stop.
       if (eos_ >= 0) update_done(x, done, P, start + len, mask_id);
-      if (cache == "exact" && j + 1 < n_blocks) forward(start, len, true, true, {});
+      if (cache == "exact" && j + 1 < n_blocks) {  // the finished block joins the cache
+        ModelInput in = lay.input(start, len);
+        in.cache = &kv;
+        in.cache_append = true;
+        run(in, s);
+      }
     }
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (eos_ >= 0) x = x.masked_fill(x == mask_id, eos_);  // rows stopped early
-    res.blocks = n_blocks - first_block;
+    if (eos_ >= 0) x.masked_fill_(x == mask_id, eos_);  // rows stopped early
+    res.blocks = n_blocks;
     res.decode_seconds = secs;
     res.tokens_BL = x.to(prompt.device());
     return res;
@@ -218,9 +235,10 @@ class BlockDiffusionSampler : public SamplerBase {
 };
 
 MIXDIFF_REGISTER(samplers_registry(), "block_diffusion",
-                 "block diffusion decoding with a KV cache (exact for block-causal models, "
-                 "Fast-dLLM prefix cache otherwise), threshold commits, EOS early stop, padded "
-                 "batches; keys: gen_length, block_length, steps, threshold, temperature, cache",
+                 "block diffusion decoding with a KV cache (exact for block-causal models; "
+                 "Fast-dLLM's prefix or dual cache otherwise), threshold commits, EOS early stop, "
+                 "padded batches; keys: gen_length, block_length, steps, threshold, temperature, "
+                 "cache (auto|prefix|dual|none), refresh_every",
                  [](const ConfigNode& c) -> std::shared_ptr<SamplerBase> {
                    return std::make_shared<BlockDiffusionSampler>(BlockOptions::from(c));
                  });

@@ -8,6 +8,8 @@
 //   confidence_threshold  inside the current block, commit every masked position whose
 //                         confidence is >= threshold, and always at least the most confident one;
 //                         a block takes as many steps as it needs (at most block_length).
+// Blocks start at the prompt's end, and the model's routing and attention blocks with them
+// (ModelInput::block_origin); several prompts decode as one left-padded batch, each row as alone.
 // Temperature 0 is argmax; otherwise Gumbel-max sampling in float64 (low precision hurts masked
 // diffusion sampling). Confidence is the probability of the chosen token under the un-noised
 // softmax. Committed tokens are never re-masked. Only the current block's logits are computed
@@ -69,8 +71,14 @@ class LladaSampler : public SamplerBase {
  public:
   explicit LladaSampler(LladaOptions o) : o_(std::move(o)) {}
   int64_t gen_length() const override { return o_.gen_length; }
+  bool supports_padding() const override { return true; }
 
   SampleResult generate(ModelBase& model, const at::Tensor& prompt, at::Generator& gen) override {
+    return generate_padded(model, prompt, at::Tensor(), gen);
+  }
+
+  SampleResult generate_padded(ModelBase& model, const at::Tensor& prompt,
+                               const at::Tensor& valid_BP, at::Generator& gen) override {
     torch::NoGradGuard ng;
     model.eval();
     TORCH_CHECK(prompt.dim() == 2, "[llada] expected prompt_BP [B, P], got ", prompt.sizes());
@@ -84,15 +92,14 @@ class LladaSampler : public SamplerBase {
     // Decoding runs on the model's device; random draws stay on the host generator `gen` (the
     // same samples on every device) and are moved there. The result goes back to the prompt's.
     const at::Device dev = module_device(model, prompt.device());
-    const auto lopt = torch::TensorOptions().dtype(torch::kLong).device(dev);
-    auto x = torch::cat({prompt.to(dev, torch::kLong), torch::full({B, G}, mask_id, lopt)}, 1);
+    const DecodeLayout lay = decode_layout(prompt, valid_BP, G, mask_id, dev);
+    at::Tensor x = lay.x_BL;  // shares storage with the layout: commits are seen by input()
     const int64_t steps_per_block = o_.threshold ? Bk : o_.steps / n_blocks;
     SampleResult res;
     for (int64_t j = 0; j < n_blocks; ++j) {
       const int64_t start = P + j * Bk;
       // Flattened positions of this block in every row: logits are computed only there.
-      auto pos = torch::arange(start, start + Bk, lopt);
-      auto index = (torch::arange(B, lopt).unsqueeze(1) * Lt + pos).reshape({-1});
+      auto index = lay.columns(start, Bk, 0, Lt);
       auto n_masked = (x.narrow(1, start, Bk) == mask_id).sum(1);  // [B]
       for (int64_t s = 0; s < steps_per_block; ++s) {
         auto blk = x.narrow(1, start, Bk);                          // view into x
@@ -100,7 +107,9 @@ class LladaSampler : public SamplerBase {
         if (!is_mask.any().item<bool>()) break;
         throw_if_interrupted();
         fault::delay("generate_delay_ms");
-        auto logits = model.forward({x, index}).logits.view({B, Bk, -1}).to(torch::kFloat64);
+        ModelInput in = lay.input(0, Lt, index);
+        in.step = s;  // the denoising step inside the block (interval-refresh block routing)
+        auto logits = model.forward(in).logits.view({B, Bk, -1}).to(torch::kFloat64);
         ++res.forwards;
         at::Tensor pred;
         if (o_.temperature > 0) {
@@ -150,8 +159,9 @@ class LladaSampler : public SamplerBase {
 };
 
 MIXDIFF_REGISTER(samplers_registry(), "llada",
-                 "LLaDA semi-autoregressive remasking; keys: gen_length, steps, block_length, "
-                 "temperature, remasking (low_confidence|random)",
+                 "LLaDA semi-autoregressive remasking (blocks from the prompt's end; padded "
+                 "batches); keys: gen_length, steps, block_length, temperature, remasking "
+                 "(low_confidence|random)",
                  [](const ConfigNode& c) -> std::shared_ptr<SamplerBase> {
                    return std::make_shared<LladaSampler>(LladaOptions::from(c, false));
                  });
