@@ -21,6 +21,7 @@
 #include "data/tokenizer.h"
 #include "infer/sampler.h"
 #include "moe/capacity.h"
+#include "moe/dispatcher.h"
 #include "moe/router.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
@@ -266,7 +267,7 @@ void configure_process() {
 std::vector<RegistryListing> list_registries() {
   return {models_registry().listing(),      routers_registry().listing(),
           balancers_registry().listing(),   capacity_schedules_registry().listing(),
-          block_routing_registry().listing(),
+          block_routing_registry().listing(), dispatchers_registry().listing(),
           samplers_registry().listing(),
           losses_registry().listing(),      schedules_registry().listing(),
           data_sources_registry().listing(), optimizers_registry().listing(),

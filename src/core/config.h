@@ -60,6 +60,24 @@ class ConfigNode {
   template <class T>
   std::optional<T> get_optional(const std::string& key) const;
 
+  /// A name read once into an enum (like LibTorch's kFloat options): `choices` maps each accepted
+  /// name to its value; absent gives `def` (written back by name); any other name fails with the
+  /// accepted ones listed.
+  template <class E>
+  E get_choice(const std::string& key, const std::vector<std::pair<std::string, E>>& choices,
+               E def) const {
+    std::string def_name, names;
+    for (const auto& [n, v] : choices) {
+      if (v == def) def_name = n;
+      names += (names.empty() ? "" : ", ") + n;
+    }
+    const std::string got = get<std::string>(key, def_name);
+    for (const auto& [n, v] : choices) {
+      if (n == got) return v;
+    }
+    fail(key, "expected one of " + names + ", got '" + got + "'");
+  }
+
   /// This node's own scalar value, typed.
   template <class T>
   T as() const;

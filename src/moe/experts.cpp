@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include "core/profile.h"
+#include "moe/dispatcher.h"
 #include "nn/fused_kernels.h"
 
 #include <stdexcept>
@@ -204,10 +205,14 @@ struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
 
 }  // namespace
 
-Dispatch parse_dispatch(const std::string& name) {
-  if (name == "sorted") return Dispatch::kSorted;
-  if (name == "loop") return Dispatch::kLoop;
-  throw std::invalid_argument("expected sorted or loop, got '" + name + "'");
+DispatcherRegistry& dispatchers_registry() {
+  static DispatcherRegistry r("dispatchers",
+                              "how routed rows reach their experts and come back (model.moe.dispatch)");
+  return r;
+}
+
+std::shared_ptr<Dispatcher> make_dispatcher(const std::string& name) {
+  return dispatchers_registry().create(name, "dispatch", ConfigNode::from_string("{}", "dispatch"));
 }
 
 at::Tensor grouped_swiglu(const at::Tensor& xs, const std::vector<int64_t>& counts,
@@ -236,42 +241,8 @@ ExpertPool::ExpertPool(int64_t n_expert, int64_t d_model, int64_t d_expert, bool
 
 at::Tensor ExpertPool::forward(const at::Tensor& x, const at::Tensor& token_A,
                                const at::Tensor& expert_A, const at::Tensor& gate_A,
-                               Dispatch dispatch) const {
-  const int64_t T = x.size(0);
-  auto y = torch::zeros({T, d_model_}, x.options());
-  if (token_A.numel() == 0) return y;
-  if (dispatch == Dispatch::kLoop) {
-    namespace F = torch::nn::functional;
-    for (int64_t e = 0; e < n_expert_; ++e) {
-      auto rows = (expert_A == e).nonzero().squeeze(1);
-      if (rows.numel() == 0) continue;
-      auto tok = token_A.index_select(0, rows);
-      auto xe = x.index_select(0, tok);
-      const auto dt = xe.scalar_type();  // as grouped_swiglu: the activations' dtype
-      auto he = F::linear(
-          F::silu(F::linear(xe, w_gate_[e].to(dt))) * F::linear(xe, w_up_[e].to(dt)),
-          w_down_[e].to(dt));
-      // .to(y's dtype): under autocast the linears above return bf16 while y has x's dtype.
-      y = y.index_add(0, tok, (he * gate_A.index_select(0, rows).unsqueeze(1).to(he.dtype()))
-                                  .to(y.scalar_type()));
-    }
-    return y;
-  }
-  profile::Scope dispatch_scope("dispatch");
-  auto order = std::get<1>(expert_A.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
-  auto tok = token_A.index_select(0, order);
-  auto gate = gate_A.index_select(0, order);
-  // Host copy of the per-expert counts: they drive the loop over experts (one sync on a GPU).
-  auto counts_t = torch::bincount(expert_A, {}, n_expert_).to(torch::kCPU).contiguous();
-  std::vector<int64_t> counts(counts_t.data_ptr<int64_t>(),
-                              counts_t.data_ptr<int64_t>() + n_expert_);
-  auto xs = x.index_select(0, tok);
-  at::Tensor ys;
-  {
-    profile::Scope sc("experts");
-    ys = grouped_swiglu(xs, counts, w_gate_, w_up_, w_down_);
-  }
-  return y.index_add(0, tok, ys * gate.unsqueeze(1).to(ys.dtype()));
+                               const Dispatcher& dispatcher) const {
+  return dispatcher.run(*this, x, token_A, expert_A, gate_A);
 }
 
 }  // namespace mixdiff

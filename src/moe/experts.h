@@ -3,13 +3,8 @@
 // separate modules, so that one pool can serve several layers (UniPool) and the weights are one
 // tensor each in model.safetensors.
 //
-// Two dispatch paths compute the same function:
-//   sorted  assignments are sorted by expert (stable), the routed rows gathered once, each expert
-//           runs three GEMMs on its contiguous slice (a grouped GEMM written as a loop of
-//           at::mm_out into preallocated buffers, with a hand-written backward so that autograd
-//           records one node instead of 3 E), gates applied, rows combined with one index_add.
-//   loop    the reference twin: per expert, find its rows, run a plain SwiGLU through autograd,
-//           index_add. Obvious and slow; the parity tests hold `sorted` to it.
+// How assignments reach the experts is the dispatch stage (src/moe/dispatcher.h, registry
+// `dispatchers`); the pool holds the weights and the grouped SwiGLU that dispatchers call.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -21,10 +16,7 @@
 
 namespace mixdiff {
 
-enum class Dispatch { kSorted, kLoop };
-
-/// "sorted" or "loop"; anything else throws std::invalid_argument.
-Dispatch parse_dispatch(const std::string& name);
+class Dispatcher;
 
 /// Pool-level usage of a pool shared by several layers (UniPool's one-step-behind statistics):
 /// the layer-averaged expert counts of the previous micro-batch (buffers, so a resumed run has
@@ -44,9 +36,10 @@ class ExpertPool : public torch::nn::Module {
   /// Null unless the pool tracks usage.
   PoolUsage* usage() { return usage_ ? &*usage_ : nullptr; }
 
-  /// y_TD[t] = sum over assignments a with token_A[a] = t of gate_A[a] * FFN_{expert_A[a]}(x_t).
+  /// y_TD[t] = sum over assignments a with token_A[a] = t of gate_A[a] * FFN_{expert_A[a]}(x_t),
+  /// computed by `dispatcher`.
   at::Tensor forward(const at::Tensor& x_TD, const at::Tensor& token_A, const at::Tensor& expert_A,
-                     const at::Tensor& gate_A, Dispatch dispatch) const;
+                     const at::Tensor& gate_A, const Dispatcher& dispatcher) const;
 
   int64_t n_expert() const { return n_expert_; }
   int64_t d_expert() const { return d_expert_; }

@@ -7,6 +7,7 @@
 #include "core/errors.h"
 #include "core/profile.h"
 #include "moe/block_routing.h"
+#include "moe/dispatcher.h"
 
 namespace mixdiff {
 
@@ -66,16 +67,16 @@ MoeOptions MoeOptions::from(const ConfigNode& c, int64_t d_model) {
   }
   o.capacity_factor = c.get<double>("capacity_factor", 0.0);
   if (!(o.capacity_factor >= 0)) c.fail("capacity_factor", "expected >= 0 (0: dropless)");
-  o.drop_policy = c.get<std::string>("drop_policy", "probability");
-  if (o.drop_policy != "probability" && o.drop_policy != "position") {
-    c.fail("drop_policy", "expected probability or position, got '" + o.drop_policy + "'");
+  o.drop_policy = c.get_choice<DropPolicy>(
+      "drop_policy", {{"probability", DropPolicy::kProbability}, {"position", DropPolicy::kPosition}},
+      DropPolicy::kProbability);
+  const std::string dispatch = c.get<std::string>("dispatch", "sorted");
+  if (!dispatchers_registry().contains(dispatch)) {
+    std::string known;
+    for (const auto& n : dispatchers_registry().names()) known += (known.empty() ? "" : ", ") + n;
+    c.fail("dispatch", "unknown dispatcher '" + dispatch + "' (known: " + known + ")");
   }
-  const std::string disp = c.get<std::string>("dispatch", "sorted");
-  try {
-    o.dispatch = parse_dispatch(disp);
-  } catch (const std::invalid_argument& e) {
-    c.fail("dispatch", e.what());
-  }
+  o.dispatcher = dispatchers_registry().create(dispatch, c.path() + ".dispatch", c);
   o.stat_buckets = c.get<int64_t>("stat_buckets", 4);
   if (o.stat_buckets <= 0) c.fail("stat_buckets", "expected a positive integer");
   return o;
@@ -241,6 +242,7 @@ nlohmann::json RoutingStats::to_json() const {
 
 MoeLayer::MoeLayer(const MoeOptions& o, std::shared_ptr<RouterBase> router, LayerExperts experts)
     : o_(o), ex_(std::move(experts)), stats_(o.n_expert, o.stat_buckets) {
+  if (!o_.dispatcher) o_.dispatcher = make_dispatcher("sorted");
   router_ = register_module("router", std::move(router));
   owns_pool_ = !ex_.pool;
   if (owns_pool_) {
@@ -269,7 +271,8 @@ std::string MoeLayer::describe() const {
              ", ", router_->describe(),
              o_.capacity_factor > 0
                  ? str(", capacity ", format_double(o_.capacity_factor), " (drop by ",
-                       o_.drop_policy, ")")
+                       o_.drop_policy == DropPolicy::kProbability ? "probability" : "position",
+                       ")")
                  : ", dropless");
 }
 
@@ -331,7 +334,8 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
                                               : static_cast<double>(T);
     const auto cap = static_cast<int64_t>(std::ceil(
         o_.capacity_factor * real * static_cast<double>(d.top_k) / static_cast<double>(o_.n_expert)));
-    auto priority = o_.drop_policy == "probability" ? -gate.detach() : tok.to(torch::kFloat64);
+    auto priority = o_.drop_policy == DropPolicy::kProbability ? -gate.detach()
+                                                                 : tok.to(torch::kFloat64);
     auto keep = capacity_keep(ex, priority, o_.n_expert, cap);
     if (keep.defined()) {
       tok = tok.index_select(0, keep);
@@ -345,7 +349,7 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
     unique_.blocks += blocks;
   }
   const auto pool_ex = ex_.candidates_S.defined() ? ex_.candidates_S.index_select(0, ex) : ex;
-  auto y = pool_->forward(x, tok, pool_ex, gate, o_.dispatch);
+  auto y = pool_->forward(x, tok, pool_ex, gate, *o_.dispatcher);
   if (shared_) y = y + shared_->forward(x, nullptr);
   profile::Scope stats_scope("routing_stats_and_aux");
 

@@ -39,6 +39,14 @@
 
 namespace mixdiff {
 
+class Dispatcher;
+
+/// Which assignments over an expert's capacity are dropped first.
+enum class DropPolicy {
+  kProbability,  ///< the lowest gates
+  kPosition,     ///< the latest token positions
+};
+
 struct MoeOptions {
   int64_t d_model = 0;
   int64_t n_expert = 8;
@@ -46,8 +54,8 @@ struct MoeOptions {
   int64_t n_shared = 0;         ///< always-active shared experts
   int64_t d_shared = 0;         ///< their total width (default n_shared * d_expert)
   double capacity_factor = 0;   ///< 0: dropless
-  std::string drop_policy = "probability";
-  Dispatch dispatch = Dispatch::kSorted;
+  DropPolicy drop_policy = DropPolicy::kProbability;
+  std::shared_ptr<Dispatcher> dispatcher;  ///< registry `dispatchers`; null: sorted
   int64_t stat_buckets = 4;     ///< mask-ratio buckets of the telemetry
   /// Reads the keys of `model.moe` that belong to one layer (not the router).
   static MoeOptions from(const ConfigNode& moe, int64_t d_model);

@@ -53,6 +53,19 @@ TEST(UnitConfig, WrongTypeNamesFileLineAndKey) {
   EXPECT_NE(error_of([&] { c.get<int64_t>("lr"); }).find("expected an integer"), std::string::npos);
 }
 
+enum class Shade { kLight, kDark };
+
+TEST(UnitConfig, ChoicesAreReadOnceIntoEnumsAndNamedWhenWrong) {
+  auto c = ConfigNode::from_string("{a: dark, b: grey}", "r.yaml");
+  const std::vector<std::pair<std::string, Shade>> shades = {{"light", Shade::kLight},
+                                                             {"dark", Shade::kDark}};
+  EXPECT_EQ(c.get_choice<Shade>("a", shades, Shade::kLight), Shade::kDark);
+  EXPECT_EQ(c.get_choice<Shade>("absent", shades, Shade::kDark), Shade::kDark);
+  EXPECT_EQ(c.get<std::string>("absent"), "dark");  // the default is written back by name
+  EXPECT_EQ(error_of([&] { c.get_choice<Shade>("b", shades, Shade::kLight); }),
+            "r.yaml:1:14: b: expected one of light, dark, got 'grey'");
+}
+
 TEST(UnitConfig, UnknownKeyNamesLineAndKnownKeys) {
   auto c = ConfigNode::from_string(kRecipe, "r.yaml");
   c.get<std::string>("name");

@@ -23,6 +23,7 @@ TEST(UnitRegistry, EveryExtensionPointHasItsBuiltIns) {
       {"samplers", {"llada", "confidence_threshold", "block_diffusion"}},
       {"losses", {"masked_diffusion_elbo", "masked_ce", "load_balance", "z_loss", "erc",
                   "router_entropy", "pool_balance"}},
+      {"dispatchers", {"sorted", "loop"}},
       {"schedules", {"linear", "cosine"}},
       {"data_sources", {"token_shards"}},
       {"optimizers", {"adamw"}},

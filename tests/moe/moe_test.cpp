@@ -8,6 +8,7 @@
 
 #include "core/config.h"
 #include "core/errors.h"
+#include "moe/dispatcher.h"
 #include "moe/experts.h"
 #include "moe/moe_layer.h"
 #include "moe/router.h"
@@ -60,18 +61,18 @@ TEST(ComponentMoe, SortedDispatchMatchesTheLoopReference) {
         auto gate_TK = torch::rand({T, K}).requires_grad_(true);
         auto token = torch::arange(T).unsqueeze(1).expand({T, K}).reshape({-1});
         auto expert = idx.reshape({-1});
-        auto run = [&](Dispatch d) {
+        auto run = [&](const std::string& d) {
           for (auto& p : pool.parameters()) p.mutable_grad() = at::Tensor();
           x.mutable_grad() = at::Tensor();
           gate_TK.mutable_grad() = at::Tensor();
-          auto y = pool.forward(x, token, expert, gate_TK.reshape({-1}), d);
+          auto y = pool.forward(x, token, expert, gate_TK.reshape({-1}), *make_dispatcher(d));
           auto w = torch::linspace(-1, 1, T * D).view({T, D});
           (y * w).sum().backward();
           std::vector<at::Tensor> out{y.detach(), x.grad().clone(), gate_TK.grad().clone()};
           for (auto& p : pool.parameters()) out.push_back(p.grad().clone());
           return out;
         };
-        auto fast = run(Dispatch::kSorted), ref = run(Dispatch::kLoop);
+        auto fast = run("sorted"), ref = run("loop");
         ASSERT_EQ(fast.size(), ref.size());
         for (size_t i = 0; i < fast.size(); ++i) {
           EXPECT_LT(max_diff(fast[i], ref[i]), 1e-5) << "tensor " << i;
@@ -111,7 +112,7 @@ TEST(ComponentMoe, SharedExpertIsAddedToTheRoutedOutput) {
   auto y = with->forward(x, nullptr);
   RoutingDecision d = with->router().route(x.reshape({12, 16}), RoutingContext{});
   auto routed = with->pool().forward(x.reshape({12, 16}), d.token_A, d.expert_A, d.gate_A,
-                                     Dispatch::kLoop);
+                                     *make_dispatcher("loop"));
   EXPECT_LT(max_diff(y.reshape({12, 16}), routed + shared.forward(x.reshape({12, 16}))), 1e-5);
 }
 
