@@ -27,6 +27,7 @@
 #include "infer/sampler.h"
 #include "moe/experts.h"
 #include "moe/moe_layer.h"
+#include "moe/observers.h"
 #include "nn/layers.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
@@ -81,6 +82,7 @@ int cmd_bench_moe_layer(const BenchMoeArgs& a) {
     dense.forward(x).backward(dy);
   });
   std::vector<std::shared_ptr<MoeLayer>> layers;
+  std::vector<std::shared_ptr<RoutingTelemetry>> telemetry;  // as the trainer attaches it
   std::vector<at::Tensor> xs_sorted, dys_sorted;
   std::vector<std::vector<int64_t>> counts_of;
   for (int64_t E : a.experts) {
@@ -95,6 +97,7 @@ int cmd_bench_moe_layer(const BenchMoeArgs& a) {
       p.normal_(0.0, 0.02);
     }
     layer->train();
+    telemetry.push_back(observe_layers<RoutingTelemetry>(std::vector<MoeLayer*>{layer.get()})[0]);
     layers.push_back(layer);
     // The expert GEMMs alone, on the same routing (rows already grouped by expert).
     RoutingDecision d = layer->router().route(x.detach(), RoutingContext{});
@@ -109,7 +112,7 @@ int cmd_bench_moe_layer(const BenchMoeArgs& a) {
     cases.push_back([&, i] {
       zero_grads(*layers[i]);
       layers[i]->forward(x.view({1, T, D}), nullptr).backward(dy.view({1, T, D}));
-      layers[i]->take_stats();
+      telemetry[i]->take();
     });
     cases.push_back([&, i] {
       zero_grads(*layers[i]);
@@ -267,7 +270,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
     StepTimes t;
     const StepResult r = trainer.run_step(s, &t);
     if (r.nonfinite) throw InputError(str("bench train: non-finite loss at step ", s + 1));
-    for (MoeLayer* l : model.moe_layers()) l->take_stats();
+    trainer.take_moe_stats();  // as fit() does at its logging steps (outside the timed step)
     if (s >= a.warmup) {
       fwd += t.forward;
       bwd += t.backward + t.optimizer;

@@ -31,6 +31,7 @@
 #include "infer/sampler.h"
 #include "moe/block_routing.h"
 #include "moe/moe_layer.h"
+#include "moe/observers.h"
 #include "train/data_source.h"
 
 namespace mixdiff {
@@ -84,20 +85,15 @@ double bytes_per_expert(ModelBase& model) {
   return 3.0 * static_cast<double>(o.d_model * o.d_expert) * 4.0;  // fp32
 }
 
-void count_unique(ModelBase& model, bool on) {
-  for (MoeLayer* l : model.moe_layers()) l->count_unique_experts(on);
-}
-
 /// Mean over layers of the distinct experts per block, and the total (layer, block) experts.
-std::pair<double, double> take_unique(ModelBase& model) {
+std::pair<double, double> take_unique(const std::vector<std::shared_ptr<UniqueExpertCounter>>& c) {
   double mean = 0, total = 0;
-  const auto layers = model.moe_layers();
-  for (MoeLayer* l : layers) {
-    auto u = l->take_unique_experts();
+  for (const auto& counter : c) {
+    auto u = counter->take();
     if (u.blocks > 0) mean += u.sum / static_cast<double>(u.blocks);
     total += u.sum;
   }
-  return {layers.empty() ? 0.0 : mean / static_cast<double>(layers.size()), total};
+  return {c.empty() ? 0.0 : mean / static_cast<double>(c.size()), total};
 }
 
 /// Exact-match infill accuracy; returns (accuracy, decoded tokens).
@@ -144,11 +140,13 @@ Measured measure(ModelBase& model, const BlockRoutingConfig& cfg, const at::Tens
   cfg.policy->reset();
   model.set_block_routing(cfg.policy, cfg.block_size);
   m.nelbo = validation_nelbo(model, val, s.eval_batch_size, s.eval_seed).nelbo;
-  count_unique(model, true);
+  const auto moe_layers = model.moe_layers();
+  const auto counters = observe_layers<UniqueExpertCounter>(moe_layers);
   cfg.policy->reset();
   auto [acc, decoded] = infill(model, windows, s.span, s.seed);
   m.infill = acc;
-  auto [mean_unique, total] = take_unique(model);
+  auto [mean_unique, total] = take_unique(counters);
+  unobserve_layers(moe_layers, counters);
   m.unique = mean_unique;
   m.bytes_per_token = total * bytes_per_expert(model) / static_cast<double>(decoded);
   cfg.policy->reset();
@@ -163,7 +161,6 @@ Measured measure(ModelBase& model, const BlockRoutingConfig& cfg, const at::Tens
   m.latency_per_block_ms = 1e3 * (r.decode_seconds > 0 ? r.decode_seconds : secs) /
                            static_cast<double>(blocks);
   m.caches = compare_caches(model, g, decode_prompts, cfg.policy.get());
-  count_unique(model, false);
   model.set_block_routing(nullptr, 0);
   return m;
 }

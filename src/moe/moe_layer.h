@@ -1,7 +1,8 @@
 // The MoE feed-forward layer (algorithms.md sections 0, 6, 11.2 and 12): a router from the
 // `routers` registry, an ExpertPool of fine-grained SwiGLU experts, optional always-active shared
 // experts (DeepSeekMoE), an optional capacity bound with a drop policy, the routing losses the
-// recipe asks for, and the layer's routing telemetry.
+// recipe asks for; observers (src/moe/observers.h: telemetry, unique-expert counts) see each
+// forward's routing.
 //
 //   y = sum_a gate_a FFN_{e_a}(x_{t_a})  +  SharedFFN(x)
 //
@@ -134,33 +135,7 @@ struct WeightedRoutingLoss {
   std::shared_ptr<RoutingLoss> term;
 };
 
-/// Routing telemetry of one layer over a logging interval (training forwards only).
-class RoutingStats {
- public:
-  RoutingStats(int64_t n_expert, int64_t buckets);
-  /// `kept_expert_A`/`kept_token_A`/`kept_gate_A`: assignments after capacity; `routed` before
-  /// it.
-  void add(const RoutingDecision& d, const at::Tensor& kept_token_A,
-           const at::Tensor& kept_expert_A, const at::Tensor& kept_gate_A, int64_t routed,
-           const RoutingContext& ctx);
-  bool empty() const { return tokens_ == 0; }
-  /// Sums the accumulated statistics over data-parallel ranks (before to_json).
-  void reduce(const StatReducer& r);
-  /// tokens_per_expert, max_mean, cv, dead, entropy, dropped, experts_per_token,
-  /// experts_per_token_hist, unrouted, zero_gate (tokens whose experts all got gate 0, e.g.
-  /// NormRouter rows with no positive score: the layer adds nothing for them), by_mask_ratio.
-  nlohmann::json to_json() const;
-  void reset();
-
- private:
-  int64_t n_expert_, buckets_;
-  at::Tensor counts_E_;         ///< fp64
-  at::Tensor bucket_counts_NE_; ///< fp64 [buckets, E]
-  at::Tensor bucket_tokens_N_;  ///< fp64 [buckets]
-  at::Tensor per_token_hist_;   ///< fp64 [9]: real tokens with 0, 1, ..., 7, >= 8 experts
-  double tokens_ = 0, entropy_sum_ = 0, routed_ = 0, kept_ = 0;
-  double zero_gate_ = 0;  ///< real tokens with experts whose gates are all 0
-};
+class RoutingObserver;
 
 class MoeLayer : public FeedForward {
  public:
@@ -177,10 +152,12 @@ class MoeLayer : public FeedForward {
   std::vector<double> take_aux_values();
   /// After the optimizer step: balancer update, global buffer reset.
   void step_end(const StatReducer& reduce);
-  /// Telemetry since the last call, summed over ranks by `reduce` when given (null when nothing
-  /// was routed), then reset. Adds `global_lbl`: the exact global-batch load-balancing loss of the
-  /// last optimizer step (GlobalLoad::value()).
-  nlohmann::json take_stats(const StatReducer& reduce = {});
+  /// The exact global-batch load-balancing loss of the last optimizer step (GlobalLoad::value()).
+  double last_global_lbl() const { return last_global_lbl_; }
+  /// Observers see every forward's routing after capacity (src/moe/observers.h): telemetry,
+  /// unique-expert counts, parity probes.
+  void add_observer(std::shared_ptr<RoutingObserver> o);
+  void remove_observer(const RoutingObserver* o);
   void set_reducer(StatReducer r) {
     router_->set_reducer(r);
     reduce_ = std::move(r);
@@ -198,24 +175,6 @@ class MoeLayer : public FeedForward {
   bool owns_pool() const { return owns_pool_; }
   /// Block routing (src/moe/block_routing.h); null: token-level.
   void set_block_routing(std::shared_ptr<BlockRoutingPolicy> p) { block_policy_ = std::move(p); }
-  /// Distinct experts used by each routing block of each forward (algorithms.md 10.0).
-  struct UniqueExperts {
-    double sum = 0;      ///< sum over (forward, block) of the block's distinct experts
-    int64_t blocks = 0;  ///< (forward, block) pairs
-  };
-  /// Keep a copy of the latest forward's routing decision (parity checks).
-  void keep_last_routing(bool on) { keep_last_ = on; }
-  const RoutingDecision& last_routing() const { return last_; }
-  void count_unique_experts(bool on) {
-    count_unique_ = on;
-    unique_ = {};
-  }
-  UniqueExperts take_unique_experts() {
-    auto u = unique_;
-    unique_ = {};
-    return u;
-  }
-
   RouterBase& router() { return *router_; }
   const RouterBase& router() const { return *router_; }
   ExpertPool& pool() { return *pool_; }
@@ -241,23 +200,12 @@ class MoeLayer : public FeedForward {
   double aux_scale_ = 1.0;
   GlobalLoad global_;
   double last_global_lbl_ = 0;
-  RoutingStats stats_;
   StatReducer reduce_;
   int64_t block_ = -1;
   int64_t iteration_ = -1;
   std::shared_ptr<BlockRoutingPolicy> block_policy_;
-  bool count_unique_ = false;
-  UniqueExperts unique_;
-  bool keep_last_ = false;
-  RoutingDecision last_;
+  std::vector<std::shared_ptr<RoutingObserver>> observers_;
 };
-
-/// Distinct experts of every routing block: the sum over blocks of |experts used by the block's
-/// assignments| and the number of blocks (real tokens only).
-std::pair<double, int64_t> unique_experts_per_block(const at::Tensor& block_T,
-                                                    const at::Tensor& token_A,
-                                                    const at::Tensor& expert_A, int64_t n_expert,
-                                                    const at::Tensor& valid_T);
 
 /// Returns act unchanged; backward gives `aux` the gradient `scale` (Megatron's
 /// MoEAuxLossAutoScaler).

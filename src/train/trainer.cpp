@@ -19,6 +19,7 @@
 #include "core/fault.h"
 #include "core/profile.h"
 #include "moe/moe_layer.h"
+#include "moe/observers.h"
 #include "report/report.h"
 #include "train/checkpoint.h"
 #include "core/safetensors.h"
@@ -274,7 +275,11 @@ Trainer::Trainer(TrainerParts parts, std::string run_dir, std::string recipe_yam
     : parts_(std::move(parts)),
       dp_(parts_.dp),
       run_dir_(std::move(run_dir)),
-      recipe_yaml_(std::move(recipe_yaml)) {}
+      recipe_yaml_(std::move(recipe_yaml)) {
+  telemetry_ = observe_layers<RoutingTelemetry>(parts_.model->moe_layers());
+}
+
+Trainer::~Trainer() { unobserve_layers(parts_.model->moe_layers(), telemetry_); }
 
 void Trainer::log(const std::string& line) {
   if (!is_main()) return;
@@ -518,8 +523,10 @@ bool Trainer::is_main() const { return !dp_ || dp_->is_main(); }
 
 nlohmann::json Trainer::take_moe_stats() {
   nlohmann::json layers = nlohmann::json::array();
-  for (MoeLayer* l : parts_.model->moe_layers()) {
-    nlohmann::json j = l->take_stats(reducer());
+  const auto moe_layers = parts_.model->moe_layers();
+  for (size_t i = 0; i < moe_layers.size(); ++i) {
+    MoeLayer* l = moe_layers[i];
+    nlohmann::json j = telemetry_[i]->take(reducer());
     if (j.is_null()) continue;
     j["layer"] = l->block_index();
     layers.push_back(std::move(j));

@@ -146,12 +146,17 @@ struct TrainerState {
 };
 
 
+class RoutingTelemetry;
+
 class Trainer {
  public:
   /// `run_dir` exists and holds recipe.yaml; `recipe_yaml` is the resolved recipe. An empty
   /// `run_dir` makes a trainer that only steps (run_step): logs go to stdout alone and it
   /// cannot checkpoint.
   Trainer(TrainerParts parts, std::string run_dir, std::string recipe_yaml);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
   /// Restores model, optimizer and state from a verified checkpoint folder.
   void restore(const std::string& ckpt_dir);
   /// Fresh run with `init:`: copies every tensor of the init checkpoint by name and shape.
@@ -170,10 +175,10 @@ class Trainer {
   /// step), reading the data stream at the state's cursor; fit() runs it, and so does
   /// `mixdiff bench train`, which asks for `times`.
   StepResult run_step(int64_t step, StepTimes* times = nullptr);
+  /// Per-layer routing telemetry since the last call (null for dense models), summed over ranks.
+  nlohmann::json take_moe_stats();
 
  private:
-  /// Per-layer routing telemetry since the last call (null for dense models).
-  nlohmann::json take_moe_stats();
   void evaluate(nlohmann::json* metrics);
   /// run.json: sizes and accounting, with MoE layers counted at `measured` experts per token
   /// (empty: the planned counts).
@@ -193,6 +198,7 @@ class Trainer {
   std::string recipe_yaml_;
   TrainerState state_;
   at::Tensor val_seqs_;
+  std::vector<std::shared_ptr<RoutingTelemetry>> telemetry_;  ///< one per MoE layer
 };
 
 }  // namespace mixdiff

@@ -17,6 +17,7 @@
 #include "model/model.h"
 #include "moe/block_routing.h"
 #include "moe/moe_layer.h"
+#include "moe/observers.h"
 #include "support/support.h"
 #include "train/checkpoint.h"
 
@@ -126,10 +127,10 @@ TEST(UnitBlock, PoliciesWhoseCoresetHoldsEveryExpertEqualTokenLevelRouting) {
   // A tight coreset changes routing: at most `budget` experts per block.
   auto tight = BlockRoutingConfig::from(ConfigNode::from_string("{kind: des_vote, budget: 2}", "p"));
   m->set_block_routing(tight.policy, 4);
-  for (MoeLayer* l : m->moe_layers()) l->count_unique_experts(true);
+  const auto counters = observe_layers<UniqueExpertCounter>(m->moe_layers());
   m->forward(ModelInput(x));
-  for (MoeLayer* l : m->moe_layers()) {
-    auto u = l->take_unique_experts();
+  for (const auto& c : counters) {
+    auto u = c->take();
     EXPECT_EQ(u.blocks, 8);                 // 2 rows x 4 blocks
     EXPECT_LE(u.sum / u.blocks, 2.0 + 1e-9);
   }
@@ -363,16 +364,16 @@ TEST(ComponentDecode, IntervalRefreshKeepsABlocksExpertsForTauSteps) {
 // Runs a model and records each forward's input tokens and logits.
 class SpyModel : public ModelBase {
  public:
-  explicit SpyModel(std::shared_ptr<ModelBase> inner) : inner_(register_module("inner", inner)) {}
+  explicit SpyModel(std::shared_ptr<ModelBase> inner)
+      : inner_(register_module("inner", inner)),
+        last(observe_layers<LastRouting>(inner_->moe_layers())) {}
   ModelOutput forward(const ModelInput& in) override {
     auto out = inner_->forward(in);
     inputs.push_back(in.tokens_BL.clone());
     index.push_back(in.logits_index_M.defined() ? in.logits_index_M.clone() : at::Tensor());
     logits.push_back(out.logits.clone());
     std::vector<std::pair<at::Tensor, at::Tensor>> r;
-    for (MoeLayer* l : inner_->moe_layers()) {
-      r.emplace_back(l->last_routing().token_A.clone(), l->last_routing().expert_A.clone());
-    }
+    for (const auto& l : last) r.emplace_back(l->get().token_A.clone(), l->get().expert_A.clone());
     routing.push_back(r);
     return out;
   }
@@ -385,6 +386,7 @@ class SpyModel : public ModelBase {
 
  private:
   std::shared_ptr<ModelBase> inner_;
+  std::vector<std::shared_ptr<LastRouting>> last;  // after inner_: built from it
 };
 
 /// Sorted experts of each token: [T] lists.
@@ -400,7 +402,7 @@ std::vector<std::vector<int64_t>> experts_by_token(const std::pair<at::Tensor, a
 
 TEST(ComponentDecode, DmoeRoutesTheSamplersBlocksAsTrainingDoes) {
   auto inner = model_of(kMoeBlockRouted);
-  for (MoeLayer* l : inner->moe_layers()) l->keep_last_routing(true);
+  const auto last = observe_layers<LastRouting>(inner->moe_layers());
   // (a) Decoding blocks start at the prompt's end, and so do routing blocks: with a prompt of 5
   // tokens and blocks of 8, the tokens of each decoding block share one routing block.
   auto rec = recording("{kind: dmoe, p: 0.3, guard: 2}");
@@ -434,7 +436,7 @@ TEST(ComponentDecode, DmoeRoutesTheSamplersBlocksAsTrainingDoes) {
     const auto layers = inner->moe_layers();
     for (size_t l = 0; l < layers.size(); ++l) {
       auto trained = experts_by_token(
-          {layers[l]->last_routing().token_A, layers[l]->last_routing().expert_A}, T);
+          {last[l]->get().token_A, last[l]->get().expert_A}, T);
       EXPECT_EQ(trained, experts_by_token(spy->routing[f][l], T)) << "layer " << l;
     }
   }

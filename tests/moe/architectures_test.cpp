@@ -16,6 +16,7 @@
 #include "core/safetensors.h"
 #include "model/model.h"
 #include "moe/moe_layer.h"
+#include "moe/observers.h"
 #include "support/support.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
@@ -212,6 +213,7 @@ TEST(ComponentArch, RexmoeProgressiveRoutingWidensTheCandidatePool) {
                                  "router: {kind: token_choice, top_k: 2}}");
   rex->train();
   auto* l = rex->moe_layers()[1];  // block 1 owns pool experts 4..7
+  auto tel = observe_layers<RoutingTelemetry>(std::vector<MoeLayer*>{l})[0];
   auto seen = [&](int64_t step) {
     RoutingContext ctx;
     ctx.step = step;
@@ -220,7 +222,7 @@ TEST(ComponentArch, RexmoeProgressiveRoutingWidensTheCandidatePool) {
       auto y = l->forward(torch::randn({4, 8, 16}), &ctx);
       (void)y;
     }
-    auto j = l->take_stats();
+    auto j = tel->take();
     auto counts = j["tokens_per_expert"].get<std::vector<double>>();
     for (size_t e = 0; e < counts.size(); ++e) {
       if (counts[e] > 0) experts.insert(static_cast<int64_t>(e));

@@ -11,6 +11,7 @@
 #include "moe/dispatcher.h"
 #include "moe/experts.h"
 #include "moe/moe_layer.h"
+#include "moe/observers.h"
 #include "moe/router.h"
 #include "nn/layers.h"
 
@@ -533,6 +534,29 @@ TEST(ComponentMoe, AuxLossReachesTheRouterWithoutChangingTheForward) {
   EXPECT_GT(v[0], 0.9);
 }
 
+// Observers see each forward's kept assignments; telemetry counts training forwards only; a removed
+// observer sees nothing more.
+TEST(ComponentMoe, ObserversSeeEachForwardUntilRemoved) {
+  torch::manual_seed(16);
+  auto layer = make_layer("{n_expert: 4, d_expert: 8}", "{kind: token_choice, top_k: 2}", 16);
+  const std::vector<MoeLayer*> layers = {layer.get()};
+  auto last = observe_layers<LastRouting>(layers);
+  auto tel = observe_layers<RoutingTelemetry>(layers);
+  layer->eval();
+  layer->forward(torch::randn({1, 3, 16}), nullptr);
+  EXPECT_EQ(last[0]->get().expert_A.numel(), 6);  // 3 tokens x top-2
+  EXPECT_TRUE(tel[0]->take().is_null());          // not a training forward
+  layer->train();
+  layer->forward(torch::randn({1, 5, 16}), nullptr);
+  EXPECT_EQ(last[0]->get().expert_A.numel(), 10);
+  EXPECT_EQ(tel[0]->take()["tokens"].get<double>(), 5.0);
+  unobserve_layers(layers, last);
+  unobserve_layers(layers, tel);
+  layer->forward(torch::randn({1, 2, 16}), nullptr);
+  EXPECT_EQ(last[0]->get().expert_A.numel(), 10);
+  EXPECT_TRUE(tel[0]->take().is_null());
+}
+
 TEST(ComponentMoe, TelemetryCountsRealTokensByMaskRatio) {
   torch::manual_seed(15);
   auto layer = make_layer("{n_expert: 4, d_expert: 8}", "{kind: token_choice, top_k: 2}", 16);
@@ -542,8 +566,9 @@ TEST(ComponentMoe, TelemetryCountsRealTokensByMaskRatio) {
   ctx.seq_T = torch::tensor({0, 0, 0, 0, 1, 1, 1, 1}, torch::kLong);
   ctx.mask_ratio_B = torch::tensor({0.1f, 0.9f});
   ctx.valid_T = torch::tensor({1, 1, 1, 1, 1, 1, 0, 0}, torch::kBool);
+  auto tel = observe_layers<RoutingTelemetry>(std::vector<MoeLayer*>{layer.get()})[0];
   layer->forward(torch::randn({2, 4, 16}), &ctx);
-  auto j = layer->take_stats();
+  auto j = tel->take();
   ASSERT_FALSE(j.is_null());
   EXPECT_EQ(j["tokens"].get<double>(), 6.0);
   double total = 0;
@@ -555,7 +580,7 @@ TEST(ComponentMoe, TelemetryCountsRealTokensByMaskRatio) {
   EXPECT_EQ(j["dropped"].get<double>(), 0.0);
   EXPECT_NEAR(j["experts_per_token"].get<double>(), 2.0, 1e-9);
   EXPECT_EQ(j["zero_gate"].get<double>(), 0.0);  // softmax gates are never 0
-  EXPECT_TRUE(layer->take_stats().is_null());  // reset after reading
+  EXPECT_TRUE(tel->take().is_null());  // reset after reading
 }
 
 TEST(UnitMoe, TelemetryValuesMatchHandMadeRoutings) {
@@ -621,8 +646,9 @@ TEST(ComponentMoe, TelemetryCountsTokensWhoseGatesAreAllZero) {
   }
   auto x = torch::stack({v, -v, 2 * v, -3 * v}).view({1, 4, 16});
   RoutingContext ctx;
+  auto tel = observe_layers<RoutingTelemetry>(std::vector<MoeLayer*>{layer.get()})[0];
   layer->forward(x, &ctx);
-  auto j = layer->take_stats();
+  auto j = tel->take();
   ASSERT_FALSE(j.is_null());
   EXPECT_NEAR(j["zero_gate"].get<double>(), 0.5, 1e-9);
   EXPECT_NEAR(j["experts_per_token"].get<double>(), 2.0, 1e-9);

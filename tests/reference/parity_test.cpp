@@ -11,6 +11,7 @@
 
 #include "core/safetensors.h"
 #include "moe/moe_layer.h"
+#include "moe/observers.h"
 #include "support/support.h"
 #include "infer/sampler.h"
 #include "train/checkpoint.h"
@@ -61,10 +62,8 @@ void check_parity(const std::string& name, const std::vector<std::string>& model
                    {});
 
   // MixDiff's step, as the trainer takes it.
-  for (MoeLayer* l : model.moe_layers()) {
-    l->keep_last_routing(true);
-    l->set_aux_scale(1.0);
-  }
+  for (MoeLayer* l : model.moe_layers()) l->set_aux_scale(1.0);
+  const auto last = observe_layers<LastRouting>(model.moe_layers());
   model.train();
   ModelOutput out = model.forward(ModelInput(b.xt_BL, b.index_M));
   at::Tensor elbo;
@@ -88,7 +87,7 @@ void check_parity(const std::string& name, const std::vector<std::string>& model
   const auto layers = model.moe_layers();
   for (size_t i = 0; i < layers.size(); ++i) {
     SCOPED_TRACE(testing::Message() << "MoE layer " << i);
-    const auto& dl = layers[i]->last_routing();
+    const auto& dl = last[i]->get();
     auto ex = ref.at(str("route.", i, ".experts"));
     const int64_t T = ex.size(0), K = ex.size(1);
     ASSERT_EQ(dl.expert_A.numel(), T * K);
