@@ -74,10 +74,10 @@ class Erc : public RoutingLoss {
   int64_t seed_ = 0;
 };
 
-MIXDIFF_REGISTER(losses_registry(), "erc",
+MIXDIFF_REGISTER(routing_losses_registry(), "erc",
                  "expert-router coupling loss (ByteDance Seed 2025): hinge on the proxy-token "
                  "activation matrix; keys: alpha (1.0), seed",
-                 [](const ConfigNode& c) -> std::shared_ptr<LossTerm> {
+                 [](const ConfigNode& c) -> std::shared_ptr<RoutingLoss> {
                    return std::make_shared<Erc>(c);
                  });
 

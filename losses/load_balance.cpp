@@ -62,10 +62,10 @@ class LoadBalance : public RoutingLoss {
   std::string scope_;
 };
 
-MIXDIFF_REGISTER(losses_registry(), "load_balance",
+MIXDIFF_REGISTER(routing_losses_registry(), "load_balance",
                  "MoE load-balancing loss N * sum f_i P_i; scope: micro|sequence|global "
                  "(global: counts over the whole step's micro-batches and ranks)",
-                 [](const ConfigNode& c) -> std::shared_ptr<LossTerm> {
+                 [](const ConfigNode& c) -> std::shared_ptr<RoutingLoss> {
                    return std::make_shared<LoadBalance>(c);
                  });
 

@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include "diffusion/diffusion.h"
+#include "loss/loss.h"
 
 namespace mixdiff {
 namespace {

@@ -67,10 +67,10 @@ class PoolBalance : public RoutingLoss {
   }
 };
 
-MIXDIFF_REGISTER(losses_registry(), "pool_balance",
+MIXDIFF_REGISTER(routing_losses_registry(), "pool_balance",
                  "UniPool pool-level LBL on the previous micro-batch's layer-averaged pool usage "
                  "(shared pools only)",
-                 [](const ConfigNode&) -> std::shared_ptr<LossTerm> {
+                 [](const ConfigNode&) -> std::shared_ptr<RoutingLoss> {
                    return std::make_shared<PoolBalance>();
                  });
 

@@ -66,10 +66,10 @@ class PoolCardinality : public RoutingLoss {
   int64_t target_, warmup_;
 };
 
-MIXDIFF_REGISTER(losses_registry(), "pool_cardinality",
+MIXDIFF_REGISTER(routing_losses_registry(), "pool_cardinality",
                  "UniPool-lock's target-cardinality entropy loss on each layer's population-level "
                  "routing distribution (target_experts, warmup_steps)",
-                 [](const ConfigNode& c) -> std::shared_ptr<LossTerm> {
+                 [](const ConfigNode& c) -> std::shared_ptr<RoutingLoss> {
                    return std::make_shared<PoolCardinality>(c);
                  });
 

@@ -16,9 +16,9 @@ class RouterEntropy : public RoutingLoss {
   }
 };
 
-MIXDIFF_REGISTER(losses_registry(), "router_entropy",
+MIXDIFF_REGISTER(routing_losses_registry(), "router_entropy",
                  "mean entropy of the routing distribution (top-p routing's dynamic loss)",
-                 [](const ConfigNode&) -> std::shared_ptr<LossTerm> {
+                 [](const ConfigNode&) -> std::shared_ptr<RoutingLoss> {
                    return std::make_shared<RouterEntropy>();
                  });
 

@@ -13,11 +13,19 @@ class ZLoss : public RoutingLoss {
   at::Tensor layer_loss(const RoutingRecord& r) override {
     return real_token_mean(r.decision.logits_TS.logsumexp(-1).pow(2), r.ctx);
   }
+  // NormRouter's scores are L2-normalised logits, so the z-loss cannot shrink them; all it does
+  // is push every logit below zero, where the ReLU kills every score and the gradient: the router
+  // collapses onto experts 0..K-1 for good (seen in a UniPool sweep).
+  std::string refuses(const RouterBase& router) const override {
+    if (!router.scores_from_normalised_logits()) return "";
+    return "z_loss with a router whose scores are normalised logits (norm_router) drives every "
+           "logit negative and kills the ReLU scores; leave it out (UniPool uses pool_balance)";
+  }
 };
 
-MIXDIFF_REGISTER(losses_registry(), "z_loss",
+MIXDIFF_REGISTER(routing_losses_registry(), "z_loss",
                  "router z-loss (ST-MoE): mean logsumexp(logits)^2 over real tokens",
-                 [](const ConfigNode&) -> std::shared_ptr<LossTerm> {
+                 [](const ConfigNode&) -> std::shared_ptr<RoutingLoss> {
                    return std::make_shared<ZLoss>();
                  });
 

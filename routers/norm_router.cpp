@@ -120,6 +120,7 @@ class NormRouter : public RouterBase {
     if (balancer_) balancer_->set_gatherer(gather);
   }
   int64_t top_k() const override { return top_k_; }
+  bool scores_from_normalised_logits() const override { return true; }
   std::string describe() const override {
     return str("norm_router top-", top_k_, " (c0 ", format_double(c0_), ")",
                balancer_ ? ", " + balancer_->describe() : "");

@@ -22,6 +22,8 @@
 #include "infer/sampler.h"
 #include "moe/capacity.h"
 #include "moe/dispatcher.h"
+#include "moe/routing_loss.h"
+#include "loss/loss.h"
 #include "moe/router.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
@@ -269,7 +271,8 @@ std::vector<RegistryListing> list_registries() {
           balancers_registry().listing(),   capacity_schedules_registry().listing(),
           block_routing_registry().listing(), dispatchers_registry().listing(),
           samplers_registry().listing(),
-          losses_registry().listing(),      schedules_registry().listing(),
+          losses_registry().listing(),      routing_losses_registry().listing(),
+          schedules_registry().listing(),
           data_sources_registry().listing(), optimizers_registry().listing(),
           lr_schedules_registry().listing(), corpora_registry().listing(),
           tokenizer_builders().listing()};

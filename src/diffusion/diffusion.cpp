@@ -14,10 +14,6 @@ ScheduleRegistry& schedules_registry() {
   return r;
 }
 
-LossRegistry& losses_registry() {
-  static LossRegistry r("losses", "training loss terms (losses[].kind)");
-  return r;
-}
 
 at::Tensor sample_t(int64_t B, const NoiseSchedule& s, at::Generator& gen) {
   at::Tensor u;

@@ -82,20 +82,6 @@ DiffusionBatch training_noise(const at::Tensor& x0_BL, const NoiseSchedule& sche
                               int64_t mask_id, at::Generator& gen, int64_t world = 1,
                               int64_t rank = 0, int64_t block = 0);
 
-/// A term of the training objective, computed from the logits at masked positions.
-class LossTerm {
- public:
-  virtual ~LossTerm() = default;
-  /// Scalar loss. `out.logits` is [M, V] for the batch's masked positions.
-  virtual at::Tensor compute(const ModelOutput& out, const DiffusionBatch& batch) = 0;
-  /// Routing terms (load balancing, z-loss, ...) are computed inside the MoE layers and attached
-  /// to their outputs (moe/moe_layer.h); the trainer hands them to the layers instead.
-  virtual bool is_routing() const { return false; }
-};
-
-using LossRegistry = Registry<std::shared_ptr<LossTerm>, const ConfigNode&>;
-LossRegistry& losses_registry();
-
 /// Result of the validation NELBO.
 struct NelboResult {
   double nelbo = 0;            ///< nats per token (upper bound on -log p(x) / L)

@@ -72,11 +72,6 @@ MoeOptions MoeOptions::from(const ConfigNode& c, int64_t d_model) {
   return o;
 }
 
-at::Tensor real_token_mean(const at::Tensor& v_T, const RoutingContext& ctx) {
-  auto w = valid_weights(ctx.valid_T, v_T.size(0), v_T.device());
-  return (v_T * w).sum() / w.sum().clamp_min(1.0);
-}
-
 // ---------------------------------------------------------------------------------------------
 
 at::Tensor VisibilitySchedule::at(int64_t step, bool training) const {
@@ -95,23 +90,6 @@ at::Tensor VisibilitySchedule::at(int64_t step, bool training) const {
     }
   }
   return v;
-}
-
-void GlobalLoad::reset() {
-  counts_S = at::Tensor();
-  last_counts_S = at::Tensor();
-  prob_sum_S = at::Tensor();
-  last_tokens = 0;
-  tokens = 0;
-  micro = 0;
-}
-
-double GlobalLoad::value() const {
-  if (!counts_S.defined() || tokens <= 0) return 0.0;
-  const double total = counts_S.sum().item<double>();
-  if (total <= 0) return 0.0;
-  const auto S = static_cast<double>(counts_S.size(0));
-  return S * ((counts_S / total) * (prob_sum_S / tokens)).sum().item<double>();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 //
 //   y = sum_a gate_a FFN_{e_a}(x_{t_a})  +  SharedFFN(x)
 //
-// Routing losses (registry `losses`, subclasses of RoutingLoss) are computed here, per layer and
+// Routing losses (registry `routing_losses`, moe/routing_loss.h) are computed here, per layer and
 // per training forward, from a RoutingRecord, and reach the router through AuxLossScaler: an
 // autograd function whose forward returns the layer output unchanged and whose backward hands
 // `scale` (the main loss's backward scale, 1 / grad_accum) to the summed, weighted aux loss
@@ -32,10 +32,10 @@
 #include <nlohmann/json.hpp>
 
 #include "core/config.h"
-#include "diffusion/diffusion.h"
 #include "moe/context.h"
 #include "moe/experts.h"
 #include "moe/router.h"
+#include "moe/routing_loss.h"
 #include "nn/layers.h"
 
 namespace mixdiff {
@@ -90,51 +90,7 @@ struct LayerExperts {
   int64_t pool_users = 1;            ///< routed layers drawing on `pool` (pool-level losses)
 };
 
-/// Per-step buffer of global-batch routing statistics (one per layer).
-struct GlobalLoad {
-  at::Tensor counts_S;    ///< unbiased top-K counts, summed over micro-batches (and ranks)
-  at::Tensor prob_sum_S;  ///< sum of probs over real tokens, no grad (for the exact value)
-  at::Tensor last_counts_S;  ///< the latest forward's counts alone (summed over ranks)
-  double last_tokens = 0;    ///< the latest forward's real tokens (summed over ranks)
-  double tokens = 0;      ///< real tokens (summed like the counts)
-  int64_t micro = 0;      ///< forwards added this step
-  void reset();
-  /// N_S * sum_i f_i P_i with f = counts / sum(counts) and P = prob_sum / tokens: the
-  /// global-batch LBL of everything added this step (1 at perfect balance).
-  double value() const;
-};
-
-/// What a routing loss sees of one layer's forward.
-struct RoutingRecord {
-  const RoutingDecision& decision;
-  const RoutingContext& ctx;
-  ExpertPool& pool;
-  const GlobalLoad& global;
-  at::Tensor candidates_S;  ///< pool expert of each slot (undefined: identity)
-  int64_t pool_users = 1;   ///< routed layers sharing `pool`
-  const StatReducer* reduce = nullptr;  ///< sum over data-parallel ranks (null: one process)
-};
-
-/// Mean of a per-token quantity over the real tokens of `ctx` (padding excluded).
-at::Tensor real_token_mean(const at::Tensor& v_T, const RoutingContext& ctx);
-
-/// A loss on routing decisions, computed in each MoE layer (see the header comment).
-class RoutingLoss : public LossTerm {
- public:
-  /// Unweighted loss of one layer, differentiable in the router (and the experts for ERC).
-  virtual at::Tensor layer_loss(const RoutingRecord& r) = 0;
-  /// Routing terms have no value of their own at the model's output: the layers attach them.
-  /// Returns an undefined tensor; the trainer reads MoeLayer::take_aux_values() instead.
-  at::Tensor compute(const ModelOutput&, const DiffusionBatch&) override { return {}; }
-  bool is_routing() const override { return true; }
-};
-
-struct WeightedRoutingLoss {
-  std::string name;
-  double weight = 1.0;
-  std::shared_ptr<RoutingLoss> term;
-};
-
+class BlockRoutingPolicy;
 class RoutingObserver;
 
 class MoeLayer : public FeedForward {

@@ -96,6 +96,9 @@ class RouterBase : public torch::nn::Module {
   /// K for top-K routers, the capacity schedule's mean k for expert choice; NaN where only a
   /// run can tell (top-p, null experts): a run's measured value is used instead.
   virtual double planned_experts_per_token() const { return static_cast<double>(top_k()); }
+  /// Whether the gate scores are ReLU of L2-normalised logits (NormRouter): the logits' scale
+  /// is not theirs to shrink, so losses on it (z-loss) only push them below zero.
+  virtual bool scores_from_normalised_logits() const { return false; }
   /// One line: kind and options.
   virtual std::string describe() const = 0;
 };

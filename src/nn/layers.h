@@ -12,7 +12,7 @@
 #include <memory>
 #include <vector>
 
-#include "moe/context.h"
+#include "nn/routing_context.h"
 
 namespace mixdiff {
 

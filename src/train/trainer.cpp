@@ -200,34 +200,38 @@ TrainerParts build_trainer_parts(const ConfigNode& recipe, std::unique_ptr<DataS
   if (!losses.is_sequence() || losses.size() == 0) {
     recipe.fail("losses", "expected a non-empty list of {kind: ..., weight: ...}");
   }
+  // A `losses` entry names a diffusion loss (registry `losses`) or a routing loss (registry
+  // `routing_losses`); routing losses go to every MoE layer, which computes and attaches them in
+  // its forward, after each checks that it can train the layer's router.
+  std::vector<WeightedRoutingLoss> routing;
   for (size_t i = 0; i < losses.size(); ++i) {
     ConfigNode l = losses[i];
     WeightedLoss w;
     w.name = l.get<std::string>("kind");
     w.weight = l.get<double>("weight", 1.0);
-    w.term = losses_registry().create(w.name, l.path() + ".kind", l);
-    w.routing = w.term->is_routing();
-    p.losses.push_back(std::move(w));
-  }
-  // Routing losses go to every MoE layer, which computes and attaches them in its forward.
-  std::vector<WeightedRoutingLoss> routing;
-  for (size_t i = 0; i < p.losses.size(); ++i) {
-    const auto& w = p.losses[i];
-    if (!w.routing) continue;
+    w.routing = routing_losses_registry().contains(w.name);
+    if (!w.routing) {
+      if (!losses_registry().contains(w.name)) {
+        std::string known;
+        for (const auto& n : losses_registry().names()) known += (known.empty() ? "" : ", ") + n;
+        for (const auto& n : routing_losses_registry().names()) known += ", " + n;
+        l.fail("kind", str("unknown loss '", w.name, "' (known: ", known, ")"));
+      }
+      w.term = losses_registry().create(w.name, l.path() + ".kind", l);
+      p.losses.push_back(std::move(w));
+      continue;
+    }
+    auto term = routing_losses_registry().create(w.name, l.path() + ".kind", l);
     if (p.model->moe_layers().empty()) {
-      losses[i].fail("kind", str("'", w.name, "' is a routing loss, but the model (",
-                                 model_cfg.get<std::string>("kind"), ") has no MoE layers"));
+      l.fail("kind", str("'", w.name, "' is a routing loss, but the model (",
+                         model_cfg.get<std::string>("kind"), ") has no MoE layers"));
     }
-    // NormRouter's scores are L2-normalised logits, so the z-loss cannot shrink them; all it
-    // does is push every logit below zero, where the ReLU kills every score and the gradient:
-    // the router collapses onto experts 0..K-1 for good (seen in a UniPool sweep).
-    if (w.name == "z_loss" && model_cfg.has("moe") && model_cfg.at("moe").has("router") &&
-        model_cfg.at("moe").at("router").get<std::string>("kind", "") == "norm_router") {
-      losses[i].fail("kind", "z_loss with model.moe.router.kind norm_router drives every logit "
-                             "negative and kills the ReLU scores; leave it out (UniPool uses "
-                             "pool_balance)");
+    for (MoeLayer* layer : p.model->moe_layers()) {
+      const std::string why = term->refuses(layer->router());
+      if (!why.empty()) l.fail("kind", why);
     }
-    routing.push_back({w.name, w.weight, std::dynamic_pointer_cast<RoutingLoss>(w.term)});
+    routing.push_back({w.name, w.weight, term});
+    p.losses.push_back(std::move(w));
   }
   if (std::none_of(p.losses.begin(), p.losses.end(), [](const WeightedLoss& w) { return !w.routing; })) {
     recipe.fail("losses", "expected a diffusion loss (masked_diffusion_elbo or masked_ce) besides "

@@ -20,6 +20,7 @@
 #include "dist/dist.h"
 #include "moe/context.h"
 #include "diffusion/diffusion.h"
+#include "loss/loss.h"
 #include "model/model.h"
 #include "train/data_source.h"
 #include "train/optim.h"
@@ -71,8 +72,8 @@ struct UpcycleOptions {
 struct WeightedLoss {
   std::string name;
   double weight = 1.0;
-  std::shared_ptr<LossTerm> term;
-  bool routing = false;  ///< computed inside the MoE layers (moe/moe_layer.h), not on the logits
+  std::shared_ptr<LossTerm> term;  ///< the diffusion loss (null for a routing loss)
+  bool routing = false;  ///< a routing loss (moe/routing_loss.h): computed inside the MoE layers
 };
 
 struct TrainerParts {

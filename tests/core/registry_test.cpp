@@ -3,11 +3,14 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <set>
 
 #include "app/app.h"
 #include "core/registry.h"
+#include "support/support.h"
 
 namespace mixdiff {
 namespace {
@@ -21,8 +24,9 @@ TEST(UnitRegistry, EveryExtensionPointHasItsBuiltIns) {
       {"capacity_schedules", {"constant", "linear", "linear_reverse", "cosine", "cosine_reverse",
                               "bell", "bell_gaussian", "bell_gaussian_reverse"}},
       {"samplers", {"llada", "confidence_threshold", "block_diffusion"}},
-      {"losses", {"masked_diffusion_elbo", "masked_ce", "load_balance", "z_loss", "erc",
-                  "router_entropy", "pool_balance"}},
+      {"losses", {"masked_diffusion_elbo", "masked_ce"}},
+      {"routing_losses", {"load_balance", "z_loss", "erc", "router_entropy", "pool_balance",
+                          "pool_cardinality"}},
       {"dispatchers", {"sorted", "loop"}},
       {"schedules", {"linear", "cosine"}},
       {"data_sources", {"token_shards"}},
@@ -58,6 +62,35 @@ TEST(UnitRegistry, UnknownNameListsKnownNamesAndDuplicateThrows) {
   }
   EXPECT_THROW(r.add("a", [](int x) { return x; }, "dup"), std::logic_error);
   EXPECT_EQ(r.names(), (std::vector<std::string>{"a", "b"}));
+}
+
+// The include graph points one way: src/ reaches components only through registries, the backbone
+// (src/nn) knows nothing of MoE, and MoE knows nothing of diffusion or its losses.
+TEST(UnitRegistry, CoreFoldersIncludeOnlyDownward) {
+  namespace fs = std::filesystem;
+  const std::vector<std::pair<std::string, std::vector<std::string>>> rules = {
+      {"src", {"models/", "routers/", "losses/", "dispatchers/"}},
+      {"src/nn", {"moe/", "model/", "diffusion/", "loss/", "train/"}},
+      {"src/moe", {"diffusion/", "loss/", "model/", "train/"}},
+  };
+  int files = 0;
+  for (const auto& [dir, banned] : rules) {
+    for (const auto& e : fs::recursive_directory_iterator(test::source_dir() + "/" + dir)) {
+      const auto ext = e.path().extension();
+      if (ext != ".h" && ext != ".cpp") continue;
+      ++files;
+      std::ifstream in(e.path());
+      std::string line;
+      while (std::getline(in, line)) {
+        if (line.rfind("#include \"", 0) != 0) continue;
+        for (const auto& b : banned) {
+          EXPECT_EQ(line.find("#include \"" + b), std::string::npos)
+              << e.path().string() << ": " << line;
+        }
+      }
+    }
+  }
+  EXPECT_GT(files, 50);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "diffusion/diffusion.h"
+#include "loss/loss.h"
 
 namespace mixdiff {
 namespace {

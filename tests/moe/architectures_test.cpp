@@ -237,7 +237,7 @@ TEST(ComponentArch, RexmoeProgressiveRoutingWidensTheCandidatePool) {
 TEST(ComponentArch, PoolBalanceUsesThePreviousMicroBatchOfEveryLayer) {
   auto uni = model("unipool_dlm", "{n_expert: 2, d_expert: 8, router: {kind: norm_router, top_k: 1}}");
   ConfigNode lc = ConfigNode::from_string("{kind: pool_balance}", "l.yaml");
-  auto loss = std::dynamic_pointer_cast<RoutingLoss>(losses_registry().create("pool_balance", "", lc));
+  auto loss = routing_losses_registry().create("pool_balance", "", lc);
   for (auto* l : uni->moe_layers()) l->set_aux_losses({{"pool_balance", 1.0, loss}});
   uni->train();
   auto x = torch::randint(0, 50, {2, 8});

@@ -318,8 +318,7 @@ TEST(ComponentBalance, BipBalancesASkewedRouterWithinTheFirstBatches) {
 
 std::shared_ptr<RoutingLoss> make_loss(const std::string& yaml) {
   ConfigNode c = ConfigNode::from_string(yaml, "loss.yaml");
-  auto l = std::dynamic_pointer_cast<RoutingLoss>(
-      losses_registry().create(c.get<std::string>("kind"), "kind", c));
+  auto l = routing_losses_registry().create(c.get<std::string>("kind"), "kind", c);
   c.check_unknown_keys();
   return l;
 }
