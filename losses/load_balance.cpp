@@ -23,10 +23,10 @@ namespace {
 class LoadBalance : public RoutingLoss {
  public:
   explicit LoadBalance(const ConfigNode& c) {
-    scope_ = c.get<std::string>("scope", "micro");
-    if (scope_ != "micro" && scope_ != "sequence" && scope_ != "global") {
-      c.fail("scope", "expected micro, sequence or global, got '" + scope_ + "'");
-    }
+    scope_ = c.get_choice<Scope>(
+        "scope",
+        {{"micro", Scope::kMicro}, {"sequence", Scope::kSequence}, {"global", Scope::kGlobal}},
+        Scope::kMicro);
   }
 
   at::Tensor layer_loss(const RoutingRecord& r) override {
@@ -37,7 +37,7 @@ class LoadBalance : public RoutingLoss {
     const int64_t W = d.probs_TS.size(1);
     auto w = valid_weights(r.ctx.valid_T, T, d.probs_TS.device());
     auto pw = d.probs_TS * w.unsqueeze(1);
-    if (scope_ == "sequence") {
+    if (scope_ == Scope::kSequence) {
       TORCH_CHECK(r.ctx.seq_T.defined() && r.ctx.n_seq > 0,
                   "[load_balance] scope: sequence needs the sequence ids of the tokens");
       const int64_t B = r.ctx.n_seq;
@@ -51,15 +51,17 @@ class LoadBalance : public RoutingLoss {
       auto per_seq = (f * P).sum(1) * static_cast<double>(S);
       return (per_seq * has).sum() / has.sum().clamp_min(1.0);
     }
-    at::Tensor counts = scope_ == "global" && r.global.counts_S.defined() ? r.global.counts_S
-                                                                          : d.lb_map_TS.sum(0);
+    at::Tensor counts = scope_ == Scope::kGlobal && r.global.counts_S.defined()
+                            ? r.global.counts_S
+                            : d.lb_map_TS.sum(0);
     auto f = counts / counts.sum().clamp_min(1.0);
     auto P = pw.sum(0) / w.sum().clamp_min(1.0);
     return (f * P).sum() * static_cast<double>(S);
   }
 
  private:
-  std::string scope_;
+  enum class Scope { kMicro, kSequence, kGlobal };
+  Scope scope_ = Scope::kMicro;
 };
 
 MIXDIFF_REGISTER(routing_losses_registry(), "load_balance",

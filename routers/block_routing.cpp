@@ -23,6 +23,7 @@
 
 #include <limits>
 #include <map>
+#include <tuple>
 #include <utility>
 
 #include "core/errors.h"
@@ -184,12 +185,10 @@ class Interval : public BlockRoutingPolicy {
   explicit Interval(const ConfigNode& c)
       : tau_(c.get<int64_t>("tau", 4)),
         budget_(c.get<int64_t>("budget", 16)),
-        vote_(c.get<std::string>("vote", "count")) {
+        vote_(c.get_choice<Vote>("vote", {{"count", Vote::kCount}, {"gate", Vote::kGate}},
+                                  Vote::kCount)) {
     if (tau_ < 1) c.fail("tau", "expected at least 1 step");
     if (budget_ < 1) c.fail("budget", "expected at least 1 expert");
-    if (vote_ != "count" && vote_ != "gate") {
-      c.fail("vote", "expected count (TIDE) or gate (DES-Vote), got '" + vote_ + "'");
-    }
   }
   at::Tensor allowed(const BlockRoutingInput& in) override {
     const auto& d = in.token_level;
@@ -200,13 +199,13 @@ class Interval : public BlockRoutingPolicy {
         torch::zeros({scores_of(d).size(0), S}, scores_of(d).options().dtype(torch::kFloat32));
     if (d.token_A.numel() > 0) {
       votes.index_put_({d.token_A, d.expert_A},
-                       vote_ == "gate" ? d.gate_A.detach().to(torch::kFloat32)
+                       vote_ == Vote::kGate ? d.gate_A.detach().to(torch::kFloat32)
                                        : torch::ones({d.token_A.size(0)}, votes.options()));
     }
     auto fresh = top_mask(per_block_sum(votes, inv, NB), budget_);
     auto core = torch::empty({NB, S}, fresh.options());
     for (int64_t b = 0; b < NB; ++b) {
-      const auto key = std::make_pair(in.layer, ids[b].item<int64_t>());
+      const auto key = std::make_tuple(in.layer, in.iteration, ids[b].item<int64_t>());
       auto it = memory_.find(key);
       if (it == memory_.end() || in.step % tau_ == 0) {
         memory_[key] = fresh[b].clone();
@@ -219,13 +218,15 @@ class Interval : public BlockRoutingPolicy {
   }
   void reset() override { memory_.clear(); }
   std::string describe() const override {
-    return str("interval (tau ", tau_, ", budget ", budget_, ", vote ", vote_, ")");
+    return str("interval (tau ", tau_, ", budget ", budget_, ", vote ",
+               vote_ == Vote::kGate ? "gate" : "count", ")");
   }
 
  private:
+  enum class Vote { kCount, kGate };  ///< count: TIDE's token counts; gate: DES-Vote's gate sums
   int64_t tau_, budget_;
-  std::string vote_;
-  std::map<std::pair<int64_t, int64_t>, at::Tensor> memory_;
+  Vote vote_;
+  std::map<std::tuple<int64_t, int64_t, int64_t>, at::Tensor> memory_;  ///< (layer, iteration, block)
 };
 
 template <class T>

@@ -2,6 +2,7 @@
 // schedulers, algorithms.md 9.2). linear_reverse (more capacity at low mask ratios, late in
 // denoising) is the paper's best at matched FLOPs.
 #include <cmath>
+#include <map>
 #include <limits>
 
 #include "core/errors.h"
@@ -32,29 +33,46 @@ namespace {
 
 class Phi : public CapacitySchedule {
  public:
-  Phi(std::string kind, double sigma) : kind_(std::move(kind)), sigma_(sigma) {}
+  enum class Shape { kConstant, kLinear, kLinearReverse, kCosine, kCosineReverse, kBell,
+                     kBellGaussian, kBellGaussianReverse };
+  Phi(Shape shape, double sigma) : shape_(shape), sigma_(sigma) {}
   double phi(double r) const override {
-    if (kind_ == "constant") return 0.0;
-    if (kind_ == "linear") return r;
-    if (kind_ == "linear_reverse") return 1 - r;
-    if (kind_ == "cosine") return (1 - std::cos(M_PI * r)) / 2;
-    if (kind_ == "cosine_reverse") return (1 + std::cos(M_PI * r)) / 2;
-    if (kind_ == "bell") return std::clamp(1 - 4 * (r - 0.5) * (r - 0.5), 0.0, 1.0);
+    switch (shape_) {
+      case Shape::kConstant: return 0.0;
+      case Shape::kLinear: return r;
+      case Shape::kLinearReverse: return 1 - r;
+      case Shape::kCosine: return (1 - std::cos(M_PI * r)) / 2;
+      case Shape::kCosineReverse: return (1 + std::cos(M_PI * r)) / 2;
+      case Shape::kBell: return std::clamp(1 - 4 * (r - 0.5) * (r - 0.5), 0.0, 1.0);
+      case Shape::kBellGaussian:
+      case Shape::kBellGaussianReverse: break;
+    }
     const double e0 = std::exp(-0.25 / (2 * sigma_ * sigma_));
     const double g = std::clamp(
         (std::exp(-(r - 0.5) * (r - 0.5) / (2 * sigma_ * sigma_)) - e0) / (1 - e0), 0.0, 1.0);
-    return kind_ == "bell_gaussian" ? g : 1 - g;
+    return shape_ == Shape::kBellGaussian ? g : 1 - g;
+  }
+
+  /// The shape of a registry name (the names registered below).
+  static Shape shape_of(const std::string& kind) {
+    static const std::map<std::string, Shape> shapes = {
+        {"constant", Shape::kConstant},           {"linear", Shape::kLinear},
+        {"linear_reverse", Shape::kLinearReverse}, {"cosine", Shape::kCosine},
+        {"cosine_reverse", Shape::kCosineReverse}, {"bell", Shape::kBell},
+        {"bell_gaussian", Shape::kBellGaussian},
+        {"bell_gaussian_reverse", Shape::kBellGaussianReverse}};
+    return shapes.at(kind);
   }
 
  private:
-  std::string kind_;
+  Shape shape_;
   double sigma_;
 };
 
 std::shared_ptr<CapacitySchedule> make(const std::string& kind, const ConfigNode& c) {
   const double sigma = kind.rfind("bell_gaussian", 0) == 0 ? c.get<double>("sigma", 0.2) : 0.2;
   if (!(sigma > 0)) c.fail("sigma", "expected a positive width");
-  auto s = std::make_shared<Phi>(kind, sigma);
+  auto s = std::make_shared<Phi>(Phi::shape_of(kind), sigma);
   s->name = kind;
   if (kind == "constant") {
     s->k_min = s->k_max = c.get<double>("k");

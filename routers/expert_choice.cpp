@@ -29,14 +29,13 @@ namespace {
 class ExpertChoiceRouter : public RouterBase {
  public:
   ExpertChoiceRouter(const ConfigNode& c, const RouterDims& dims) : n_expert_(dims.n_expert) {
-    group_ = c.get<std::string>("group", "sequence");
-    if (group_ != "sequence" && group_ != "batch") {
-      c.fail("group", "expected sequence or batch, got '" + group_ + "'");
-    }
-    gates_ = c.get<std::string>("gates", "post_softmax");
-    if (gates_ != "post_softmax" && gates_ != "pre_softmax" && gates_ != "sigmoid") {
-      c.fail("gates", "expected post_softmax, pre_softmax or sigmoid, got '" + gates_ + "'");
-    }
+    group_ = c.get_choice<Group>("group", {{"sequence", Group::kSequence}, {"batch", Group::kBatch}},
+                                 Group::kSequence);
+    gates_ = c.get_choice<Gates>("gates",
+                                 {{"post_softmax", Gates::kPostSoftmax},
+                                  {"pre_softmax", Gates::kPreSoftmax},
+                                  {"sigmoid", Gates::kSigmoid}},
+                                 Gates::kPostSoftmax);
     schedule_ = build_capacity_schedule(c.at("capacity"));
     weight_ = register_parameter("weight", torch::empty({n_expert_, dims.d_model}));
     torch::NoGradGuard ng;
@@ -62,13 +61,13 @@ class ExpertChoiceRouter : public RouterBase {
     const at::Tensor z = d.logits_TS;
     d.probs_TS = torch::softmax(z, -1);
     // Groups: [G, Lg] token ids.
-    const bool by_seq = group_ == "sequence" && ctx.seq_T.defined() && ctx.n_seq > 0 &&
+    const bool by_seq = group_ == Group::kSequence && ctx.seq_T.defined() && ctx.n_seq > 0 &&
                         T % ctx.n_seq == 0;
     const int64_t G = by_seq ? ctx.n_seq : 1, Lg = T / G;
     at::Tensor R;  // bool [T, E]
     {
       torch::NoGradGuard ng;
-      at::Tensor sel = gates_ == "pre_softmax" ? d.probs_TS.detach() : z.detach();
+      at::Tensor sel = gates_ == Gates::kPreSoftmax ? d.probs_TS.detach() : z.detach();
       const at::Tensor valid_T = ctx.valid_T.defined() ? ctx.valid_T.to(z.device()) : at::Tensor();
       if (valid_T.defined()) {
         sel = sel.masked_fill(valid_T.logical_not().unsqueeze(1),
@@ -104,9 +103,9 @@ class ExpertChoiceRouter : public RouterBase {
       d.lb_map_TS = R.to(torch::kFloat32);
     }
     at::Tensor gate_TE;
-    if (gates_ == "pre_softmax") {
+    if (gates_ == Gates::kPreSoftmax) {
       gate_TE = d.probs_TS;
-    } else if (gates_ == "sigmoid") {
+    } else if (gates_ == Gates::kSigmoid) {
       auto s = torch::sigmoid(z) * R.to(torch::kFloat32);
       gate_TE = s / s.sum(-1, true).clamp_min(1e-20);
     } else {  // sparse softmax over the experts that chose each token (no NaN on empty rows)
@@ -130,14 +129,21 @@ class ExpertChoiceRouter : public RouterBase {
   double planned_experts_per_token() const override { return schedule_->mean_k(); }
 
   std::string describe() const override {
-    return str("expert_choice (", group_, " groups, ", gates_, ", capacity ", schedule_->name,
+    return str("expert_choice (", group_ == Group::kSequence ? "sequence" : "batch", " groups, ",
+               gates_ == Gates::kPostSoftmax ? "post_softmax"
+               : gates_ == Gates::kPreSoftmax ? "pre_softmax"
+                                              : "sigmoid",
+               ", capacity ", schedule_->name,
                " k in [", format_double(schedule_->k_min), ", ", format_double(schedule_->k_max),
                "], mean ", format_double(std::round(schedule_->mean_k() * 1000) / 1000), ")");
   }
 
  private:
   int64_t n_expert_;
-  std::string group_, gates_;
+  enum class Group { kSequence, kBatch };
+  enum class Gates { kPostSoftmax, kPreSoftmax, kSigmoid };
+  Group group_ = Group::kSequence;
+  Gates gates_ = Gates::kPostSoftmax;
   std::shared_ptr<CapacitySchedule> schedule_;
   at::Tensor weight_;
 };

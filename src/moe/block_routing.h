@@ -23,7 +23,8 @@ namespace mixdiff {
 struct BlockRoutingInput {
   const RoutingDecision& token_level;  ///< the unrestricted routing of the forward's tokens
   const at::Tensor& block_T;           ///< int64 [T] block id of each token
-  int64_t layer = 0;                   ///< transformer block (and CoE iteration) of the router
+  int64_t layer = 0;                   ///< transformer block of the router
+  int64_t iteration = 0;               ///< Chain-of-Experts iteration (0 for a plain MoE layer)
   int64_t step = 0;                    ///< denoising step inside the block (inference; 0 for a
                                        ///< validation forward) or optimizer step (training)
   at::Tensor valid_T = {};             ///< bool [T], false at padding (never votes); undefined:

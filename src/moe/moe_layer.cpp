@@ -173,7 +173,7 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
     probe.probe = true;
     RoutingDecision d0 = router_->route(x, probe);
     ctx.allowed_TS = block_policy_->allowed(BlockRoutingInput{
-        d0, ctx.block_T, block_ * 16 + std::max<int64_t>(iteration_, 0), ctx.step, ctx.valid_T});
+        d0, ctx.block_T, block_, std::max<int64_t>(iteration_, 0), ctx.step, ctx.valid_T});
   }
   RoutingDecision d;
   {
