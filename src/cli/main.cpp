@@ -138,8 +138,13 @@ int run(int argc, char** argv) {
   bml->add_option("--experts", bm.experts, "expert counts E to measure")
       ->delimiter(',')
       ->capture_default_str();
-  bml->add_option("--dispatch", bm.dispatch, "sorted or loop")
-      ->check(CLI::IsMember({"sorted", "loop"}))
+  std::vector<std::string> dispatchers;  // the `dispatchers` registry's entries
+  for (const auto& r : mixdiff::list_registries()) {
+    if (r.kind != "dispatchers") continue;
+    for (const auto& e : r.entries) dispatchers.push_back(e.first);
+  }
+  bml->add_option("--dispatch", bm.dispatch, "a dispatchers entry (mixdiff inspect)")
+      ->check(CLI::IsMember(dispatchers))
       ->capture_default_str();
   bml->add_option("--repeats", bm.repeats, "timed repeats (median reported)")->capture_default_str();
   bml->add_option("--threads", bm.threads, "LibTorch intra-op threads")->capture_default_str();
