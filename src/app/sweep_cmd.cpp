@@ -30,6 +30,7 @@
 #include "core/config.h"
 #include "core/errors.h"
 #include "core/fs.h"
+#include "core/process.h"
 #include "data/prepare.h"
 #include "infer/sampler.h"
 #include "report/report.h"
@@ -47,14 +48,6 @@ namespace {
 
 std::atomic<int> g_sweep_signal{0};
 void on_sweep_signal(int sig) { g_sweep_signal.store(sig); }
-
-std::string self_exe() {
-  char buf[4096];
-  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-  if (n <= 0) throw std::runtime_error("sweep: cannot find this program's path");
-  buf[n] = '\0';
-  return buf;
-}
 
 std::string last_line(const std::string& path) {
   std::ifstream in(path);
@@ -177,7 +170,6 @@ int cmd_sweep(const SweepArgs& a) {
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
 
-  const std::string exe = self_exe();
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
   const int blas = std::max(1, static_cast<int>(cores) / (a.jobs * world));
   struct Running {
@@ -196,7 +188,7 @@ int cmd_sweep(const SweepArgs& a) {
       for (const auto& e : fs::directory_iterator(p.dir)) fs::remove_all(e.path());
     }
     fs::create_directories(p.dir);
-    std::vector<std::string> args{exe};
+    std::vector<std::string> args;
     if (a.launch > 0) {
       args.insert(args.end(), {"launch", "--nproc-per-node", std::to_string(a.launch),
                                "--master-port", std::to_string(port++ % 60000 + 1024), "--"});
@@ -209,23 +201,15 @@ int cmd_sweep(const SweepArgs& a) {
     }
     for (const auto& o : a.overrides) args.insert(args.end(), {"--set", o});
     for (const auto& [k, v] : p.cell.overrides) args.insert(args.end(), {"--set", k + "=" + v});
-    std::vector<std::string> env;
-    for (char** e = environ; *e; ++e) env.emplace_back(*e);
+    std::vector<std::string> env = inherited_environment();
     if (!std::getenv("OPENBLAS_NUM_THREADS")) env.push_back(str("OPENBLAS_NUM_THREADS=", blas));
-    std::vector<char*> argv, envp;
-    for (auto& s : args) argv.push_back(s.data());
-    argv.push_back(nullptr);
-    for (auto& s : env) envp.push_back(s.data());
-    envp.push_back(nullptr);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
     const std::string out = p.dir + "/stdout.log", err = p.dir + "/stderr.log";
-    posix_spawn_file_actions_addopen(&fa, 1, out.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-    posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     pid_t pid = -1;
-    const int rc = posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv.data(), envp.data());
-    posix_spawn_file_actions_destroy(&fa);
-    if (rc != 0) throw std::runtime_error(str("sweep: could not start cell ", p.cell.name));
+    try {
+      pid = spawn_self("sweep", args, env, {out, err});
+    } catch (const std::runtime_error&) {
+      throw std::runtime_error(str("sweep: could not start cell ", p.cell.name));
+    }
     write_cell(p, "running", "", 0);
     std::cout << "sweep: [" << p.cell.index << "] " << p.cell.name << " "
               << (p.mode == "resume" ? "resumed" : "started") << " (log " << out << ")"
@@ -240,7 +224,9 @@ int cmd_sweep(const SweepArgs& a) {
       forwarded = sig;
       std::cout << "sweep: signal " << sig << ": stopping the running cells (they checkpoint)"
                 << std::endl;
-      for (const auto& r : running) kill(r.pid, SIGINT);
+      std::vector<pid_t> pids;
+      for (const auto& r : running) pids.push_back(r.pid);
+      signal_children(pids, SIGINT);
     }
     while (forwarded == 0 && static_cast<int>(running.size()) < a.jobs && next < plan.size()) {
       if (plan[next].mode == "done") {
@@ -257,18 +243,17 @@ int cmd_sweep(const SweepArgs& a) {
       start_cell(next++);
     }
     if (running.empty() && (next >= plan.size() || forwarded != 0)) break;
-    int status = 0;
-    const pid_t pid = waitpid(-1, &status, WNOHANG);
-    if (pid <= 0) {
+    const auto ended = poll_child();
+    if (!ended) {
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
       continue;
     }
     for (size_t k = 0; k < running.size(); ++k) {
-      if (running[k].pid != pid) continue;
+      if (running[k].pid != ended->pid) continue;
       CellPlan& p = plan[running[k].plan_index];
       const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() -
                                                         running[k].start).count();
-      const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      const int code = ended->code;
       std::string st = "finished", err;
       if (code != 0) {
         if (forwarded != 0 && (code == 128 + SIGINT || code == 128 + SIGTERM)) {

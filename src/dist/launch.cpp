@@ -26,6 +26,7 @@
 
 #include "app/app.h"
 #include "core/errors.h"
+#include "core/process.h"
 
 extern char** environ;
 
@@ -36,20 +37,6 @@ namespace {
 std::atomic<int> g_launcher_signal{0};
 
 void on_launcher_signal(int sig) { g_launcher_signal.store(sig); }
-
-std::string self_exe() {
-  char buf[4096];
-  const ssize_t n = readlink("/proc/self/exe", buf, sizeof(buf) - 1);
-  if (n <= 0) throw std::runtime_error("launch: cannot find this program's path (/proc/self/exe)");
-  buf[n] = '\0';
-  return buf;
-}
-
-std::string describe_status(int status) {
-  if (WIFEXITED(status)) return str("exit status ", WEXITSTATUS(status));
-  if (WIFSIGNALED(status)) return str("killed by signal ", WTERMSIG(status), " (", strsignal(WTERMSIG(status)), ")");
-  return str("status ", status);
-}
 
 }  // namespace
 
@@ -66,7 +53,6 @@ int cmd_launch(const LaunchArgs& a) {
     throw ConfigError("launch: expected the worker command after '--', e.g. -- train RECIPE");
   }
   const int world = a.nnodes * a.nproc_per_node;
-  const std::string exe = self_exe();
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
   const int blas_threads = std::max(1, static_cast<int>(cores) / a.nproc_per_node);
 
@@ -81,16 +67,9 @@ int cmd_launch(const LaunchArgs& a) {
   for (int i = 0; i < a.nproc_per_node; ++i) {
     const int rank = a.node_rank * a.nproc_per_node + i;
     rank_of[static_cast<size_t>(i)] = rank;
-    std::vector<std::string> env;
-    for (char** e = environ; *e; ++e) {
-      const std::string kv = *e;
-      const std::string key = kv.substr(0, kv.find('='));
-      if (key == "RANK" || key == "LOCAL_RANK" || key == "WORLD_SIZE" || key == "LOCAL_WORLD_SIZE" ||
-          key == "MASTER_ADDR" || key == "MASTER_PORT" || key == "GROUP_RANK") {
-        continue;
-      }
-      env.push_back(kv);
-    }
+    std::vector<std::string> env = inherited_environment(
+        {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+         "GROUP_RANK"});
     env.push_back(str("RANK=", rank));
     env.push_back(str("LOCAL_RANK=", i));
     env.push_back(str("WORLD_SIZE=", world));
@@ -99,18 +78,11 @@ int cmd_launch(const LaunchArgs& a) {
     env.push_back("MASTER_ADDR=" + a.master_addr);
     env.push_back(str("MASTER_PORT=", a.master_port));
     if (!std::getenv("OPENBLAS_NUM_THREADS")) env.push_back(str("OPENBLAS_NUM_THREADS=", blas_threads));
-    std::vector<std::string> args{exe};
-    args.insert(args.end(), a.command.begin(), a.command.end());
-    std::vector<char*> argv, envp;
-    for (auto& s : args) argv.push_back(s.data());
-    argv.push_back(nullptr);
-    for (auto& s : env) envp.push_back(s.data());
-    envp.push_back(nullptr);
     pid_t pid = -1;
-    if (posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv.data(), envp.data()) != 0) {
-      for (pid_t p : pids) {
-        if (p > 0) kill(p, SIGKILL);
-      }
+    try {
+      pid = spawn_self("launch", a.command, env);
+    } catch (const std::runtime_error&) {
+      signal_children(pids, SIGKILL);
       throw std::runtime_error(str("launch: could not start worker rank ", rank));
     }
     pids[static_cast<size_t>(i)] = pid;
@@ -133,29 +105,24 @@ int cmd_launch(const LaunchArgs& a) {
       forwarded = sig;
       std::cerr << "launch: signal " << sig << ": asking every worker to checkpoint and stop"
                 << std::endl;
-      for (pid_t p : pids) {
-        if (p > 0) kill(p, SIGINT);
-      }
+      signal_children(pids, SIGINT);
     }
-    int status = 0;
-    const pid_t pid = waitpid(-1, &status, WNOHANG);
-    if (pid > 0) {
+    if (const auto e = poll_child()) {
       for (size_t i = 0; i < pids.size(); ++i) {
-        if (pids[i] != pid) continue;
+        if (pids[i] != e->pid) continue;
         pids[i] = -1;
         --running;
+        const int status = e->status;
         const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
         const bool stopped_by_us =
             forwarded != 0 && WIFEXITED(status) && WEXITSTATUS(status) == 128 + SIGINT;
         if (!ok && !stopped_by_us && !stopping) {
-          std::cerr << "launch: rank " << rank_of[i] << " (pid " << pid << ") ended with "
-                    << describe_status(status) << "; stopping the other " << running
+          std::cerr << "launch: rank " << rank_of[i] << " (pid " << e->pid << ") ended with "
+                    << describe_exit(status) << "; stopping the other " << running
                     << " worker(s)" << std::endl;
-          result = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+          result = e->code;
           stopping = true;
-          for (pid_t p : pids) {
-            if (p > 0) kill(p, SIGTERM);
-          }
+          signal_children(pids, SIGTERM);
           deadline = std::chrono::steady_clock::now() +
                      std::chrono::milliseconds(static_cast<int64_t>(a.grace_s * 1000));
         }
@@ -163,9 +130,7 @@ int cmd_launch(const LaunchArgs& a) {
       continue;
     }
     if (stopping && std::chrono::steady_clock::now() > deadline) {
-      for (pid_t p : pids) {
-        if (p > 0) kill(p, SIGKILL);
-      }
+      signal_children(pids, SIGKILL);
       deadline = std::chrono::steady_clock::time_point::max();
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
