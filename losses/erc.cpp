@@ -24,10 +24,11 @@ namespace mixdiff {
 /// The hinge of the ERC loss on an activation matrix M [n, n] (exposed for tests).
 at::Tensor erc_hinge(const at::Tensor& M, double alpha) {
   const int64_t n = M.size(0);
-  auto diag = M.diagonal();
-  auto l = torch::relu(M - alpha * diag.unsqueeze(1)) + torch::relu(M - alpha * diag.unsqueeze(0));
-  auto off = torch::eye(n, M.options()).neg().add(1.0);
-  return (l * off).sum() / static_cast<double>(n * n);
+  auto diag_E = M.diagonal();
+  auto l_EE =
+      torch::relu(M - alpha * diag_E.unsqueeze(1)) + torch::relu(M - alpha * diag_E.unsqueeze(0));
+  auto off_EE = torch::eye(n, M.options()).neg().add(1.0);
+  return (l_EE * off_EE).sum() / static_cast<double>(n * n);
 }
 
 namespace {
@@ -44,29 +45,29 @@ class Erc : public RoutingLoss {
     const auto& d = r.decision;
     TORCH_CHECK(d.weight_SD.defined(), "[erc] the router has no embedding rows");
     const int64_t n = d.n_expert;
-    auto R = d.weight_SD.narrow(0, 0, n).to(torch::kFloat32);  // [n, d]
-    auto Wg = r.pool.w_gate().to(torch::kFloat32);              // [n, F, d]
-    const int64_t F = Wg.size(1), D = Wg.size(2);
-    at::Tensor delta;
+    auto R_ED = d.weight_SD.narrow(0, 0, n).to(torch::kFloat32);  // [n, d]
+    auto Wg_EFD = r.pool.w_gate().to(torch::kFloat32);            // [n, F, d]
+    const int64_t F = Wg_EFD.size(1), D = Wg_EFD.size(2);
+    at::Tensor delta_ED;
     {
       torch::NoGradGuard ng;
-      auto dist = torch::cdist(R.unsqueeze(0), R.unsqueeze(0)).squeeze(0);
-      dist.fill_diagonal_(std::numeric_limits<float>::infinity());
-      auto eps = std::get<0>(dist.min(1)) / (2 * R.norm(2, 1).clamp_min(1e-12));
+      auto dist_EE = torch::cdist(R_ED.unsqueeze(0), R_ED.unsqueeze(0)).squeeze(0);
+      dist_EE.fill_diagonal_(std::numeric_limits<float>::infinity());
+      auto eps_E = std::get<0>(dist_EE.min(1)) / (2 * R_ED.norm(2, 1).clamp_min(1e-12));
       auto gen = at::make_generator<at::CPUGeneratorImpl>(
           static_cast<uint64_t>(seed_) * 1000003ULL +
           (static_cast<uint64_t>(r.ctx.step) * 64 + static_cast<uint64_t>(r.ctx.micro)) * 131ULL +
           static_cast<uint64_t>(r.ctx.layer + 1));
-      auto u = torch::rand({n, D}, gen).to(R.device());
-      delta = 1 + (2 * u - 1) * eps.unsqueeze(1);
+      auto u_ED = torch::rand({n, D}, gen).to(R_ED.device());
+      delta_ED = 1 + (2 * u_ED - 1) * eps_E.unsqueeze(1);
     }
-    auto Rt = R * delta;                                                  // [n, d]
-    at::Tensor M;
+    auto Rt_ED = R_ED * delta_ED;                                         // [n, d]
+    at::Tensor M_EE;
     {  // fp32 also under autocast (which would run this product in bf16)
       c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-      M = torch::matmul(Rt, Wg.reshape({n * F, D}).t()).view({n, n, F}).norm(2, -1);
+      M_EE = torch::matmul(Rt_ED, Wg_EFD.reshape({n * F, D}).t()).view({n, n, F}).norm(2, -1);
     }
-    return erc_hinge(M, alpha_);
+    return erc_hinge(M_EE, alpha_);
   }
 
  private:

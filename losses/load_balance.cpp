@@ -35,28 +35,28 @@ class LoadBalance : public RoutingLoss {
     // N: the slots the router could choose (only the visible ones under a candidate schedule).
     const int64_t S = d.n_visible > 0 ? d.n_visible : d.probs_TS.size(1);
     const int64_t W = d.probs_TS.size(1);
-    auto w = valid_weights(r.ctx.valid_T, T, d.probs_TS.device());
-    auto pw = d.probs_TS * w.unsqueeze(1);
+    auto w_T = valid_weights(r.ctx.valid_T, T, d.probs_TS.device());
+    auto pw_TS = d.probs_TS * w_T.unsqueeze(1);
     if (scope_ == Scope::kSequence) {
       TORCH_CHECK(r.ctx.seq_T.defined() && r.ctx.n_seq > 0,
                   "[load_balance] scope: sequence needs the sequence ids of the tokens");
       const int64_t B = r.ctx.n_seq;
-      auto seq = r.ctx.seq_T.to(d.probs_TS.device());
-      auto c = torch::zeros({B, W}, d.probs_TS.options()).index_add(0, seq, d.lb_map_TS);
-      auto p = torch::zeros({B, W}, d.probs_TS.options()).index_add(0, seq, pw);
-      auto n = torch::zeros({B}, w.options()).index_add(0, seq, w);
-      auto has = (n > 0).to(torch::kFloat32);
-      auto f = c / c.sum(1, true).clamp_min(1.0);
-      auto P = p / n.clamp_min(1.0).unsqueeze(1);
-      auto per_seq = (f * P).sum(1) * static_cast<double>(S);
-      return (per_seq * has).sum() / has.sum().clamp_min(1.0);
+      auto seq_T = r.ctx.seq_T.to(d.probs_TS.device());
+      auto c_BS = torch::zeros({B, W}, d.probs_TS.options()).index_add(0, seq_T, d.lb_map_TS);
+      auto p_BS = torch::zeros({B, W}, d.probs_TS.options()).index_add(0, seq_T, pw_TS);
+      auto n_B = torch::zeros({B}, w_T.options()).index_add(0, seq_T, w_T);
+      auto has_B = (n_B > 0).to(torch::kFloat32);
+      auto f_BS = c_BS / c_BS.sum(1, true).clamp_min(1.0);
+      auto P_BS = p_BS / n_B.clamp_min(1.0).unsqueeze(1);
+      auto per_seq_B = (f_BS * P_BS).sum(1) * static_cast<double>(S);
+      return (per_seq_B * has_B).sum() / has_B.sum().clamp_min(1.0);
     }
-    at::Tensor counts = scope_ == Scope::kGlobal && r.global.counts_S.defined()
-                            ? r.global.counts_S
-                            : d.lb_map_TS.sum(0);
-    auto f = counts / counts.sum().clamp_min(1.0);
-    auto P = pw.sum(0) / w.sum().clamp_min(1.0);
-    return (f * P).sum() * static_cast<double>(S);
+    at::Tensor counts_S = scope_ == Scope::kGlobal && r.global.counts_S.defined()
+                              ? r.global.counts_S
+                              : d.lb_map_TS.sum(0);
+    auto f_S = counts_S / counts_S.sum().clamp_min(1.0);
+    auto P_S = pw_TS.sum(0) / w_T.sum().clamp_min(1.0);
+    return (f_S * P_S).sum() * static_cast<double>(S);
   }
 
  private:

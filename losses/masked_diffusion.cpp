@@ -15,8 +15,8 @@ class MaskedDiffusionElbo : public LossTerm {
  public:
   at::Tensor compute(const ModelOutput& out, const DiffusionBatch& b) override {
     if (b.index_M.numel() == 0) return out.logits.sum() * 0.0;  // keeps the graph connected
-    auto ce = masked_cross_entropy(out.logits, b.target_M);  // on the logits' device
-    return (ce * b.weight_M.to(ce.device())).sum() / static_cast<double>(b.n_slots);
+    auto ce_M = masked_cross_entropy(out.logits, b.target_M);  // on the logits' device
+    return (ce_M * b.weight_M.to(ce_M.device())).sum() / static_cast<double>(b.n_slots);
   }
 };
 

@@ -28,34 +28,34 @@ class PoolBalance : public RoutingLoss {
                    "unipool_dlm or rexmoe_dlm)");
     const auto& d = r.decision;
     const int64_t S = d.n_expert, M = r.pool.n_expert();
-    auto w = valid_weights(r.ctx.valid_T, d.probs_TS.size(0), d.probs_TS.device());
-    const at::Tensor& scores = d.scores_TS.defined() ? d.scores_TS : d.probs_TS;
-    auto P_slots = (scores.narrow(1, 0, S) * w.unsqueeze(1)).sum(0);
+    auto w_T = valid_weights(r.ctx.valid_T, d.probs_TS.size(0), d.probs_TS.device());
+    const at::Tensor& scores_TS = d.scores_TS.defined() ? d.scores_TS : d.probs_TS;
+    auto P_S = (scores_TS.narrow(1, 0, S) * w_T.unsqueeze(1)).sum(0);
     const bool global = r.global.last_counts_S.defined() && r.global.last_tokens > 0;
-    at::Tensor counts = global ? r.global.last_counts_S.narrow(0, 0, S)
-                               : d.lb_map_TS.narrow(1, 0, S).sum(0);
+    at::Tensor counts_S = global ? r.global.last_counts_S.narrow(0, 0, S)
+                                 : d.lb_map_TS.narrow(1, 0, S).sum(0);
     auto to_pool = [&](const at::Tensor& v) {
       return r.candidates_S.defined()
                  ? torch::zeros({M}, v.options()).index_add(0, r.candidates_S.to(v.device()), v)
                  : v;
     };
-    auto P = to_pool(P_slots);
-    const double T = w.sum().item<double>();
-    const double routed = global ? r.global.last_tokens : T;  // tokens behind `counts`
+    auto P_M = to_pool(P_S);
+    const double T = w_T.sum().item<double>();
+    const double routed = global ? r.global.last_tokens : T;  // tokens behind `counts_S`
     const auto N = static_cast<double>(r.pool_users);
     at::Tensor loss;
     if (u->ready.item<double>() > 0 && T > 0) {
       // A copy: the buffer is updated in place below, before the backward pass.
-      loss = (u->prev_M.to(P.device()).clone() * P).sum() * static_cast<double>(M) /
+      loss = (u->prev_M.to(P_M.device()).clone() * P_M).sum() * static_cast<double>(M) /
              (static_cast<double>(d.top_k) * T * N);
     } else {
-      loss = P.sum() * 0.0;
+      loss = P_M.sum() * 0.0;
     }
     {
       torch::NoGradGuard ng;
       // sum_M is a plain member (not saved) built on the host: it follows the counts' device.
-      if (u->sum_M.device() != counts.device()) u->sum_M = u->sum_M.to(counts.device());
-      if (routed > 0) u->sum_M.add_(to_pool(counts.detach()).to(u->sum_M.device()) / routed);
+      if (u->sum_M.device() != counts_S.device()) u->sum_M = u->sum_M.to(counts_S.device());
+      if (routed > 0) u->sum_M.add_(to_pool(counts_S.detach()).to(u->sum_M.device()) / routed);
       if (++u->seen >= r.pool_users) {
         u->prev_M.copy_(u->sum_M / N);
         u->ready.fill_(1.0);

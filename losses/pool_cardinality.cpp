@@ -36,22 +36,22 @@ class PoolCardinality : public RoutingLoss {
   at::Tensor layer_loss(const RoutingRecord& r) override {
     const auto& d = r.decision;
     const int64_t S = d.n_expert;
-    const at::Tensor& scores = d.scores_TS.defined() ? d.scores_TS : d.probs_TS;
-    auto w = valid_weights(r.ctx.valid_T, scores.size(0), scores.device());
-    auto sum = (scores.narrow(1, 0, S).to(torch::kFloat32) * w.unsqueeze(1)).sum(0);  // [S]
-    at::Tensor n = w.sum();
+    const at::Tensor& scores_TS = d.scores_TS.defined() ? d.scores_TS : d.probs_TS;
+    auto w_T = valid_weights(r.ctx.valid_T, scores_TS.size(0), scores_TS.device());
+    auto sum_S = (scores_TS.narrow(1, 0, S).to(torch::kFloat32) * w_T.unsqueeze(1)).sum(0);  // [S]
+    at::Tensor n = w_T.sum();
     double world = 1.0;
     if (r.reduce && *r.reduce) {
       // The global batch's sums: this rank's with their gradient, the others' as constants.
-      auto packed = torch::cat({sum.detach(), n.reshape({1}), torch::ones({1}, n.options())});
+      auto packed = torch::cat({sum_S.detach(), n.reshape({1}), torch::ones({1}, n.options())});
       (*r.reduce)(packed);
-      sum = sum + (packed.narrow(0, 0, S) - sum.detach());
+      sum_S = sum_S + (packed.narrow(0, 0, S) - sum_S.detach());
       n = packed[S];
       world = packed[S + 1].item<double>();
     }
-    auto s = sum / n.clamp_min(1.0);
-    auto p = s / (s.sum() + 1e-8);
-    auto H = -(p * (p + 1e-8).log()).sum();
+    auto s_S = sum_S / n.clamp_min(1.0);
+    auto p_S = s_S / (s_S.sum() + 1e-8);
+    auto H = -(p_S * (p_S + 1e-8).log()).sum();
     const int64_t share = std::max<int64_t>(1, r.pool.n_expert() / std::max<int64_t>(1, r.pool_users));
     const double target = std::log(static_cast<double>(target_ > 0 ? target_ : share));
     const double ramp =

@@ -11,8 +11,8 @@ namespace {
 class RouterEntropy : public RoutingLoss {
  public:
   at::Tensor layer_loss(const RoutingRecord& r) override {
-    const auto& p = r.decision.probs_TS;
-    return real_token_mean(-(p * p.clamp_min(1e-30).log()).sum(-1), r.ctx);
+    const auto& p_TS = r.decision.probs_TS;
+    return real_token_mean(-(p_TS * p_TS.clamp_min(1e-30).log()).sum(-1), r.ctx);
   }
 };
 

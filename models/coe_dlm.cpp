@@ -31,11 +31,11 @@ class ChainOfExperts : public FeedForward {
     }
     auto iters = register_module("iters", torch::nn::ModuleList());
     for (int64_t c = 0; c < iterations; ++c) {
-      LayerExperts ex;
-      ex.pool = pool_;
-      ex.shared = shared_;
-      auto l = std::make_shared<MoeLayer>(mo, make_router(), std::move(ex));
-      l->set_iteration(c);
+      // Every iteration routes into the block's one pool and shared expert.
+      auto slots = std::make_shared<SlotMap>(pool_);
+      slots->shared_experts = shared_;
+      slots->iteration = c;
+      auto l = std::make_shared<MoeLayer>(mo, make_router(), std::move(slots));
       iters_.push_back(l);
       iters->push_back(l);
     }

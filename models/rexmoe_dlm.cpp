@@ -22,6 +22,41 @@
 namespace mixdiff {
 namespace {
 
+/// Slots over a pool's experts that become visible progressively in training (PSR): `start` slots
+/// of order_S at step 0, growing linearly to all of them at `ramp_steps`; outside training, all.
+class ProgressiveSlots : public SlotMap {
+ public:
+  ProgressiveSlots(std::shared_ptr<ExpertPool> pool, at::Tensor candidates_S, int64_t users,
+                   at::Tensor order_S, int64_t start, int64_t ramp_steps)
+      : SlotMap(std::move(pool), std::move(candidates_S), users),
+        order_S_(std::move(order_S)),
+        start_(start),
+        ramp_steps_(ramp_steps) {}
+
+  at::Tensor visible(int64_t step, bool training, const c10::Device& device) override {
+    if (!training) return {};
+    const int64_t S = order_S_.size(0);
+    const double frac =
+        ramp_steps_ > 0
+            ? std::min(1.0, static_cast<double>(step) / static_cast<double>(ramp_steps_))
+            : 1.0;
+    const auto n = std::min<int64_t>(
+        S, start_ + static_cast<int64_t>(std::llround(static_cast<double>(S - start_) * frac)));
+    if (n >= S) return {};
+    const at::Tensor& order_S = on(order_S_, device);
+    auto visible_S = torch::zeros({S}, order_S.options().dtype(torch::kBool));
+    visible_S.index_fill_(0, order_S.narrow(0, 0, n), true);
+    return visible_S;
+  }
+  std::string describe() const override {
+    return str("PSR ", start_, " -> ", order_S_.size(0), " slots over ", ramp_steps_, " steps");
+  }
+
+ private:
+  at::Tensor order_S_;  ///< int64 [S]: slots in the order they become visible
+  int64_t start_, ramp_steps_;
+};
+
 std::shared_ptr<ModelBase> build(const ConfigNode& c) {
   const MoeModelRecipe r(c, "ReXMoE");
   const ConfigNode& moe = r.moe;
@@ -76,16 +111,17 @@ std::shared_ptr<ModelBase> build(const ConfigNode& c) {
           for (int64_t e = 0; e < E; ++e) others.push_back((b - first_block) * E + e);
         }
         const int64_t S = static_cast<int64_t>(cand.size() + others.size());
-        LayerExperts ex;
-        ex.pool = pools[static_cast<size_t>(g)];
-        ex.pool_users = sharing == "grouped" ? ex.pool->n_expert() / E : n_moe;
+        const auto& pool = pools[static_cast<size_t>(g)];
+        const int64_t users = sharing == "grouped" ? pool->n_expert() / E : n_moe;
         // Router slots follow pool order; the PSR order lists own slots first, then a fixed
         // random permutation of the others.
         std::vector<int64_t> slots_pool(cand);
         slots_pool.insert(slots_pool.end(), others.begin(), others.end());
         std::vector<int64_t> sorted(slots_pool);
         std::sort(sorted.begin(), sorted.end());
-        ex.candidates_S = torch::tensor(sorted, torch::kLong);
+        auto candidates_S = torch::tensor(sorted, torch::kLong);
+        MoeOptions lo_opts = mo;
+        lo_opts.n_expert = S;
         if (psr_steps > 0 && S > psr_start) {
           auto slot_of = [&](int64_t pool_id) {
             return static_cast<int64_t>(std::lower_bound(sorted.begin(), sorted.end(), pool_id) -
@@ -99,13 +135,14 @@ std::shared_ptr<ModelBase> build(const ConfigNode& c) {
           for (int64_t i = 0; i < perm.size(0); ++i) {
             order.push_back(slot_of(others[static_cast<size_t>(perm[i].item<int64_t>())]));
           }
-          ex.visibility.order_S = torch::tensor(order, torch::kLong);
-          ex.visibility.start = psr_start;
-          ex.visibility.ramp_steps = psr_steps;
+          return std::make_shared<MoeLayer>(
+              lo_opts, r.make_router(S),
+              std::make_shared<ProgressiveSlots>(pool, candidates_S, users,
+                                                 torch::tensor(order, torch::kLong), psr_start,
+                                                 psr_steps));
         }
-        MoeOptions lo_opts = mo;
-        lo_opts.n_expert = S;
-        return std::make_shared<MoeLayer>(lo_opts, r.make_router(S), std::move(ex));
+        return std::make_shared<MoeLayer>(lo_opts, r.make_router(S),
+                                          std::make_shared<SlotMap>(pool, candidates_S, users));
       },
       "rexmoe_dlm", shared);
 }

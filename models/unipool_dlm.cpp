@@ -22,6 +22,22 @@
 namespace mixdiff {
 namespace {
 
+/// Slots over the whole pool, of which a fixed slice is visible (visibility partition|window).
+class PoolSlice : public SlotMap {
+ public:
+  PoolSlice(std::shared_ptr<ExpertPool> pool, int64_t users, at::Tensor visible_M)
+      : SlotMap(std::move(pool), {}, users), visible_M_(std::move(visible_M)) {}
+  at::Tensor visible(int64_t, bool, const c10::Device& device) override {
+    return on(visible_M_, device);
+  }
+  std::string describe() const override {
+    return str(visible_M_.sum().item<int64_t>(), " visible");
+  }
+
+ private:
+  at::Tensor visible_M_;  ///< bool [M]
+};
+
 std::shared_ptr<ModelBase> build(const ConfigNode& c) {
   const MoeModelRecipe r(c, "UniPool");
   const ConfigNode& moe = r.moe;
@@ -54,18 +70,17 @@ std::shared_ptr<ModelBase> build(const ConfigNode& c) {
                                            /*track_usage=*/true);
   return r.build(
       [&](int64_t l) {
-        LayerExperts ex;
-        ex.pool = pool;
-        ex.pool_users = n_moe;
-        if (vis != "all") {
-          const int64_t per = M / n_moe;
-          const int64_t lo = vis == "partition" ? l : std::max<int64_t>(0, l - window);
-          const int64_t hi = vis == "partition" ? l : std::min<int64_t>(n_moe - 1, l + window);
-          auto mask = torch::zeros({M}, torch::kBool);
-          mask.narrow(0, lo * per, (hi - lo + 1) * per).fill_(true);
-          ex.visibility.fixed_S = mask;
+        if (vis == "all") {
+          return std::make_shared<MoeLayer>(mo, r.make_router(M),
+                                            std::make_shared<SlotMap>(pool, at::Tensor(), n_moe));
         }
-        return std::make_shared<MoeLayer>(mo, r.make_router(M), std::move(ex));
+        const int64_t per = M / n_moe;
+        const int64_t lo = vis == "partition" ? l : std::max<int64_t>(0, l - window);
+        const int64_t hi = vis == "partition" ? l : std::min<int64_t>(n_moe - 1, l + window);
+        auto visible_M = torch::zeros({M}, torch::kBool);
+        visible_M.narrow(0, lo * per, (hi - lo + 1) * per).fill_(true);
+        return std::make_shared<MoeLayer>(mo, r.make_router(M),
+                                          std::make_shared<PoolSlice>(pool, n_moe, visible_M));
       },
       "unipool_dlm", SharedModules{{"pool", pool}});
 }

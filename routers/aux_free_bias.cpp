@@ -41,17 +41,17 @@ class AuxFreeBias : public Balancer {
   void step_end(const StatReducer& reduce) override {
     if (!counts_.defined()) return;
     torch::NoGradGuard ng;
-    at::Tensor c = counts_;
+    at::Tensor c_S = counts_;
     counts_ = at::Tensor();
-    if (reduce) reduce(c);
+    if (reduce) reduce(c_S);
     const double t = updates_.item<double>();
     const double u = decay_steps_ > 0 ? rate_ * decay_steps_ / (decay_steps_ + t) : rate_;
-    auto mean = c.mean();
-    auto e = mean - c;
+    auto mean = c_S.mean();
+    auto e_S = mean - c_S;
     if (proportional_) {
-      bias_.add_(e / mean.clamp_min(1e-12) * u);
+      bias_.add_(e_S / mean.clamp_min(1e-12) * u);
     } else {
-      bias_.add_(e.sign() * u);
+      bias_.add_(e_S.sign() * u);
     }
     updates_.add_(1.0);
   }

@@ -45,24 +45,24 @@ class BipBalancer : public Balancer {
                     bool update) override {
     if (update) {
       torch::NoGradGuard ng;
-      at::Tensor s = scores, valid = valid_T;
+      at::Tensor s_TS = scores, valid = valid_T;
       if (gather_) {  // data parallelism: the global batch's scores, on every rank
-        s = gather_(s.to(torch::kFloat32).contiguous());
-        const auto v = valid.defined() ? valid.to(s.device(), torch::kFloat32)
-                                       : torch::ones({scores.size(0)}, s.options());
-        valid = gather_(v.contiguous()) > 0.5;
+        s_TS = gather_(s_TS.to(torch::kFloat32).contiguous());
+        const auto v_T = valid.defined() ? valid.to(s_TS.device(), torch::kFloat32)
+                                         : torch::ones({scores.size(0)}, s_TS.options());
+        valid = gather_(v_T.contiguous()) > 0.5;
       }
-      if (valid.defined()) s = s.index_select(0, valid.nonzero().squeeze(1));
-      const int64_t n = s.size(0), m = s.size(1);
+      if (valid.defined()) s_TS = s_TS.index_select(0, valid.nonzero().squeeze(1));
+      const int64_t n = s_TS.size(0), m = s_TS.size(1);
       if (n > 0) {
         const auto cap = static_cast<int64_t>(
             std::ceil(static_cast<double>(k) * static_cast<double>(n) / static_cast<double>(m)));
-        at::Tensor q = dual_.clone();
+        at::Tensor q_S = dual_.clone();
         for (int64_t it = 0; it < iters_; ++it) {
-          auto p = kth_largest(s - q.unsqueeze(0), k + 1, 1).clamp_min(0);  // [n]
-          q = kth_largest(s - p.unsqueeze(1), cap + 1, 0).clamp_min(0);     // [m]
+          auto p_T = kth_largest(s_TS - q_S.unsqueeze(0), k + 1, 1).clamp_min(0);  // [n]
+          q_S = kth_largest(s_TS - p_T.unsqueeze(1), cap + 1, 0).clamp_min(0);     // [m]
         }
-        dual_.copy_(q);
+        dual_.copy_(q_S);
       }
     }
     return -dual_;

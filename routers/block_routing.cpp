@@ -33,6 +33,8 @@ namespace mixdiff {
 
 namespace {
 
+// Shape suffixes: T tokens, S slots, N the forward's blocks (NB of them).
+
 const at::Tensor& scores_of(const RoutingDecision& d) {
   return d.scores_TS.defined() ? d.scores_TS : d.probs_TS;
 }
@@ -44,10 +46,10 @@ at::Tensor per_block_sum(const at::Tensor& v_TS, const at::Tensor& inv, int64_t 
 
 /// [T, S] scores at each token's chosen slots, 0 elsewhere.
 at::Tensor chosen_scores(const RoutingDecision& d, int64_t S) {
-  const auto& s = scores_of(d);
-  auto out = torch::zeros({s.size(0), S}, s.options());
-  if (d.token_A.numel() == 0) return out;
-  return out.index_put({d.token_A, d.expert_A}, s.index({d.token_A, d.expert_A}));
+  const auto& s_TS = scores_of(d);
+  auto out_TS = torch::zeros({s_TS.size(0), S}, s_TS.options());
+  if (d.token_A.numel() == 0) return out_TS;
+  return out_TS.index_put({d.token_A, d.expert_A}, s_TS.index({d.token_A, d.expert_A}));
 }
 
 /// `v_TS` with the rows of padding tokens set to `fill`.
@@ -81,21 +83,22 @@ class Dmoe : public BlockRoutingPolicy {
   at::Tensor allowed(const BlockRoutingInput& in) override {
     const auto& d = in.token_level;
     const int64_t S = d.n_expert;
-    auto [ids, inv] = block_index(in.block_T);
-    const int64_t NB = ids.size(0);
-    auto v = per_block_sum(chosen_scores(d, S).detach(), inv, NB);
-    v = v / (v.sum(-1, true) + 1e-20);
-    auto sorted = v.sort(/*stable=*/true, -1, /*descending=*/true);
-    auto sv = std::get<0>(sorted), si = std::get<1>(sorted);
-    auto before = sv.cumsum(-1) - sv;
-    auto keep = before < p_;  // up to and including the expert that crosses p
-    keep.select(1, 0).fill_(true);
-    auto core = torch::zeros({NB, S}, si.options().dtype(torch::kBool)).scatter_(1, si, keep);
-    auto small = core.sum(-1) < std::min(guard_, S);
-    if (small.any().item<bool>()) {
-      core = torch::where(small.unsqueeze(1), top_mask(v, guard_), core);
+    auto [ids_N, inv_T] = block_index(in.block_T);
+    const int64_t NB = ids_N.size(0);
+    auto v_NS = per_block_sum(chosen_scores(d, S).detach(), inv_T, NB);
+    v_NS = v_NS / (v_NS.sum(-1, true) + 1e-20);
+    auto sorted = v_NS.sort(/*stable=*/true, -1, /*descending=*/true);
+    auto sv_NS = std::get<0>(sorted), si_NS = std::get<1>(sorted);
+    auto before_NS = sv_NS.cumsum(-1) - sv_NS;
+    auto keep_NS = before_NS < p_;  // up to and including the expert that crosses p
+    keep_NS.select(1, 0).fill_(true);
+    auto core_NS =
+        torch::zeros({NB, S}, si_NS.options().dtype(torch::kBool)).scatter_(1, si_NS, keep_NS);
+    auto small_N = core_NS.sum(-1) < std::min(guard_, S);
+    if (small_N.any().item<bool>()) {
+      core_NS = torch::where(small_N.unsqueeze(1), top_mask(v_NS, guard_), core_NS);
     }
-    return core.index_select(0, inv);
+    return core_NS.index_select(0, inv_T);
   }
   std::string describe() const override {
     return str("dmoe (p ", format_double(p_), ", guard ", guard_, ")");
@@ -114,12 +117,14 @@ class DesVote : public BlockRoutingPolicy {
   at::Tensor allowed(const BlockRoutingInput& in) override {
     const auto& d = in.token_level;
     const int64_t S = d.n_expert;
-    auto [ids, inv] = block_index(in.block_T);
-    auto w =
+    auto [ids_N, inv_T] = block_index(in.block_T);
+    auto w_TS =
         torch::zeros({scores_of(d).size(0), S}, scores_of(d).options().dtype(torch::kFloat32));
-    if (d.token_A.numel() > 0) w.index_put_({d.token_A, d.expert_A}, d.gate_A.detach().to(torch::kFloat32));
-    auto votes = per_block_sum(w, inv, ids.size(0));
-    return top_mask(votes, budget_).index_select(0, inv);
+    if (d.token_A.numel() > 0) {
+      w_TS.index_put_({d.token_A, d.expert_A}, d.gate_A.detach().to(torch::kFloat32));
+    }
+    auto votes_NS = per_block_sum(w_TS, inv_T, ids_N.size(0));
+    return top_mask(votes_NS, budget_).index_select(0, inv_T);
   }
   std::string describe() const override { return str("des_vote (budget ", budget_, ")"); }
 
@@ -135,20 +140,20 @@ class DesSeq : public BlockRoutingPolicy {
   at::Tensor allowed(const BlockRoutingInput& in) override {
     const auto& d = in.token_level;
     const int64_t S = d.n_expert;
-    auto [ids, inv] = block_index(in.block_T);
-    auto s = real_rows(scores_of(d).detach().narrow(1, 0, S), in.valid_T, 0.0);
-    auto mine = real_rows(torch::zeros({s.size(0), S}, s.options().dtype(torch::kFloat32))
-                              .scatter_(1, topk_indices(s, std::min(k_prime_, S)), 1.0),
-                          in.valid_T, 0.0);
-    auto core = per_block_sum(mine, inv, ids.size(0)) > 0;
+    auto [ids_N, inv_T] = block_index(in.block_T);
+    auto s_TS = real_rows(scores_of(d).detach().narrow(1, 0, S), in.valid_T, 0.0);
+    auto mine_TS = real_rows(torch::zeros({s_TS.size(0), S}, s_TS.options().dtype(torch::kFloat32))
+                                 .scatter_(1, topk_indices(s_TS, std::min(k_prime_, S)), 1.0),
+                             in.valid_T, 0.0);
+    auto core_NS = per_block_sum(mine_TS, inv_T, ids_N.size(0)) > 0;
     // Each token still needs K experts inside the union: fill up from the block's best.
     const int64_t K = std::min(d.top_k, S);
-    auto small = core.sum(-1) < K;
-    if (small.any().item<bool>()) {
-      auto best = top_mask(per_block_sum(s, inv, ids.size(0)), K);
-      core = torch::where(small.unsqueeze(1), core | best, core);
+    auto small_N = core_NS.sum(-1) < K;
+    if (small_N.any().item<bool>()) {
+      auto best_NS = top_mask(per_block_sum(s_TS, inv_T, ids_N.size(0)), K);
+      core_NS = torch::where(small_N.unsqueeze(1), core_NS | best_NS, core_NS);
     }
-    return core.index_select(0, inv);
+    return core_NS.index_select(0, inv_T);
   }
   std::string describe() const override { return str("des_seq (k' ", k_prime_, ")"); }
 
@@ -164,15 +169,15 @@ class Admission : public BlockRoutingPolicy {
   at::Tensor allowed(const BlockRoutingInput& in) override {
     const auto& d = in.token_level;
     const int64_t S = d.n_expert;
-    auto [ids, inv] = block_index(in.block_T);
-    const int64_t NB = ids.size(0);
-    auto s = real_rows(scores_of(d).detach().narrow(1, 0, S), in.valid_T,
-                       -std::numeric_limits<double>::infinity())
-                 .contiguous();
-    auto mx = torch::full({NB, S}, -std::numeric_limits<float>::infinity(),
-                          s.options().dtype(torch::kFloat32));
-    mx = mx.index_reduce(0, inv, s, "amax", /*include_self=*/true);
-    return top_mask(mx, capacity_).index_select(0, inv);
+    auto [ids_N, inv_T] = block_index(in.block_T);
+    const int64_t NB = ids_N.size(0);
+    auto s_TS = real_rows(scores_of(d).detach().narrow(1, 0, S), in.valid_T,
+                          -std::numeric_limits<double>::infinity())
+                    .contiguous();
+    auto mx_NS = torch::full({NB, S}, -std::numeric_limits<float>::infinity(),
+                             s_TS.options().dtype(torch::kFloat32));
+    mx_NS = mx_NS.index_reduce(0, inv_T, s_TS, "amax", /*include_self=*/true);
+    return top_mask(mx_NS, capacity_).index_select(0, inv_T);
   }
   std::string describe() const override { return str("admission (capacity ", capacity_, ")"); }
 
@@ -193,28 +198,28 @@ class Interval : public BlockRoutingPolicy {
   at::Tensor allowed(const BlockRoutingInput& in) override {
     const auto& d = in.token_level;
     const int64_t S = d.n_expert;
-    auto [ids, inv] = block_index(in.block_T);
-    const int64_t NB = ids.size(0);
-    auto votes =
+    auto [ids_N, inv_T] = block_index(in.block_T);
+    const int64_t NB = ids_N.size(0);
+    auto votes_TS =
         torch::zeros({scores_of(d).size(0), S}, scores_of(d).options().dtype(torch::kFloat32));
     if (d.token_A.numel() > 0) {
-      votes.index_put_({d.token_A, d.expert_A},
-                       vote_ == Vote::kGate ? d.gate_A.detach().to(torch::kFloat32)
-                                       : torch::ones({d.token_A.size(0)}, votes.options()));
+      votes_TS.index_put_({d.token_A, d.expert_A},
+                          vote_ == Vote::kGate ? d.gate_A.detach().to(torch::kFloat32)
+                                          : torch::ones({d.token_A.size(0)}, votes_TS.options()));
     }
-    auto fresh = top_mask(per_block_sum(votes, inv, NB), budget_);
-    auto core = torch::empty({NB, S}, fresh.options());
+    auto fresh_NS = top_mask(per_block_sum(votes_TS, inv_T, NB), budget_);
+    auto core_NS = torch::empty({NB, S}, fresh_NS.options());
     for (int64_t b = 0; b < NB; ++b) {
-      const auto key = std::make_tuple(in.layer, in.iteration, ids[b].item<int64_t>());
+      const auto key = std::make_tuple(in.layer, in.iteration, ids_N[b].item<int64_t>());
       auto it = memory_.find(key);
       if (it == memory_.end() || in.step % tau_ == 0) {
-        memory_[key] = fresh[b].clone();
-        core[b].copy_(fresh[b]);
+        memory_[key] = fresh_NS[b].clone();
+        core_NS[b].copy_(fresh_NS[b]);
       } else {
-        core[b].copy_(it->second);
+        core_NS[b].copy_(it->second);
       }
     }
-    return core.index_select(0, inv);
+    return core_NS.index_select(0, inv_T);
   }
   void reset() override { memory_.clear(); }
   std::string describe() const override {

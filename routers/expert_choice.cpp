@@ -57,9 +57,10 @@ class ExpertChoiceRouter : public RouterBase {
     d.top_k = top_k();
     d.weight_SD = weight_;
     d.logits_TS = router_logits_fp32(x_TD, weight_);
-    const at::Tensor vis = hide_invisible_slots(d, ctx, E, -std::numeric_limits<float>::infinity());
-    const at::Tensor z = d.logits_TS;
-    d.probs_TS = torch::softmax(z, -1);
+    const at::Tensor vis_E =
+        hide_invisible_slots(d, ctx, E, -std::numeric_limits<float>::infinity());
+    const at::Tensor z_TE = d.logits_TS;
+    d.probs_TS = torch::softmax(z_TE, -1);
     // Groups: [G, Lg] token ids.
     const bool by_seq = group_ == Group::kSequence && ctx.seq_T.defined() && ctx.n_seq > 0 &&
                         T % ctx.n_seq == 0;
@@ -67,53 +68,56 @@ class ExpertChoiceRouter : public RouterBase {
     at::Tensor R;  // bool [T, E]
     {
       torch::NoGradGuard ng;
-      at::Tensor sel = gates_ == Gates::kPreSoftmax ? d.probs_TS.detach() : z.detach();
-      const at::Tensor valid_T = ctx.valid_T.defined() ? ctx.valid_T.to(z.device()) : at::Tensor();
+      at::Tensor sel_TE = gates_ == Gates::kPreSoftmax ? d.probs_TS.detach() : z_TE.detach();
+      const at::Tensor valid_T =
+          ctx.valid_T.defined() ? ctx.valid_T.to(z_TE.device()) : at::Tensor();
       if (valid_T.defined()) {
-        sel = sel.masked_fill(valid_T.logical_not().unsqueeze(1),
-                              -std::numeric_limits<float>::infinity());
+        sel_TE = sel_TE.masked_fill(valid_T.logical_not().unsqueeze(1),
+                                    -std::numeric_limits<float>::infinity());
       }
-      sel = restrict_to_allowed(sel, ctx, E);
+      sel_TE = restrict_to_allowed(sel_TE, ctx, E);
       // Host copies: the per-group capacities are computed on the CPU.
-      auto valid = valid_T.defined() ? valid_T.view({G, Lg}).sum(1).to(torch::kCPU)
-                                     : torch::full({G}, Lg, torch::kLong);
-      at::Tensor ratio;
-      if (ctx.mask_ratio_B.defined()) ratio = ctx.mask_ratio_B.to(torch::kCPU).to(torch::kFloat64);
+      auto valid_G = valid_T.defined() ? valid_T.view({G, Lg}).sum(1).to(torch::kCPU)
+                                       : torch::full({G}, Lg, torch::kLong);
+      at::Tensor ratio_B;
+      if (ctx.mask_ratio_B.defined()) {
+        ratio_B = ctx.mask_ratio_B.to(torch::kCPU).to(torch::kFloat64);
+      }
       std::vector<int64_t> caps(static_cast<size_t>(G));
       int64_t cmax = 1;
       for (int64_t g = 0; g < G; ++g) {
-        const double r = !ratio.defined() ? 0.5
-                         : by_seq         ? ratio[g].item<double>()
-                                          : ratio.mean().item<double>();
-        caps[static_cast<size_t>(g)] = capacity(valid[g].item<int64_t>(), r);
+        const double r = !ratio_B.defined() ? 0.5
+                         : by_seq           ? ratio_B[g].item<double>()
+                                            : ratio_B.mean().item<double>();
+        caps[static_cast<size_t>(g)] = capacity(valid_G[g].item<int64_t>(), r);
         cmax = std::max(cmax, caps[static_cast<size_t>(g)]);
       }
       cmax = std::min(cmax, Lg);
       // Per group, each expert's top-cmax tokens; picks beyond the group's capacity dropped.
-      auto s = sel.view({G, Lg, E}).transpose(1, 2);                 // [G, E, Lg]
-      auto picked = topk_indices(s.reshape({G * E, Lg}), cmax).view({G, E, cmax});
+      auto s = sel_TE.view({G, Lg, E}).transpose(1, 2);              // [G, E, Lg]
+      auto picked_GEC = topk_indices(s.reshape({G * E, Lg}), cmax).view({G, E, cmax});
       auto rank_ok = (torch::arange(cmax, torch::kLong).view({1, 1, cmax}) <
                       torch::tensor(caps, torch::kLong).view({G, 1, 1}))
-                         .to(picked.device());
-      R = torch::zeros({G, E, Lg}, picked.options().dtype(torch::kBool))
-              .scatter_(2, picked, rank_ok.expand({G, E, cmax}));
+                         .to(picked_GEC.device());
+      R = torch::zeros({G, E, Lg}, picked_GEC.options().dtype(torch::kBool))
+              .scatter_(2, picked_GEC, rank_ok.expand({G, E, cmax}));
       R = R.transpose(1, 2).reshape({T, E});                          // [T, E]
       if (valid_T.defined()) R = R & valid_T.unsqueeze(1);
-      if (vis.defined()) R = R & vis.unsqueeze(0);
+      if (vis_E.defined()) R = R & vis_E.unsqueeze(0);
       d.lb_map_TS = R.to(torch::kFloat32);
     }
     at::Tensor gate_TE;
     if (gates_ == Gates::kPreSoftmax) {
       gate_TE = d.probs_TS;
     } else if (gates_ == Gates::kSigmoid) {
-      auto s = torch::sigmoid(z) * R.to(torch::kFloat32);
-      gate_TE = s / s.sum(-1, true).clamp_min(1e-20);
+      auto s_TE = torch::sigmoid(z_TE) * R.to(torch::kFloat32);
+      gate_TE = s_TE / s_TE.sum(-1, true).clamp_min(1e-20);
     } else {  // sparse softmax over the experts that chose each token (no NaN on empty rows)
-      auto zm = z.masked_fill(R.logical_not(), -std::numeric_limits<float>::infinity());
-      auto mx = std::get<0>(zm.max(-1, true)).detach();
+      auto zm_TE = z_TE.masked_fill(R.logical_not(), -std::numeric_limits<float>::infinity());
+      auto mx = std::get<0>(zm_TE.max(-1, true)).detach();
       mx = mx.masked_fill(torch::isinf(mx), 0.0);
-      auto e = torch::exp(z.masked_fill(R.logical_not(), 0.0) - mx) * R.to(torch::kFloat32);
-      gate_TE = e / e.sum(-1, true).clamp_min(1e-30);
+      auto e_TE = torch::exp(z_TE.masked_fill(R.logical_not(), 0.0) - mx) * R.to(torch::kFloat32);
+      gate_TE = e_TE / e_TE.sum(-1, true).clamp_min(1e-30);
     }
     auto nz = R.nonzero();  // row-major: token ids non-decreasing
     d.token_A = nz.select(1, 0).contiguous();

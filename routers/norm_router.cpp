@@ -80,33 +80,37 @@ class NormRouter : public RouterBase {
     d.top_k = K;
     d.weight_SD = weight_;
     d.logits_TS = router_logits_fp32(x_TD, weight_);
-    const at::Tensor vis = hide_invisible_slots(d, ctx, S, 0.0);  // before the norm, never -inf
-    TORCH_CHECK(!vis.defined() || d.n_visible >= K, "[norm_router] ", d.n_visible,
+    const at::Tensor vis_S = hide_invisible_slots(d, ctx, S, 0.0);  // before the norm, never -inf
+    TORCH_CHECK(!vis_S.defined() || d.n_visible >= K, "[norm_router] ", d.n_visible,
                 " visible slots for top-", K);
-    const at::Tensor z = d.logits_TS;
-    auto s = torch::relu(z / (z.norm(2, -1, true) + 1e-8)) * scale_.to(torch::kFloat32) * c0_;
-    d.scores_TS = s;
-    d.probs_TS = s / (s.sum(-1, true) + 1e-20);
+    const at::Tensor z_TS = d.logits_TS;
+    auto s_TS =
+        torch::relu(z_TS / (z_TS.norm(2, -1, true) + 1e-8)) * scale_.to(torch::kFloat32) * c0_;
+    d.scores_TS = s_TS;
+    d.probs_TS = s_TS / (s_TS.sum(-1, true) + 1e-20);
     const bool update = updates_state(*this, ctx);
-    at::Tensor idx;
+    at::Tensor idx_TK;
     {
       torch::NoGradGuard ng;
-      at::Tensor sel = s.detach();
-      if (balancer_) sel = sel + balancer_->offset(sel, K, ctx.valid_T, update).unsqueeze(0);
-      if (vis.defined()) {
-        sel = sel.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
+      at::Tensor sel_TS = s_TS.detach();
+      if (balancer_) {
+        sel_TS = sel_TS + balancer_->offset(sel_TS, K, ctx.valid_T, update).unsqueeze(0);
       }
-      sel = restrict_to_allowed(sel, ctx, S);
-      idx = topk_indices(sel, K);
-      auto unbiased = vis.defined() ? s.detach().masked_fill(vis.logical_not(), -1.0) : s.detach();
-      const bool plain = !balancer_ && !vis.defined() && !ctx.allowed_TS.defined();
-      d.lb_map_TS = selection_map(plain ? idx : topk_indices(unbiased, K), S,
+      if (vis_S.defined()) {
+        sel_TS = sel_TS.masked_fill(vis_S.logical_not(), -std::numeric_limits<float>::infinity());
+      }
+      sel_TS = restrict_to_allowed(sel_TS, ctx, S);
+      idx_TK = topk_indices(sel_TS, K);
+      auto unbiased_TS =
+          vis_S.defined() ? s_TS.detach().masked_fill(vis_S.logical_not(), -1.0) : s_TS.detach();
+      const bool plain = !balancer_ && !vis_S.defined() && !ctx.allowed_TS.defined();
+      d.lb_map_TS = selection_map(plain ? idx_TK : topk_indices(unbiased_TS, K), S,
                                   ctx.valid_T);
-      if (balancer_ && update) balancer_->observe(slot_counts(idx, S, ctx.valid_T));
+      if (balancer_ && update) balancer_->observe(slot_counts(idx_TK, S, ctx.valid_T));
     }
-    auto gate = s.gather(1, idx);
-    if (scaling_ != 1.0) gate = gate * scaling_;
-    fill_assignments(d, idx, gate, ctx.valid_T);
+    auto gate_TK = s_TS.gather(1, idx_TK);
+    if (scaling_ != 1.0) gate_TK = gate_TK * scaling_;
+    fill_assignments(d, idx_TK, gate_TK, ctx.valid_T);
     return d;
   }
 

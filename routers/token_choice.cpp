@@ -111,47 +111,50 @@ class TokenChoiceRouter : public RouterBase {
     d.top_k = K;
     d.weight_SD = weight_;
     d.logits_TS = router_logits_fp32(x_TD, weight_);
-    const at::Tensor vis =
+    const at::Tensor vis_S =
         hide_invisible_slots(d, ctx, n_expert_, -std::numeric_limits<float>::infinity());
-    TORCH_CHECK(!vis.defined() || d.n_visible >= K, "[token_choice] ", d.n_visible,
+    TORCH_CHECK(!vis_S.defined() || d.n_visible >= K, "[token_choice] ", d.n_visible,
                 " visible slots for top-", K);
-    at::Tensor scores;  // what the gates are read from
+    at::Tensor scores_TS;  // what the gates are read from
     if (o_.sigmoid) {
-      scores = torch::sigmoid(d.logits_TS);
-      d.probs_TS = scores / (scores.sum(-1, true) + 1e-20);
+      scores_TS = torch::sigmoid(d.logits_TS);
+      d.probs_TS = scores_TS / (scores_TS.sum(-1, true) + 1e-20);
     } else {
       d.probs_TS = torch::softmax(d.logits_TS, -1);
-      scores = d.probs_TS;
+      scores_TS = d.probs_TS;
     }
     const bool update = updates_state(*this, ctx);
-    at::Tensor idx;
+    at::Tensor idx_TK;
     {
       torch::NoGradGuard ng;
-      at::Tensor sel = o_.softmax_after_topk ? d.logits_TS.detach() : scores.detach();
+      at::Tensor sel_TS = o_.softmax_after_topk ? d.logits_TS.detach() : scores_TS.detach();
       if (balancer_) {
-        sel = sel + balancer_->offset(scores.detach(), K, ctx.valid_T, update).unsqueeze(0);
+        sel_TS = sel_TS +
+                 balancer_->offset(scores_TS.detach(), K, ctx.valid_T, update).unsqueeze(0);
       }
-      if (vis.defined()) sel = sel.masked_fill(vis.logical_not(), -std::numeric_limits<float>::infinity());
-      sel = restrict_to_allowed(sel, ctx, n_expert_);
+      if (vis_S.defined()) {
+        sel_TS = sel_TS.masked_fill(vis_S.logical_not(), -std::numeric_limits<float>::infinity());
+      }
+      sel_TS = restrict_to_allowed(sel_TS, ctx, n_expert_);
       const bool grouped = o_.n_group > 1 && o_.topk_group < o_.n_group;
-      if (grouped) sel = group_limit(sel);
-      idx = topk_indices(sel, K);
+      if (grouped) sel_TS = group_limit(sel_TS);
+      idx_TK = topk_indices(sel_TS, K);
       // Balancing losses count the unbiased, ungrouped top-K of the probabilities; without an
       // offset or a group limit that is the selection itself (top-K of logits = of softmax).
-      const bool plain = !balancer_ && !grouped && !vis.defined() && !ctx.allowed_TS.defined();
-      d.lb_map_TS = selection_map(plain ? idx : topk_indices(d.probs_TS.detach(), K), S,
+      const bool plain = !balancer_ && !grouped && !vis_S.defined() && !ctx.allowed_TS.defined();
+      d.lb_map_TS = selection_map(plain ? idx_TK : topk_indices(d.probs_TS.detach(), K), S,
                                   ctx.valid_T);
-      if (balancer_ && update) balancer_->observe(slot_counts(idx, S, ctx.valid_T));
+      if (balancer_ && update) balancer_->observe(slot_counts(idx_TK, S, ctx.valid_T));
     }
-    at::Tensor gate;
+    at::Tensor gate_TK;
     if (o_.softmax_after_topk) {
-      gate = torch::softmax(d.logits_TS.gather(1, idx), -1);
+      gate_TK = torch::softmax(d.logits_TS.gather(1, idx_TK), -1);
     } else {
-      gate = scores.gather(1, idx);
-      if (o_.normalize) gate = gate / (gate.sum(-1, true) + 1e-20);
+      gate_TK = scores_TS.gather(1, idx_TK);
+      if (o_.normalize) gate_TK = gate_TK / (gate_TK.sum(-1, true) + 1e-20);
     }
-    if (o_.scaling != 1.0) gate = gate * o_.scaling;
-    fill_assignments(d, idx, gate, ctx.valid_T);
+    if (o_.scaling != 1.0) gate_TK = gate_TK * o_.scaling;
+    fill_assignments(d, idx_TK, gate_TK, ctx.valid_T);
     (void)T;
     return d;
   }
@@ -187,17 +190,17 @@ class TokenChoiceRouter : public RouterBase {
   at::Tensor group_limit(const at::Tensor& sel) const {
     const int64_t T = sel.size(0), G = o_.n_group, per = sel.size(1) / G;
     auto grouped = sel.view({T, G, per});
-    at::Tensor gscore;
+    at::Tensor gscore_TG;
     if (o_.group_top2 && per >= 2) {
-      gscore = std::get<0>(grouped.topk(2, -1)).sum(-1);  // ties do not change the sum
+      gscore_TG = std::get<0>(grouped.topk(2, -1)).sum(-1);  // ties do not change the sum
     } else {
-      gscore = std::get<0>(grouped.max(-1));
+      gscore_TG = std::get<0>(grouped.max(-1));
     }
-    auto keep_groups = topk_indices(gscore, o_.topk_group);  // [T, topk_group]
-    auto gmask =
+    auto keep_groups = topk_indices(gscore_TG, o_.topk_group);  // [T, topk_group]
+    auto gmask_TG =
         torch::zeros({T, G}, sel.options().dtype(torch::kBool)).scatter_(1, keep_groups, true);
-    auto smask = gmask.unsqueeze(-1).expand({T, G, per}).reshape({T, G * per});
-    return sel.masked_fill(smask.logical_not(), -std::numeric_limits<float>::infinity());
+    auto smask_TS = gmask_TG.unsqueeze(-1).expand({T, G, per}).reshape({T, G * per});
+    return sel.masked_fill(smask_TS.logical_not(), -std::numeric_limits<float>::infinity());
   }
 
   TokenChoiceOptions o_;

@@ -39,34 +39,34 @@ class TopPRouter : public RouterBase {
     d.logits_TS = router_logits_fp32(x_TD, weight_);
     hide_invisible_slots(d, ctx, n_expert_, -std::numeric_limits<float>::infinity());
     d.probs_TS = torch::softmax(d.logits_TS, -1);
-    at::Tensor idx, keep;
+    at::Tensor idx_TK, keep_TK;
     {
       torch::NoGradGuard ng;
-      at::Tensor p = d.probs_TS.detach();
+      at::Tensor p_TS = d.probs_TS.detach();
       if (ctx.allowed_TS.defined()) {
-        p = p.masked_fill(ctx.allowed_TS.to(p.device()).logical_not(), 0.0);
+        p_TS = p_TS.masked_fill(ctx.allowed_TS.to(p_TS.device()).logical_not(), 0.0);
       }
-      auto sorted = p.sort(/*stable=*/true, -1, /*descending=*/true);
-      auto vals = std::get<0>(sorted).narrow(1, 0, max_k_);
-      idx = std::get<1>(sorted).narrow(1, 0, max_k_).contiguous();
+      auto sorted = p_TS.sort(/*stable=*/true, -1, /*descending=*/true);
+      auto vals_TK = std::get<0>(sorted).narrow(1, 0, max_k_);
+      idx_TK = std::get<1>(sorted).narrow(1, 0, max_k_).contiguous();
       // Keep slot j while the mass before it is still below p: the crossing expert is kept.
-      auto before = vals.cumsum(1) - vals;
-      keep = before < p_;
-      keep.select(1, 0).fill_(true);
-      if (ctx.allowed_TS.defined()) keep = keep & (vals > 0);
-      if (ctx.valid_T.defined()) keep = keep & ctx.valid_T.to(keep.device()).unsqueeze(1);
-      d.lb_map_TS = torch::zeros_like(d.probs_TS).scatter_(1, idx, keep.to(torch::kFloat32));
+      auto before_TK = vals_TK.cumsum(1) - vals_TK;
+      keep_TK = before_TK < p_;
+      keep_TK.select(1, 0).fill_(true);
+      if (ctx.allowed_TS.defined()) keep_TK = keep_TK & (vals_TK > 0);
+      if (ctx.valid_T.defined()) keep_TK = keep_TK & ctx.valid_T.to(keep_TK.device()).unsqueeze(1);
+      d.lb_map_TS = torch::zeros_like(d.probs_TS).scatter_(1, idx_TK, keep_TK.to(torch::kFloat32));
     }
-    auto gate = d.probs_TS.gather(1, idx);
-    const int64_t T = idx.size(0), K = idx.size(1);
-    auto flat = keep.reshape({-1}).nonzero().squeeze(1);
-    d.token_A = torch::arange(T, idx.options().dtype(torch::kLong))
+    auto gate_TK = d.probs_TS.gather(1, idx_TK);
+    const int64_t T = idx_TK.size(0), K = idx_TK.size(1);
+    auto flat_A = keep_TK.reshape({-1}).nonzero().squeeze(1);
+    d.token_A = torch::arange(T, idx_TK.options().dtype(torch::kLong))
                     .unsqueeze(1)
                     .expand({T, K})
                     .reshape({-1})
-                    .index_select(0, flat);
-    d.expert_A = idx.reshape({-1}).index_select(0, flat);
-    d.gate_A = gate.reshape({-1}).index_select(0, flat);
+                    .index_select(0, flat_A);
+    d.expert_A = idx_TK.reshape({-1}).index_select(0, flat_A);
+    d.gate_A = gate_TK.reshape({-1}).index_select(0, flat_A);
     return d;
   }
 

@@ -24,6 +24,7 @@
 #include "moe/dispatcher.h"
 #include "moe/routing_loss.h"
 #include "loss/loss.h"
+#include "loss/objective.h"
 #include "moe/router.h"
 #include "train/checkpoint.h"
 #include "train/trainer.h"
@@ -238,7 +239,7 @@ int cmd_eval(const EvalArgs& a) {
   const auto t0 = std::chrono::steady_clock::now();
   NelboResult r = validation_nelbo(*model, val, o.eval_batch_size,
                                    static_cast<uint64_t>(o.eval_seed), 0, 1, {},
-                                   o.objective == "block" ? o.diffusion_block : 0);
+                                   o.objective->validation_block());
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::cout << std::fixed << std::setprecision(4) << "eval " << ckpt << " (step "
             << state.at("step").get<int64_t>() << "): val nelbo " << r.nelbo
@@ -270,6 +271,7 @@ std::vector<RegistryListing> list_registries() {
   return {models_registry().listing(),      routers_registry().listing(),
           balancers_registry().listing(),   capacity_schedules_registry().listing(),
           block_routing_registry().listing(), dispatchers_registry().listing(),
+          objectives_registry().listing(),
           samplers_registry().listing(),
           losses_registry().listing(),      routing_losses_registry().listing(),
           schedules_registry().listing(),

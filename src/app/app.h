@@ -140,7 +140,7 @@ struct LaunchArgs {
   double grace_s = 30;               ///< after a worker fails, how long the others get to exit
   std::vector<std::string> command;  ///< the worker's arguments, e.g. {"train", "r.yaml"}
 };
-/// `mixdiff launch`: torchrun-style multi-process (multi-node) launcher (src/dist/launch.cpp).
+/// `mixdiff launch`: torchrun-style multi-process (multi-node) launcher (src/app/launch.cpp).
 int cmd_launch(const LaunchArgs& a);
 
 /// Process-wide settings for training speed; call once at the start of main().

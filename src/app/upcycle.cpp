@@ -51,37 +51,6 @@ namespace mixdiff {
 
 namespace fs = std::filesystem;
 
-UpcycleOptions UpcycleOptions::from(const ConfigNode& c) {
-  UpcycleOptions o;
-  o.selection = c.get<std::string>("selection", "uniform");
-  if (o.selection != "uniform" && o.selection != "utility") {
-    c.fail("selection", "expected uniform or utility, got '" + o.selection + "'");
-  }
-  o.metric = c.get<std::string>("metric", "weight_norm");
-  if (o.metric != "weight_norm" && o.metric != "gradient_squared" &&
-      o.metric != "weight_grad_product" && o.metric != "approx_fisher") {
-    c.fail("metric", "expected weight_norm, gradient_squared, weight_grad_product or "
-                     "approx_fisher, got '" + o.metric + "'");
-  }
-  o.max_duplicates = c.get<int64_t>("max_duplicates", 3);
-  if (o.max_duplicates < 1) c.fail("max_duplicates", "expected at least 1");
-  o.utility_batches = c.get<int64_t>("utility_batches", 4);
-  if (o.utility_batches < 1) c.fail("utility_batches", "expected at least 1");
-  o.copies = c.get<std::string>("copies", "dormant");
-  if (o.copies != "dormant" && o.copies != "paper") {
-    c.fail("copies", "expected dormant or paper, got '" + o.copies + "'");
-  }
-  o.dormant_margin = c.get<double>("dormant_margin", 10.0);
-  if (!(o.dormant_margin > 0)) c.fail("dormant_margin", "expected a positive margin");
-  o.optimizer = c.get<std::string>("optimizer", "copy");
-  if (o.optimizer != "copy" && o.optimizer != "reset") {
-    c.fail("optimizer", "expected copy or reset, got '" + o.optimizer + "'");
-  }
-  o.reset_step = c.get<bool>("reset_step", false);
-  o.seed = c.get<int64_t>("seed", 0);
-  return o;
-}
-
 namespace {
 
 using NamedTensors = std::map<std::string, at::Tensor>;

@@ -84,6 +84,20 @@ class Registry {
   std::map<std::string, Entry> entries_;
 };
 
+/// The entry that `node`'s key `key` names (default `def`), built with `args`. An unknown name
+/// fails through node.fail (the recipe position of the key) with the known names. `Node` is
+/// ConfigNode (a template parameter, so that this header needs no recipe reader).
+template <class Node, class Product, class... Args, class... Given>
+Product create_named(const Registry<Product, Args...>& r, const Node& node, const std::string& key,
+                     const std::string& def, Given&&... args) {
+  const std::string name = node.template get<std::string>(key, def);
+  if (!r.contains(name)) {
+    node.fail(key, "unknown '" + name + "' (" + r.kind() + ": " + r.joined_names() + ")");
+  }
+  return r.create(name, node.path().empty() ? key : node.path() + "." + key,
+                  std::forward<Given>(args)...);
+}
+
 }  // namespace mixdiff
 
 #define MIXDIFF_CONCAT_INNER(a, b) a##b

@@ -85,99 +85,102 @@ struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
                             const at::Tensor& wu, const at::Tensor& wd,
                             std::vector<int64_t> counts) {
     const int64_t A = xs.size(0), F = wg.size(1), D = wg.size(2);
-    auto x = xs.contiguous();
-    auto a = at::empty({A, F}, x.options());
-    auto b = at::empty({A, F}, x.options());
-    auto y = at::empty({A, D}, x.options());
+    auto x_AD = xs.contiguous();
+    auto a_AF = at::empty({A, F}, x_AD.options());
+    auto b_AF = at::empty({A, F}, x_AD.options());
+    auto y_AD = at::empty({A, D}, x_AD.options());
     // Raw pointers only for host fp32 tensors; anything else (CUDA, bf16) takes the at::mm_out
     // path, which runs on the tensors' own device.
-    const bool raw = raw_fp32(x) && raw_fp32(wg) && raw_fp32(wu) && raw_fp32(wd) &&
+    const bool raw = raw_fp32(x_AD) && raw_fp32(wg) && raw_fp32(wu) && raw_fp32(wd) &&
                      wg.is_contiguous() && wu.is_contiguous() && wd.is_contiguous();
     if (raw) {
-      const float *X = x.data_ptr<float>(), *WG = wg.data_ptr<float>(), *WU = wu.data_ptr<float>();
-      float *Pa = a.data_ptr<float>(), *Pb = b.data_ptr<float>();
+      const float *X = x_AD.data_ptr<float>(), *WG = wg.data_ptr<float>(),
+                  *WU = wu.data_ptr<float>();
+      float *Pa = a_AF.data_ptr<float>(), *Pb = b_AF.data_ptr<float>();
       for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
         gemm_nt(n, F, D, X + off * D, WG + e * F * D, Pa + off * F);
         gemm_nt(n, F, D, X + off * D, WU + e * F * D, Pb + off * F);
       });
     } else {
       for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
-        auto xe = x.narrow(0, off, n);
-        auto av = a.narrow(0, off, n), bv = b.narrow(0, off, n);
-        at::mm_out(av, xe, wg.select(0, e).t());
-        at::mm_out(bv, xe, wu.select(0, e).t());
+        auto xe_RD = x_AD.narrow(0, off, n);
+        auto av_RF = a_AF.narrow(0, off, n), bv_RF = b_AF.narrow(0, off, n);
+        at::mm_out(av_RF, xe_RD, wg.select(0, e).t());
+        at::mm_out(bv_RF, xe_RD, wu.select(0, e).t());
       });
     }
-    auto s = at::silu(a);
-    auto h = s * b;
+    auto s_AF = at::silu(a_AF);
+    auto h_AF = s_AF * b_AF;
     if (raw) {
-      const float *H = h.data_ptr<float>(), *WD = wd.data_ptr<float>();
-      float* Y = y.data_ptr<float>();
+      const float *H = h_AF.data_ptr<float>(), *WD = wd.data_ptr<float>();
+      float* Y = y_AD.data_ptr<float>();
       for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
         gemm_nt(n, D, F, H + off * F, WD + e * D * F, Y + off * D);
       });
     } else {
       for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
-        auto yv = y.narrow(0, off, n);
-        at::mm_out(yv, h.narrow(0, off, n), wd.select(0, e).t());
+        auto yv_RD = y_AD.narrow(0, off, n);
+        at::mm_out(yv_RD, h_AF.narrow(0, off, n), wd.select(0, e).t());
       });
     }
-    ctx->save_for_backward({x, wg, wu, wd, a, b, s, h});
+    ctx->save_for_backward({x_AD, wg, wu, wd, a_AF, b_AF, s_AF, h_AF});
     ctx->saved_data["counts"] = c10::IValue(counts);
-    return y;
+    return y_AD;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const auto& x = saved[0];
-    const auto& wg = saved[1];
-    const auto& wu = saved[2];
-    const auto& wd = saved[3];
-    const auto& a = saved[4];
-    const auto& b = saved[5];
-    const auto& s = saved[6];
-    const auto& h = saved[7];
+    const auto& x_AD = saved[0];
+    const auto& wg_EFD = saved[1];
+    const auto& wu_EFD = saved[2];
+    const auto& wd_EDF = saved[3];
+    const auto& a_AF = saved[4];
+    const auto& b_AF = saved[5];
+    const auto& s_AF = saved[6];
+    const auto& h_AF = saved[7];
     const auto counts = ctx->saved_data["counts"].toIntVector();
-    auto dy = grads[0].contiguous();
-    const int64_t A = x.size(0), F = wg.size(1);
+    auto dy_AD = grads[0].contiguous();
+    const int64_t A = x_AD.size(0), F = wg_EFD.size(1);
 
-    const int64_t D = wg.size(2);
-    const bool raw = raw_fp32(dy) && raw_fp32(x) && raw_fp32(wg) && raw_fp32(wu) &&
-                     raw_fp32(wd) && wg.is_contiguous() && wu.is_contiguous() &&
-                     wd.is_contiguous();
-    auto dh = at::empty({A, F}, x.options());
+    const int64_t D = wg_EFD.size(2);
+    const bool raw = raw_fp32(dy_AD) && raw_fp32(x_AD) && raw_fp32(wg_EFD) && raw_fp32(wu_EFD) &&
+                     raw_fp32(wd_EDF) && wg_EFD.is_contiguous() && wu_EFD.is_contiguous() &&
+                     wd_EDF.is_contiguous();
+    auto dh_AF = at::empty({A, F}, x_AD.options());
     if (raw) {
-      const float *DY = dy.data_ptr<float>(), *WD = wd.data_ptr<float>();
-      float* DH = dh.data_ptr<float>();
+      const float *DY = dy_AD.data_ptr<float>(), *WD = wd_EDF.data_ptr<float>();
+      float* DH = dh_AF.data_ptr<float>();
       for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
         gemm(false, false, n, F, D, 1, DY + off * D, D, WD + e * D * F, F, 0, DH + off * F, F);
       });
     } else {
       for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
-        auto dhv = dh.narrow(0, off, n);
-        at::mm_out(dhv, dy.narrow(0, off, n), wd.select(0, e));
+        auto dhv_RF = dh_AF.narrow(0, off, n);
+        at::mm_out(dhv_RF, dy_AD.narrow(0, off, n), wd_EDF.select(0, e));
       });
     }
-    auto db = dh * s;
-    auto da = at::silu_backward(dh.mul_(b), a);
+    auto db_AF = dh_AF * s_AF;
+    auto da_AF = at::silu_backward(dh_AF.mul_(b_AF), a_AF);
 
     // Every expert with rows overwrites its whole gradient slice; only idle experts need zeros
     // (zero-filling all three [E, F, D] tensors cost ~3 ms per layer at E = 64).
-    auto dwg = at::empty_like(wg), dwu = at::empty_like(wu), dwd = at::empty_like(wd);
+    auto dwg_EFD = at::empty_like(wg_EFD), dwu_EFD = at::empty_like(wu_EFD),
+         dwd_EDF = at::empty_like(wd_EDF);
     for (size_t e = 0; e < counts.size(); ++e) {
       if (counts[e] > 0) continue;
       const auto ei = static_cast<int64_t>(e);
-      dwg.select(0, ei).zero_();
-      dwu.select(0, ei).zero_();
-      dwd.select(0, ei).zero_();
+      dwg_EFD.select(0, ei).zero_();
+      dwu_EFD.select(0, ei).zero_();
+      dwd_EDF.select(0, ei).zero_();
     }
-    auto dx = at::empty_like(x);
+    auto dx_AD = at::empty_like(x_AD);
     if (raw) {
-      const float *X = x.data_ptr<float>(), *DY = dy.data_ptr<float>(), *H = h.data_ptr<float>(),
-                  *DA = da.data_ptr<float>(), *DB = db.data_ptr<float>(),
-                  *WG = wg.data_ptr<float>(), *WU = wu.data_ptr<float>();
-      float *DWG = dwg.data_ptr<float>(), *DWU = dwu.data_ptr<float>(),
-            *DWD = dwd.data_ptr<float>(), *DX = dx.data_ptr<float>();
+      const float *X = x_AD.data_ptr<float>(), *DY = dy_AD.data_ptr<float>(),
+                  *H = h_AF.data_ptr<float>(), *DA = da_AF.data_ptr<float>(),
+                  *DB = db_AF.data_ptr<float>(), *WG = wg_EFD.data_ptr<float>(),
+                  *WU = wu_EFD.data_ptr<float>();
+      float *DWG = dwg_EFD.data_ptr<float>(), *DWU = dwu_EFD.data_ptr<float>(),
+            *DWD = dwd_EDF.data_ptr<float>(), *DX = dx_AD.data_ptr<float>();
       for_each_expert(counts, [&](int64_t e, int64_t off, int64_t n) {
         const float *xe = X + off * D, *dae = DA + off * F, *dbe = DB + off * F;
         gemm(true, false, D, F, n, 1, DY + off * D, D, H + off * F, F, 0, DWD + e * D * F, F);
@@ -186,20 +189,21 @@ struct GroupedSwiGLU : public torch::autograd::Function<GroupedSwiGLU> {
         gemm(false, false, n, D, F, 1, dae, F, WG + e * F * D, D, 0, DX + off * D, D);
         gemm(false, false, n, D, F, 1, dbe, F, WU + e * F * D, D, 1, DX + off * D, D);
       });
-      return {dx, dwg, dwu, dwd, at::Tensor()};
+      return {dx_AD, dwg_EFD, dwu_EFD, dwd_EDF, at::Tensor()};
     }
     for_each_expert(counts, [&](int64_t ei, int64_t off, int64_t n) {
-      auto xe = x.narrow(0, off, n);
-      auto dae = da.narrow(0, off, n), dbe = db.narrow(0, off, n);
-      auto dwd_e = dwd.select(0, ei), dwg_e = dwg.select(0, ei), dwu_e = dwu.select(0, ei);
-      at::mm_out(dwd_e, dy.narrow(0, off, n).t(), h.narrow(0, off, n));
-      at::mm_out(dwg_e, dae.t(), xe);
-      at::mm_out(dwu_e, dbe.t(), xe);
-      auto dxe = dx.narrow(0, off, n);
-      at::mm_out(dxe, dae, wg.select(0, ei));
-      dxe.addmm_(dbe, wu.select(0, ei));
+      auto xe_RD = x_AD.narrow(0, off, n);
+      auto dae_RF = da_AF.narrow(0, off, n), dbe_RF = db_AF.narrow(0, off, n);
+      auto dwd_e = dwd_EDF.select(0, ei), dwg_e = dwg_EFD.select(0, ei),
+           dwu_e = dwu_EFD.select(0, ei);
+      at::mm_out(dwd_e, dy_AD.narrow(0, off, n).t(), h_AF.narrow(0, off, n));
+      at::mm_out(dwg_e, dae_RF.t(), xe_RD);
+      at::mm_out(dwu_e, dbe_RF.t(), xe_RD);
+      auto dxe_RD = dx_AD.narrow(0, off, n);
+      at::mm_out(dxe_RD, dae_RF, wg_EFD.select(0, ei));
+      dxe_RD.addmm_(dbe_RF, wu_EFD.select(0, ei));
     });
-    return {dx, dwg, dwu, dwd, at::Tensor()};
+    return {dx_AD, dwg_EFD, dwu_EFD, dwd_EDF, at::Tensor()};
   }
 };
 

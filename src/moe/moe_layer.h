@@ -18,9 +18,16 @@
 // the trainer clears after the optimizer step. Micro-batch m of a step therefore sees the counts
 // of micro-batches 1..m (Megatron's running average); the last one sees the whole global batch.
 //
-// Capacity (capacity_factor > 0): each expert keeps at most ceil(cf * T * K / E) assignments, by
-// gate (drop_policy: probability) or by token position (drop_policy: position); dropped
-// assignments contribute nothing (the token keeps its residual path and the other experts).
+// The forward is a pipeline of stages, each behind an interface so that an architecture or a
+// parallel layout replaces a stage, not the layer:
+//   route     the router (registry `routers`, moe/router.h)
+//   restrict  the slot map's visible slots (moe/slot_map.h, built by the model kind) and the
+//             block-routing policy's per-block expert sets (moe/block_routing.h)
+//   capacity  CapacityLimit (moe/capacity_limit.h; null: dropless)
+//   dispatch  Dispatcher (registry `dispatchers`, moe/dispatcher.h) runs the pool's experts on
+//   experts   the kept assignments, the slot map naming the pool and each slot's pool expert
+//   combine   the gated expert outputs summed per token, plus the shared experts
+// then the routing statistics and losses of a training forward, and the observers.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -32,21 +39,17 @@
 #include <nlohmann/json.hpp>
 
 #include "core/config.h"
+#include "moe/capacity_limit.h"
 #include "moe/context.h"
 #include "moe/experts.h"
 #include "moe/router.h"
 #include "moe/routing_loss.h"
+#include "moe/slot_map.h"
 #include "nn/layers.h"
 
 namespace mixdiff {
 
 class Dispatcher;
-
-/// Which assignments over an expert's capacity are dropped first.
-enum class DropPolicy {
-  kProbability,  ///< the lowest gates
-  kPosition,     ///< the latest token positions
-};
 
 struct MoeOptions {
   int64_t d_model = 0;
@@ -54,40 +57,11 @@ struct MoeOptions {
   int64_t d_expert = 0;         ///< routed expert width F
   int64_t n_shared = 0;         ///< always-active shared experts
   int64_t d_shared = 0;         ///< their total width (default n_shared * d_expert)
-  double capacity_factor = 0;   ///< 0: dropless
-  DropPolicy drop_policy = DropPolicy::kProbability;
+  std::shared_ptr<CapacityLimit> capacity;  ///< null: dropless (capacity_factor 0)
   std::shared_ptr<Dispatcher> dispatcher;  ///< registry `dispatchers`; null: sorted
   int64_t stat_buckets = 4;     ///< mask-ratio buckets of the telemetry
   /// Reads the keys of `model.moe` that belong to one layer (not the router).
   static MoeOptions from(const ConfigNode& moe, int64_t d_model);
-};
-
-/// Which router slots a layer may choose at a step: a fixed mask (UniPool's per-layer visibility)
-/// and/or a progressive schedule (ReXMoE's PSR: `start` slots of `order_S` visible at step 0,
-/// growing linearly to all of them at `ramp_steps`). Outside training every slot of the fixed
-/// mask is visible.
-struct VisibilitySchedule {
-  at::Tensor fixed_S;     ///< bool [S]; undefined: every slot
-  at::Tensor order_S;     ///< int64 [S]: slots in the order they become visible; undefined: none
-  int64_t start = 0;      ///< slots visible at step 0 under the schedule
-  int64_t ramp_steps = 0; ///< steps until every slot is visible
-  /// bool [S] for this step, or undefined when every slot is visible.
-  at::Tensor at(int64_t step, bool training) const;
-  bool active() const { return fixed_S.defined() || order_S.defined(); }
-};
-
-class ExpertPool;
-
-/// What a layer routes into. Defaults: the layer owns a pool of n_expert experts and routes
-/// slot e to expert e (vanilla MoE). Shared pools (UniPool, Chain-of-Experts' iterations,
-/// ReXMoE's groups) are owned and registered by the model; `candidates_S` maps the router's slots
-/// to pool experts.
-struct LayerExperts {
-  std::shared_ptr<ExpertPool> pool;  ///< null: own pool
-  at::Tensor candidates_S;           ///< int64 [S]: pool expert of each router slot
-  std::shared_ptr<SwiGLU> shared;    ///< null: own shared experts (when n_shared > 0)
-  VisibilitySchedule visibility;
-  int64_t pool_users = 1;            ///< routed layers drawing on `pool` (pool-level losses)
 };
 
 class BlockRoutingPolicy;
@@ -95,7 +69,9 @@ class RoutingObserver;
 
 class MoeLayer : public FeedForward {
  public:
-  MoeLayer(const MoeOptions& o, std::shared_ptr<RouterBase> router, LayerExperts experts = {});
+  /// `slots`: what the router's slots stand for (null: SlotMap{}, the layer's own experts).
+  MoeLayer(const MoeOptions& o, std::shared_ptr<RouterBase> router,
+           std::shared_ptr<SlotMap> slots = nullptr);
 
   at::Tensor forward(const at::Tensor& x_BLD, const RoutingContext* ctx) override;
   std::vector<MoeLayer*> routed_layers() override { return {this}; }
@@ -122,13 +98,9 @@ class MoeLayer : public FeedForward {
   /// Index of the transformer block this layer sits in (set by the backbone).
   void set_block_index(int64_t i) { block_ = i; }
   int64_t block_index() const { return block_; }
-  /// Chain-of-Experts iteration of this routing step (-1: plain MoE layer).
-  void set_iteration(int64_t c) { iteration_ = c; }
-  int64_t iteration() const { return iteration_; }
-  /// Pool-expert index of each router slot (undefined: identity).
-  const at::Tensor& candidates() const { return ex_.candidates_S; }
-  /// Whether the pool and shared experts are this layer's own (counted with it).
-  bool owns_pool() const { return owns_pool_; }
+  /// Chain-of-Experts iteration of this routing step (-1: plain MoE layer; the slot map's).
+  int64_t iteration() const { return slots_->iteration; }
+  const SlotMap& slots() const { return *slots_; }
   /// Block routing (src/moe/block_routing.h); null: token-level.
   void set_block_routing(std::shared_ptr<BlockRoutingPolicy> p) { block_policy_ = std::move(p); }
   RouterBase& router() { return *router_; }
@@ -139,18 +111,18 @@ class MoeLayer : public FeedForward {
   const MoeOptions& options() const { return o_; }
   std::string describe() const;
 
-  /// Capacity selection: indices into the assignments that survive (sorted), or undefined when
-  /// nothing is dropped. Public for tests.
-  static at::Tensor capacity_keep(const at::Tensor& expert_A, const at::Tensor& priority_A,
-                                  int64_t n_expert, int64_t capacity);
-
  private:
+  /// restrict: the slot map's visible slots and the block policy's allowed sets, into ctx.
+  void restrict(const at::Tensor& x_TD, RoutingContext& ctx);
+  /// Training forwards: the global-batch counts, then the routing losses attached to y_TD.
+  at::Tensor account(const RoutingDecision& d, const RoutingContext& ctx, int64_t T,
+                     at::Tensor y_TD);
+
   MoeOptions o_;
   std::shared_ptr<RouterBase> router_;
   std::shared_ptr<ExpertPool> pool_;
   std::shared_ptr<SwiGLU> shared_;
-  LayerExperts ex_;
-  bool owns_pool_ = true;
+  std::shared_ptr<SlotMap> slots_;
   std::vector<WeightedRoutingLoss> aux_;
   std::vector<double> aux_values_;
   double aux_scale_ = 1.0;
@@ -158,7 +130,6 @@ class MoeLayer : public FeedForward {
   double last_global_lbl_ = 0;
   StatReducer reduce_;
   int64_t block_ = -1;
-  int64_t iteration_ = -1;
   std::shared_ptr<BlockRoutingPolicy> block_policy_;
   std::vector<std::shared_ptr<RoutingObserver>> observers_;
 };

@@ -14,8 +14,8 @@ std::pair<double, int64_t> unique_experts_per_block(const at::Tensor& block_T,
   auto blocks = valid_T.defined() ? block_T.masked_select(valid_T) : block_T;
   const int64_t n_blocks = std::get<0>(at::_unique(blocks)).size(0);
   if (expert_A.numel() == 0) return {0.0, n_blocks};
-  auto pairs = block_T.index_select(0, token_A) * n_expert + expert_A;
-  return {static_cast<double>(std::get<0>(at::_unique(pairs)).size(0)), n_blocks};
+  auto pairs_A = block_T.index_select(0, token_A) * n_expert + expert_A;
+  return {static_cast<double>(std::get<0>(at::_unique(pairs_A)).size(0)), n_blocks};
 }
 
 RoutingStats::RoutingStats(int64_t n_expert, int64_t buckets)
@@ -36,31 +36,34 @@ void RoutingStats::add(const RoutingDecision& d, const at::Tensor& kept_token_A,
                        int64_t routed, const RoutingContext& ctx) {
   torch::NoGradGuard ng;
   const int64_t T = d.probs_TS.size(0);
-  auto w = valid_weights(ctx.valid_T, T, d.probs_TS.device());
-  const double tokens = w.sum().item<double>();
+  auto w_T = valid_weights(ctx.valid_T, T, d.probs_TS.device());
+  const double tokens = w_T.sum().item<double>();
   tokens_ += tokens;
   routed_ += static_cast<double>(routed);
   kept_ += static_cast<double>(kept_expert_A.numel());
-  auto ex = kept_expert_A.to(torch::kCPU);
-  const auto tok = kept_token_A.to(torch::kCPU);
-  const auto w64 = w.to(torch::kCPU, torch::kFloat64);
-  counts_E_ += torch::bincount(ex, {}, n_expert_).to(torch::kFloat64);
-  auto per_tok = torch::bincount(tok, {}, T).clamp_max(8);
-  per_token_hist_ += torch::bincount(per_tok, w64, 9);
+  auto ex_A = kept_expert_A.to(torch::kCPU);
+  const auto tok_A = kept_token_A.to(torch::kCPU);
+  const auto w64_T = w_T.to(torch::kCPU, torch::kFloat64);
+  counts_E_ += torch::bincount(ex_A, {}, n_expert_).to(torch::kFloat64);
+  auto per_tok_T = torch::bincount(tok_A, {}, T).clamp_max(8);
+  per_token_hist_ += torch::bincount(per_tok_T, w64_T, 9);
   auto gate_sum_T = torch::zeros({T}, torch::kFloat64)
-                        .index_add_(0, tok, kept_gate_A.detach().abs().to(torch::kCPU, torch::kFloat64));
-  zero_gate_ += ((per_tok > 0) & (gate_sum_T == 0)).to(torch::kFloat64).mul(w64).sum().item<double>();
-  auto p = d.probs_TS.detach();
-  auto ent = -(p * p.clamp_min(1e-30).log()).sum(1);
-  entropy_sum_ += (ent * w.to(ent.device())).sum().item<double>();
+                        .index_add_(0, tok_A,
+                                    kept_gate_A.detach().abs().to(torch::kCPU, torch::kFloat64));
+  zero_gate_ +=
+      ((per_tok_T > 0) & (gate_sum_T == 0)).to(torch::kFloat64).mul(w64_T).sum().item<double>();
+  auto p_TS = d.probs_TS.detach();
+  auto ent_T = -(p_TS * p_TS.clamp_min(1e-30).log()).sum(1);
+  entropy_sum_ += (ent_T * w_T.to(ent_T.device())).sum().item<double>();
   if (ctx.mask_ratio_B.defined() && ctx.seq_T.defined()) {
-    auto r = ctx.mask_ratio_B.to(torch::kCPU).to(torch::kFloat64);
-    auto b_B = (r * static_cast<double>(buckets_)).floor().clamp(0, buckets_ - 1).to(torch::kLong);
+    auto r_B = ctx.mask_ratio_B.to(torch::kCPU).to(torch::kFloat64);
+    auto b_B =
+        (r_B * static_cast<double>(buckets_)).floor().clamp(0, buckets_ - 1).to(torch::kLong);
     auto b_T = b_B.index_select(0, ctx.seq_T.to(torch::kCPU));
-    bucket_tokens_N_.index_add_(0, b_T, w64);
-    auto b_A = b_T.index_select(0, tok);
-    auto flat = bucket_counts_NE_.view({-1});
-    flat.index_add_(0, b_A * n_expert_ + ex, torch::ones({ex.numel()}, torch::kFloat64));
+    bucket_tokens_N_.index_add_(0, b_T, w64_T);
+    auto b_A = b_T.index_select(0, tok_A);
+    auto flat = bucket_counts_NE_.view({-1});  // [N * E]
+    flat.index_add_(0, b_A * n_expert_ + ex_A, torch::ones({ex_A.numel()}, torch::kFloat64));
   }
 }
 

@@ -53,12 +53,12 @@ bool updates_state(const torch::nn::Module& m, const RoutingContext& ctx) {
 
 at::Tensor restrict_to_allowed(const at::Tensor& sel, const RoutingContext& ctx, int64_t n_real) {
   if (!ctx.allowed_TS.defined()) return sel;
-  auto allowed = ctx.allowed_TS.to(sel.device());
+  auto allowed_TS = ctx.allowed_TS.to(sel.device());
   if (sel.size(1) > n_real) {
-    allowed = torch::cat(
-        {allowed, torch::ones({sel.size(0), sel.size(1) - n_real}, allowed.options())}, 1);
+    allowed_TS = torch::cat(
+        {allowed_TS, torch::ones({sel.size(0), sel.size(1) - n_real}, allowed_TS.options())}, 1);
   }
-  return sel.masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
+  return sel.masked_fill(allowed_TS.logical_not(), -std::numeric_limits<float>::infinity());
 }
 
 at::Tensor valid_weights(const at::Tensor& valid_T, int64_t T, const at::Device& device) {
@@ -73,12 +73,12 @@ at::Tensor router_logits_fp32(const at::Tensor& x_TD, const at::Tensor& weight_S
 
 at::Tensor hide_invisible_slots(RoutingDecision& d, const RoutingContext& ctx, int64_t n_real,
                                 double fill) {
-  at::Tensor vis = slot_visibility(ctx, n_real, d.logits_TS.size(1));
-  if (!vis.defined()) return vis;
-  vis = vis.to(d.logits_TS.device());
-  d.logits_TS = d.logits_TS.masked_fill(vis.logical_not(), fill);
-  d.n_visible = vis.sum().item<int64_t>();
-  return vis;
+  at::Tensor vis_S = slot_visibility(ctx, n_real, d.logits_TS.size(1));
+  if (!vis_S.defined()) return vis_S;
+  vis_S = vis_S.to(d.logits_TS.device());
+  d.logits_TS = d.logits_TS.masked_fill(vis_S.logical_not(), fill);
+  d.n_visible = vis_S.sum().item<int64_t>();
+  return vis_S;
 }
 
 at::Tensor slot_counts(const at::Tensor& idx_TK, int64_t n_slots, const at::Tensor& valid_T) {
@@ -88,10 +88,10 @@ at::Tensor slot_counts(const at::Tensor& idx_TK, int64_t n_slots, const at::Tens
 at::Tensor selection_map(const at::Tensor& idx_TK, int64_t n_slots, const at::Tensor& valid_T) {
   torch::NoGradGuard ng;
   const int64_t T = idx_TK.size(0);
-  auto map = torch::zeros({T, n_slots}, idx_TK.options().dtype(torch::kFloat32));
-  map.scatter_(1, idx_TK, 1.0);
-  if (valid_T.defined()) map.mul_(valid_T.to(map.device(), torch::kFloat32).unsqueeze(1));
-  return map;
+  auto map_TS = torch::zeros({T, n_slots}, idx_TK.options().dtype(torch::kFloat32));
+  map_TS.scatter_(1, idx_TK, 1.0);
+  if (valid_T.defined()) map_TS.mul_(valid_T.to(map_TS.device(), torch::kFloat32).unsqueeze(1));
+  return map_TS;
 }
 
 at::Tensor slot_visibility(const RoutingContext& ctx, int64_t n_real, int64_t n_slots) {
@@ -108,7 +108,7 @@ void fill_assignments(RoutingDecision& d, const at::Tensor& idx_TK, const at::Te
   auto token = torch::arange(T, idx_TK.options().dtype(torch::kLong))
                    .unsqueeze(1)
                    .expand({T, K})
-                   .reshape({-1});
+                   .reshape({-1});  // [T * K]: every (token, slot) pair, row-major
   auto expert = idx_TK.reshape({-1});
   auto gate = gate_TK.reshape({-1});
   auto keep = expert < d.n_expert;
@@ -121,10 +121,10 @@ void fill_assignments(RoutingDecision& d, const at::Tensor& idx_TK, const at::Te
     d.gate_A = gate;
     return;
   }
-  auto pos = keep.nonzero().squeeze(1);
-  d.token_A = token.index_select(0, pos);
-  d.expert_A = expert.index_select(0, pos);
-  d.gate_A = gate.index_select(0, pos);
+  auto pos_A = keep.nonzero().squeeze(1);
+  d.token_A = token.index_select(0, pos_A);
+  d.expert_A = expert.index_select(0, pos_A);
+  d.gate_A = gate.index_select(0, pos_A);
 }
 
 }  // namespace mixdiff

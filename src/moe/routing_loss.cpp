@@ -12,8 +12,8 @@ RoutingLossRegistry& routing_losses_registry() {
 }
 
 at::Tensor real_token_mean(const at::Tensor& v_T, const RoutingContext& ctx) {
-  auto w = valid_weights(ctx.valid_T, v_T.size(0), v_T.device());
-  return (v_T * w).sum() / w.sum().clamp_min(1.0);
+  auto w_T = valid_weights(ctx.valid_T, v_T.size(0), v_T.device());
+  return (v_T * w_T).sum() / w_T.sum().clamp_min(1.0);
 }
 
 void GlobalLoad::reset() {

@@ -22,6 +22,7 @@
 #include "moe/observers.h"
 #include "report/report.h"
 #include "train/checkpoint.h"
+#include "train/metrics_logger.h"
 #include "core/safetensors.h"
 
 namespace mixdiff {
@@ -58,20 +59,6 @@ uint64_t mix_seed(uint64_t seed, uint64_t step, uint64_t micro) {
   return x ^ (x >> 32);
 }
 
-std::string format_duration(double s) {
-  if (!std::isfinite(s) || s < 0) return "?";
-  const int64_t t = static_cast<int64_t>(s + 0.5);
-  char buf[32];
-  if (t >= 3600) {
-    std::snprintf(buf, sizeof(buf), "%lldh%02lldm", static_cast<long long>(t / 3600),
-                  static_cast<long long>(t % 3600 / 60));
-  } else {
-    std::snprintf(buf, sizeof(buf), "%lldm%02llds", static_cast<long long>(t / 60),
-                  static_cast<long long>(t % 60));
-  }
-  return buf;
-}
-
 }  // namespace
 
 TrainOptions TrainOptions::from(const ConfigNode& recipe) {
@@ -99,14 +86,7 @@ TrainOptions TrainOptions::from(const ConfigNode& recipe) {
   if (o.keep_checkpoints < 0) t.fail("keep_checkpoints", "expected >= 0 (0 keeps all)");
   ConfigNode d = recipe.section("diffusion");
   o.random_length_prob = d.get<double>("random_length_prob", 0.0);
-  o.objective = d.get<std::string>("objective", "masked");
-  if (o.objective != "masked" && o.objective != "block") {
-    d.fail("objective", "expected masked or block, got '" + o.objective + "'");
-  }
-  if (o.objective == "block") {
-    o.diffusion_block = d.get<int64_t>("block_size", 32);
-    if (o.diffusion_block <= 0) d.fail("block_size", "expected a positive block size");
-  }
+  o.objective = create_named(objectives_registry(), d, "objective", "masked", d);
   if (!(o.random_length_prob >= 0 && o.random_length_prob <= 1)) {
     d.fail("random_length_prob", "expected a probability in [0, 1]");
   }
@@ -124,6 +104,39 @@ TrainOptions TrainOptions::from(const ConfigNode& recipe) {
   o.bucket_bytes = static_cast<int64_t>(bucket_mb * (1 << 20));
   o.dist_timeout_s = dist.get<double>("timeout_s", 300.0);
   if (!(o.dist_timeout_s > 0)) dist.fail("timeout_s", "expected a positive number of seconds");
+  return o;
+}
+
+// Read here, with the recipe checks, because every recipe with an `upcycle:` section is validated
+// when it is read; `mixdiff upcycle` (src/app/upcycle.cpp) uses it.
+UpcycleOptions UpcycleOptions::from(const ConfigNode& c) {
+  UpcycleOptions o;
+  o.selection = c.get<std::string>("selection", "uniform");
+  if (o.selection != "uniform" && o.selection != "utility") {
+    c.fail("selection", "expected uniform or utility, got '" + o.selection + "'");
+  }
+  o.metric = c.get<std::string>("metric", "weight_norm");
+  if (o.metric != "weight_norm" && o.metric != "gradient_squared" &&
+      o.metric != "weight_grad_product" && o.metric != "approx_fisher") {
+    c.fail("metric", "expected weight_norm, gradient_squared, weight_grad_product or "
+                     "approx_fisher, got '" + o.metric + "'");
+  }
+  o.max_duplicates = c.get<int64_t>("max_duplicates", 3);
+  if (o.max_duplicates < 1) c.fail("max_duplicates", "expected at least 1");
+  o.utility_batches = c.get<int64_t>("utility_batches", 4);
+  if (o.utility_batches < 1) c.fail("utility_batches", "expected at least 1");
+  o.copies = c.get<std::string>("copies", "dormant");
+  if (o.copies != "dormant" && o.copies != "paper") {
+    c.fail("copies", "expected dormant or paper, got '" + o.copies + "'");
+  }
+  o.dormant_margin = c.get<double>("dormant_margin", 10.0);
+  if (!(o.dormant_margin > 0)) c.fail("dormant_margin", "expected a positive margin");
+  o.optimizer = c.get<std::string>("optimizer", "copy");
+  if (o.optimizer != "copy" && o.optimizer != "reset") {
+    c.fail("optimizer", "expected copy or reset, got '" + o.optimizer + "'");
+  }
+  o.reset_step = c.get<bool>("reset_step", false);
+  o.seed = c.get<int64_t>("seed", 0);
   return o;
 }
 
@@ -240,13 +253,8 @@ TrainerParts build_trainer_parts(const ConfigNode& recipe, std::unique_ptr<DataS
   for (MoeLayer* l : p.model->moe_layers()) l->set_aux_losses(routing);
 
   p.options = TrainOptions::from(recipe);
-  if (p.options.objective == "block" &&
-      (p.model->attention() != "block_causal" ||
-       p.model->attention_block() != p.options.diffusion_block)) {
-    recipe.at("diffusion").fail(
-        "objective", str("block diffusion trains a block-causal model with the same block size: "
-                         "set model.attention: block_causal and model.block_size: ",
-                         p.options.diffusion_block));
+  if (const std::string why = p.options.objective->refuses(*p.model); !why.empty()) {
+    recipe.at("diffusion").fail("objective", why);
   }
   if (recipe.has("upcycle")) UpcycleOptions::from(recipe.at("upcycle"));
   if (recipe.has("init")) {
@@ -411,21 +419,9 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
       const int64_t len = torch::randint(1, x0.size(1) + 1, {1}, gen).item<int64_t>();
       x0 = x0.narrow(1, 0, len).contiguous();
     }
-    const int64_t Lb = x0.size(1);
-    DiffusionBatch batch = training_noise(x0, *parts_.schedule, model.mask_id(), gen, W, r,
-                                          o.objective == "block" ? o.diffusion_block : 0);
-    at::Tensor bd3_bias;
-    if (o.objective == "block") bd3_bias = bd3_training_bias(Lb, o.diffusion_block);
+    DiffusionBatch batch = o.objective->noise(x0, *parts_.schedule, model.mask_id(), gen, W, r);
     if (!parts_.device.is_cpu()) batch = to_device(batch, parts_.device);
-    ModelInput in(bd3_bias.defined() ? torch::cat({batch.xt_BL, x0.to(parts_.device)}, 1)
-                                     : batch.xt_BL,
-                  batch.index_M);
-    if (bd3_bias.defined()) {
-      in.attn_bias = bd3_bias.to(parts_.device);
-      auto pos = torch::arange(Lb, torch::kLong);
-      in.positions_L = torch::cat({pos, pos}).to(parts_.device);
-      in.noisy_len = Lb;  // routing's mask ratio: the noisy half's
-    }
+    ModelInput in = o.objective->input(batch, x0.to(parts_.device));
     in.step = step;
     in.micro = m;
     data_scope.stop();
@@ -557,7 +553,7 @@ void Trainer::evaluate(nlohmann::json* metrics) {
   NelboResult r = validation_nelbo(*parts_.model, val_seqs_, parts_.options.eval_batch_size,
                                    static_cast<uint64_t>(parts_.options.eval_seed),
                                    dp_ ? dp_->rank() : 0, static_cast<int>(world()), sum,
-                                   parts_.options.objective == "block" ? parts_.options.diffusion_block : 0);
+                                   parts_.options.objective->validation_block());
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   state_.last_val_nelbo = r.nelbo;
@@ -696,30 +692,20 @@ int Trainer::fit() {
   }
 
   using clock = std::chrono::steady_clock;
-  auto last_log = clock::now();
   const auto start = clock::now();
   const double elapsed_before = state_.elapsed_s;
-  const int64_t first_step = state_.step;
-  double interval_loss = 0;
-  int64_t interval_steps = 0, interval_tokens = 0;
   std::vector<std::string> aux_names;
   for (const auto& l : parts_.losses) {
     if (l.routing) aux_names.push_back(l.name);
   }
-  std::vector<double> interval_aux(aux_names.size(), 0.0);
-  double interval_comm_s = 0;
+  MetricsLogger logger(aux_names, o.steps, state_.step);
   int64_t consecutive_skips = 0;
 
   while (state_.step < o.steps) {
     const int64_t step = state_.step;
     const StepResult r = run_step(step);
-    const int64_t tokens = r.tokens;
-    const double grad_norm = r.grad_norm, loss = r.loss;
-    const bool nonfinite = r.nonfinite;
-    const double comm_s = dp_ ? dp_->take_comm_seconds() : 0.0;
-    interval_comm_s += comm_s;
-    for (size_t i = 0; i < r.aux.size() && i < interval_aux.size(); ++i) interval_aux[i] += r.aux[i];
-    if (nonfinite) {
+    logger.add(r.loss, r.tokens, !r.nonfinite, r.aux, dp_ ? dp_->take_comm_seconds() : 0.0);
+    if (r.nonfinite) {
       ++consecutive_skips;
       if (o.on_nonfinite == "stop" || consecutive_skips > o.max_skips) {
         const std::string why = o.on_nonfinite == "stop"
@@ -728,79 +714,35 @@ int Trainer::fit() {
                                           o.max_skips, ")");
         // Nothing of the bad step was applied: the weights are those of the last good step.
         const std::string dir = checkpoint();
-        log(str("error: non-finite loss or gradient (loss ", loss, ") at step ", step + 1, "; ",
+        log(str("error: non-finite loss or gradient (loss ", r.loss, ") at step ", step + 1, "; ",
                 why, "; stopped with a checkpoint of the last good state (step ", state_.step,
                 "): ", dir));
         return 3;
       }
-      log(str("warning: non-finite loss or gradient (loss ", loss, ") at step ", step + 1,
+      log(str("warning: non-finite loss or gradient (loss ", r.loss, ") at step ", step + 1,
               "; update skipped (", consecutive_skips, " in a row, at most ", o.max_skips, ")"));
     } else {
       consecutive_skips = 0;
     }
     state_.step = step + 1;
-    state_.tokens += tokens;
-    if (!nonfinite) {
-      interval_loss += loss;
-      ++interval_steps;
-    }
-    interval_tokens += tokens;
+    state_.tokens += r.tokens;
     state_.elapsed_s = elapsed_before + std::chrono::duration<double>(clock::now() - start).count();
 
     const bool last = state_.step == o.steps;
     nlohmann::json metrics;
     if (state_.step % o.log_every == 0 || last) {
-      const auto now = clock::now();
-      const double dt = std::chrono::duration<double>(now - last_log).count();
-      const double tps = dt > 0 ? static_cast<double>(interval_tokens) / dt : 0;
-      const double per_step = std::chrono::duration<double>(now - start).count() /
-                              static_cast<double>(state_.step - first_step);
       const double lr = parts_.base_lr * parts_.lr_schedule->factor(step);
-      char buf[256];
-      std::snprintf(buf, sizeof(buf),
-                    "step %6lld/%lld | loss %.4f | lr %.2e | grad %.3f | %.0f tok/s | elapsed %s | "
-                    "eta %s",
-                    static_cast<long long>(state_.step), static_cast<long long>(o.steps),
-                    interval_steps > 0 ? interval_loss / static_cast<double>(interval_steps)
-                                       : std::nan(""),
-                    lr, grad_norm, tps,
-                    format_duration(state_.elapsed_s).c_str(),
-                    format_duration(per_step * static_cast<double>(o.steps - state_.step)).c_str());
-      std::string line = buf;
-      nlohmann::json aux_json = nlohmann::json::object();
-      for (size_t i = 0; i < aux_names.size(); ++i) {
-        const double v = interval_aux[i] / static_cast<double>(interval_steps);
-        char b[64];
-        std::snprintf(b, sizeof(b), " | %s %.4g", aux_names[i].c_str(), v);
-        line += b;
-        aux_json[aux_names[i]] = v;
-        interval_aux[i] = 0;
-      }
-      log(line);
-      metrics = {{"step", state_.step},
-                 {"loss", interval_loss / static_cast<double>(interval_steps)},
-                 {"lr", lr},
-                 {"grad_norm", grad_norm},
-                 {"tokens", state_.tokens},
-                 {"tokens_per_s", tps},
-                 {"elapsed_s", state_.elapsed_s}};
-      if (!aux_names.empty()) metrics["aux"] = aux_json;
-      if (world() > 1) {
-        metrics["world_size"] = world();
-        metrics["allreduce_s_per_step"] = interval_comm_s / static_cast<double>(interval_steps);
-      }
-      interval_comm_s = 0;
+      MetricsLogger::Record rec =
+          logger.take(state_.step, state_.tokens, lr, r.grad_norm, state_.elapsed_s, world());
+      log(rec.line);
+      metrics = std::move(rec.metrics);
       nlohmann::json moe = take_moe_stats();
       if (!moe.is_null()) metrics["moe"] = moe;
-      interval_loss = 0;
-      interval_steps = 0;
-      interval_tokens = 0;
-      last_log = now;
     }
     if (last || (o.eval_every > 0 && state_.step % o.eval_every == 0)) {
       if (metrics.is_null()) metrics = {{"step", state_.step}, {"tokens", state_.tokens}};
       evaluate(&metrics);
-      last_log = clock::now();  // evaluation time is not training throughput
+      logger.restart_clock();
     }
     if (!metrics.is_null()) append_metrics(metrics);
     // A signal may reach the ranks at different steps: they agree on the largest.
@@ -813,7 +755,7 @@ int Trainer::fit() {
     if (last || sig != 0 || (o.ckpt_every > 0 && state_.step % o.ckpt_every == 0)) {
       const std::string dir = checkpoint();
       log(str("checkpoint: ", dir));
-      last_log = clock::now();
+      logger.restart_clock();
     }
     if (last && is_main()) {
       // Accounting from what the routers did: the run's mean experts per token (top-p, null

@@ -21,6 +21,7 @@
 #include "moe/context.h"
 #include "diffusion/diffusion.h"
 #include "loss/loss.h"
+#include "loss/objective.h"
 #include "model/model.h"
 #include "train/data_source.h"
 #include "train/optim.h"
@@ -41,10 +42,8 @@ struct TrainOptions {
   std::string on_nonfinite = "stop";
   int64_t max_skips = 10;
   double random_length_prob = 0.0;  ///< LLaDA's 1%: truncate the batch to a random length
-  /// diffusion.objective: masked (one t per sequence, MDLM/LLaDA) or block (BD3-LM: one t per
-  /// block of diffusion.block_size, the vectorised [x_t ; x_0] forward with BD3's mask).
-  std::string objective = "masked";
-  int64_t diffusion_block = 0;
+  /// diffusion.objective (registry `objectives`, loss/objective.h): masked (default) or block.
+  std::shared_ptr<DiffusionObjective> objective;
   int64_t eval_every = 0;           ///< 0: only at the end
   int64_t eval_sequences = 128;
   int64_t eval_batch_size = 32;

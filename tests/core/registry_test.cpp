@@ -28,6 +28,7 @@ TEST(UnitRegistry, EveryExtensionPointHasItsBuiltIns) {
       {"routing_losses", {"load_balance", "z_loss", "erc", "router_entropy", "pool_balance",
                           "pool_cardinality"}},
       {"dispatchers", {"sorted", "loop"}},
+      {"objectives", {"masked", "block"}},
       {"schedules", {"linear", "cosine"}},
       {"data_sources", {"token_shards"}},
       {"optimizers", {"adamw"}},

@@ -140,17 +140,6 @@ TEST(ComponentMoe, DroplessEqualsCapacityWhenNothingDrops) {
   EXPECT_GT(max_diff(a->forward(x, nullptr), c->forward(x, nullptr)), 1e-4);
 }
 
-TEST(UnitMoe, CapacityKeepsTheBestByPolicy) {
-  // Expert 0 gets 4 assignments (tokens 0..3), expert 1 one; capacity 2.
-  auto expert = torch::tensor({0, 0, 0, 1, 0}, torch::kLong);
-  auto gate = torch::tensor({0.1, 0.9, 0.5, 0.3, 0.7});
-  auto by_prob = MoeLayer::capacity_keep(expert, -gate, 2, 2);
-  EXPECT_TRUE(torch::equal(by_prob, torch::tensor({1, 3, 4}, torch::kLong))) << by_prob;
-  auto by_pos = MoeLayer::capacity_keep(expert, torch::arange(5).to(torch::kDouble), 2, 2);
-  EXPECT_TRUE(torch::equal(by_pos, torch::tensor({0, 1, 3}, torch::kLong))) << by_pos;
-  EXPECT_FALSE(MoeLayer::capacity_keep(expert, -gate, 2, 4).defined());  // nothing dropped
-}
-
 TEST(UnitRouter, RenormalisedTopKGatesSumToTheScalingFactor) {
   torch::manual_seed(4);
   for (const char* score : {"softmax", "sigmoid"}) {
