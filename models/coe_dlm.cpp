@@ -19,11 +19,14 @@
 namespace mixdiff {
 namespace {
 
+/// model.moe.residual (see the header comment).
+enum class Residual { kCode, kPaper, kOuter };
+
 class ChainOfExperts : public FeedForward {
  public:
-  ChainOfExperts(const MoeOptions& mo, int64_t iterations, std::string residual,
+  ChainOfExperts(const MoeOptions& mo, int64_t iterations, Residual residual,
                  const std::function<std::shared_ptr<RouterBase>()>& make_router, double eps)
-      : residual_(std::move(residual)) {
+      : residual_(residual) {
     pool_ = register_module("experts",
                             std::make_shared<ExpertPool>(mo.n_expert, mo.d_model, mo.d_expert));
     if (mo.n_shared > 0) {
@@ -39,7 +42,7 @@ class ChainOfExperts : public FeedForward {
       iters_.push_back(l);
       iters->push_back(l);
     }
-    if (residual_ == "paper") {
+    if (residual_ == Residual::kPaper) {
       auto norms = register_module("norms", torch::nn::ModuleList());
       for (int64_t c = 1; c < iterations; ++c) {
         norms_.push_back(std::make_shared<RMSNorm>(mo.d_model, eps));
@@ -55,7 +58,7 @@ class ChainOfExperts : public FeedForward {
   at::Tensor residual(const at::Tensor& h, const at::Tensor& normed,
                       const RoutingContext* ctx) override {
     const auto C = iters_.size();
-    if (residual_ == "paper") {
+    if (residual_ == Residual::kPaper) {
       at::Tensor x = h;
       for (size_t c = 0; c < C; ++c) {
         x = x + iters_[c]->forward(c == 0 ? normed : norms_[c - 1]->forward(x), ctx);
@@ -64,9 +67,10 @@ class ChainOfExperts : public FeedForward {
     }
     at::Tensor x = normed;
     for (size_t c = 0; c < C; ++c) {
-      x = residual_ == "code" ? x + iters_[c]->forward(x, ctx) : iters_[c]->forward(x, ctx);
+      x = residual_ == Residual::kCode ? x + iters_[c]->forward(x, ctx)
+                                       : iters_[c]->forward(x, ctx);
     }
-    return residual_ == "outer" ? h + x : x;
+    return residual_ == Residual::kOuter ? h + x : x;
   }
 
   std::vector<MoeLayer*> routed_layers() override {
@@ -76,7 +80,7 @@ class ChainOfExperts : public FeedForward {
   }
 
  private:
-  std::string residual_;
+  Residual residual_;
   std::shared_ptr<ExpertPool> pool_;
   std::shared_ptr<SwiGLU> shared_;
   std::vector<std::shared_ptr<MoeLayer>> iters_;
@@ -87,10 +91,10 @@ std::shared_ptr<ModelBase> build(const ConfigNode& c) {
   const MoeModelRecipe r(c, "Chain-of-Experts");
   const int64_t C = r.moe.get<int64_t>("iterations", 2);
   if (C < 1) r.moe.fail("iterations", str("expected at least 1 iteration, got ", C));
-  const std::string residual = r.moe.get<std::string>("residual", "code");
-  if (residual != "code" && residual != "paper" && residual != "outer") {
-    r.moe.fail("residual", "expected code, paper or outer, got '" + residual + "'");
-  }
+  const auto residual = r.moe.get_choice<Residual>(
+      "residual",
+      {{"code", Residual::kCode}, {"paper", Residual::kPaper}, {"outer", Residual::kOuter}},
+      Residual::kCode);
   auto make_router = [&] { return r.make_router(r.options.n_expert); };
   return r.build(
       [&](int64_t) {
