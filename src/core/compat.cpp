@@ -3,6 +3,7 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <functional>
 #include <sstream>
 #include <cstdlib>
 #include <stdexcept>
@@ -91,11 +92,18 @@ namespace {
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 
 #if MIXDIFF_HAVE_GLOO || MIXDIFF_HAVE_NCCL
-/// The collectives of a concrete c10d backend (ProcessGroupGloo or ProcessGroupNCCL).
+/// The collectives of a concrete c10d backend (ProcessGroupGloo or ProcessGroupNCCL). `make`
+/// builds the backend of a rank in a group of a size over a store; sub-groups reuse it over a
+/// prefixed store.
 template <class PG>
 class BackendCollectives : public Collectives {
  public:
-  explicit BackendCollectives(c10::intrusive_ptr<PG> pg) : pg_(std::move(pg)) {}
+  BackendCollectives(c10::intrusive_ptr<c10d::Store> store, int rank, int size,
+                     std::function<c10::intrusive_ptr<PG>(const c10::intrusive_ptr<c10d::Store>&,
+                                                          int, int)> make)
+      : store_(std::move(store)), rank_(rank), size_(size), make_(std::move(make)) {
+    pg_ = make_(store_, rank_, size_);
+  }
   void all_reduce_sum(std::vector<at::Tensor>& t) override {
     c10d::AllreduceOptions o;
     o.reduceOp = c10d::ReduceOp::SUM;
@@ -112,8 +120,32 @@ class BackendCollectives : public Collectives {
     pg_->broadcast(t, o)->wait();
   }
   void barrier() override { pg_->barrier()->wait(); }
+  void all_to_all(at::Tensor& out, at::Tensor& in, const std::vector<int64_t>& out_splits,
+                  const std::vector<int64_t>& in_splits) override {
+    std::vector<int64_t> os = out_splits, is = in_splits;
+    pg_->alltoall_base(out, in, os, is)->wait();
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  std::unique_ptr<Collectives> subgroup(const std::vector<int>& members,
+                                        const std::string& name) override {
+    int me = -1;
+    for (size_t i = 0; i < members.size(); ++i) {
+      if (members[i] == rank_) me = static_cast<int>(i);
+    }
+    if (me < 0) {
+      throw std::logic_error("subgroup '" + name + "': rank " + std::to_string(rank_) +
+                             " is not a member");
+    }
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>(name, store_);
+    return std::make_unique<BackendCollectives<PG>>(prefixed, me,
+                                                    static_cast<int>(members.size()), make_);
+  }
 
  private:
+  c10::intrusive_ptr<c10d::Store> store_;
+  int rank_, size_;
+  std::function<c10::intrusive_ptr<PG>(const c10::intrusive_ptr<c10d::Store>&, int, int)> make_;
   c10::intrusive_ptr<PG> pg_;
 };
 #endif
@@ -150,20 +182,26 @@ std::unique_ptr<Collectives> make_process_group(const ProcessGroupSpec& s) {
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("mixdiff", store);
 #if MIXDIFF_HAVE_NCCL
     if (nccl) {
-      auto o = c10d::ProcessGroupNCCL::Options::create();
-      o->timeout = timeout;
-      auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, s.rank, s.world, o);
-      return std::make_unique<BackendCollectives<c10d::ProcessGroupNCCL>>(std::move(pg));
+      auto make = [timeout](const c10::intrusive_ptr<c10d::Store>& st, int rank, int size) {
+        auto o = c10d::ProcessGroupNCCL::Options::create();
+        o->timeout = timeout;
+        return c10::make_intrusive<c10d::ProcessGroupNCCL>(st, rank, size, o);
+      };
+      return std::make_unique<BackendCollectives<c10d::ProcessGroupNCCL>>(prefixed, s.rank,
+                                                                          s.world, make);
     }
 #endif
 #if MIXDIFF_HAVE_GLOO
-    auto o = c10d::ProcessGroupGloo::Options::create(timeout);
-    const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
-    o->devices.push_back(ifname && *ifname
-                             ? c10d::ProcessGroupGloo::createDeviceForInterface(ifname)
-                             : c10d::ProcessGroupGloo::createDefaultDevice());
-    auto pg = c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, s.rank, s.world, o);
-    return std::make_unique<BackendCollectives<c10d::ProcessGroupGloo>>(std::move(pg));
+    auto make = [timeout](const c10::intrusive_ptr<c10d::Store>& st, int rank, int size) {
+      auto o = c10d::ProcessGroupGloo::Options::create(timeout);
+      const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+      o->devices.push_back(ifname && *ifname
+                               ? c10d::ProcessGroupGloo::createDeviceForInterface(ifname)
+                               : c10d::ProcessGroupGloo::createDefaultDevice());
+      return c10::make_intrusive<c10d::ProcessGroupGloo>(st, rank, size, o);
+    };
+    return std::make_unique<BackendCollectives<c10d::ProcessGroupGloo>>(prefixed, s.rank, s.world,
+                                                                         make);
 #endif
   } catch (const std::exception& e) {
     throw std::runtime_error("rendezvous: rank " + std::to_string(s.rank) + " of " +

@@ -56,6 +56,19 @@ class Collectives {
   /// In-place copy of `root`'s tensors to every rank.
   virtual void broadcast(std::vector<at::Tensor>& tensors, int root) = 0;
   virtual void barrier() = 0;
+  /// All-to-all of rows (c10d alltoall_base): rows [sum(in_splits[:j]), +in_splits[j]) of `in`
+  /// go to group rank j, and rank j's rows for this rank land at
+  /// [sum(out_splits[:j]), +out_splits[j]) of `out` (both contiguous, same dtype, dim 0 = rows).
+  virtual void all_to_all(at::Tensor& out, at::Tensor& in, const std::vector<int64_t>& out_splits,
+                          const std::vector<int64_t>& in_splits) = 0;
+  /// This rank's index in the group and the group's size.
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  /// A process group of the global ranks `members` (this rank among them), made through the same
+  /// store under the key prefix `name`. Every member calls it with the same arguments; the
+  /// sub-group's ranks follow the order of `members`.
+  virtual std::unique_ptr<Collectives> subgroup(const std::vector<int>& members,
+                                                const std::string& name) = 0;
 };
 
 struct ProcessGroupSpec {

@@ -152,6 +152,12 @@ void DataParallel::barrier() {
   if (pg_) pg_->barrier();
 }
 
+std::unique_ptr<compat::Collectives> DataParallel::subgroup(const std::vector<int>& members,
+                                                           const std::string& name) {
+  if (!pg_) return nullptr;
+  return pg_->subgroup(members, name);
+}
+
 double DataParallel::take_comm_seconds() {
   const double s = comm_s_;
   comm_s_ = 0;

@@ -65,6 +65,11 @@ class DataParallel {
   /// across ranks).
   bool replicas_identical(const torch::nn::Module& m);
   void barrier();
+  /// A process group of the global ranks `members` (this rank among them), e.g. an
+  /// expert-parallel group (dist/expert_parallel.h); every member calls it with the same
+  /// arguments. Null for a single process.
+  std::unique_ptr<compat::Collectives> subgroup(const std::vector<int>& members,
+                                                const std::string& name);
   /// Seconds spent in gradient all-reduces since the last call.
   double take_comm_seconds();
 

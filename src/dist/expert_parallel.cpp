@@ -1,0 +1,100 @@
+#include "dist/expert_parallel.h"
+
+#include <torch/torch.h>
+
+#include <numeric>
+
+#include "core/compat.h"
+#include "core/errors.h"
+
+namespace mixdiff {
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+int64_t total(const std::vector<int64_t>& v) {
+  return std::accumulate(v.begin(), v.end(), int64_t{0});
+}
+
+at::Tensor all_to_all_rows(const at::Tensor& x_RD, const std::vector<int64_t>& send,
+                           const std::vector<int64_t>& recv, compat::Collectives& group) {
+  TORCH_CHECK(static_cast<int>(send.size()) == group.size() &&
+                  static_cast<int>(recv.size()) == group.size(),
+              "[exchange_rows] split counts for ", send.size(), "/", recv.size(),
+              " ranks in a group of ", group.size());
+  TORCH_CHECK(total(send) == x_RD.size(0), "[exchange_rows] ", total(send), " rows to send, ",
+              x_RD.size(0), " given");
+  at::Tensor in = x_RD.contiguous();
+  std::vector<int64_t> shape = in.sizes().vec();
+  shape[0] = total(recv);
+  at::Tensor out = at::empty(shape, in.options());
+  group.all_to_all(out, in, recv, send);
+  return out;
+}
+
+struct ExchangeRows : public torch::autograd::Function<ExchangeRows> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_RD,
+                            std::vector<int64_t> send, std::vector<int64_t> recv,
+                            compat::Collectives* group) {
+    ctx->saved_data["send"] = c10::IValue(send);
+    ctx->saved_data["recv"] = c10::IValue(recv);
+    ctx->saved_data["group"] = c10::IValue(reinterpret_cast<int64_t>(group));
+    return all_to_all_rows(x_RD, send, recv, *group);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto send = ctx->saved_data["send"].toIntVector();
+    const auto recv = ctx->saved_data["recv"].toIntVector();
+    auto* group = reinterpret_cast<compat::Collectives*>(ctx->saved_data["group"].toInt());
+    // The rows came along send -> recv; their gradients go back recv -> send.
+    return {all_to_all_rows(grads[0], recv, send, *group), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+}  // namespace
+
+ParallelLayout::ParallelLayout(int world_, int expert_parallel_, int rank_, int64_t n_expert)
+    : world(world_), expert_parallel(expert_parallel_), rank(rank_) {
+  if (expert_parallel < 1 || world % expert_parallel != 0) {
+    throw ConfigError(str("dist.expert_parallel: ", expert_parallel,
+                          " must be a positive divisor of the world size ", world));
+  }
+  if (n_expert > 0 && n_expert % expert_parallel != 0) {
+    throw ConfigError(str("dist.expert_parallel: ", expert_parallel,
+                          " must divide the routed expert count ", n_expert));
+  }
+}
+
+std::vector<int> ParallelLayout::expert_group() const {
+  std::vector<int> g;
+  for (int j = 0; j < expert_parallel; ++j) g.push_back(dp_rank() * expert_parallel + j);
+  return g;
+}
+
+std::vector<int> ParallelLayout::replica_group() const {
+  std::vector<int> g;
+  for (int i = 0; i < data_parallel(); ++i) g.push_back(i * expert_parallel + ep_rank());
+  return g;
+}
+
+at::Tensor exchange_rows(const at::Tensor& x_RD, const std::vector<int64_t>& send,
+                         const std::vector<int64_t>& recv, compat::Collectives& group) {
+  return ExchangeRows::apply(x_RD, send, recv, &group);
+}
+
+std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send, compat::Collectives& group,
+                                     const c10::Device& device) {
+  const auto n = static_cast<int64_t>(group.size());
+  TORCH_CHECK(static_cast<int64_t>(send.size()) == n, "[exchange_counts] ", send.size(),
+              " counts for a group of ", n);
+  at::Tensor in = torch::tensor(send, torch::kLong).to(device);
+  at::Tensor out = torch::empty({n}, in.options());
+  const std::vector<int64_t> ones(static_cast<size_t>(n), 1);
+  group.all_to_all(out, in, ones, ones);
+  out = out.cpu();
+  return std::vector<int64_t>(out.data_ptr<int64_t>(), out.data_ptr<int64_t>() + n);
+}
+
+}  // namespace mixdiff

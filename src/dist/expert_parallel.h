@@ -1,0 +1,55 @@
+// Expert parallelism's groups and its token exchange (issue: experts sharded over ranks). The
+// world of W ranks is cut into W / N data-parallel replicas of N expert-parallel ranks each
+// (Megatron-Core's order: the expert-parallel group is N consecutive ranks):
+//   rank = dp_rank * N + ep_rank
+//   expert-parallel group of a rank:     { dp_rank * N + j : j < N }   (tokens are exchanged here)
+//   expert-replica group of a rank:      { i * N + ep_rank : i < W / N } (ranks holding the same
+//                                        experts: their expert gradients are averaged here)
+// Each rank of an expert-parallel group holds E / N consecutive routed experts:
+// rank j holds experts [j E / N, (j + 1) E / N).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace mixdiff {
+
+namespace compat {
+class Collectives;
+}
+
+struct ParallelLayout {
+  int world = 1;
+  int expert_parallel = 1;  ///< N
+  int rank = 0;
+  /// Checks that N divides the world size (and `n_expert` when given; 0: not checked); throws
+  /// ConfigError naming dist.expert_parallel otherwise.
+  ParallelLayout(int world, int expert_parallel, int rank, int64_t n_expert = 0);
+  int data_parallel() const { return world / expert_parallel; }
+  int dp_rank() const { return rank / expert_parallel; }
+  int ep_rank() const { return rank % expert_parallel; }
+  /// Global ranks of this rank's expert-parallel group and of its expert-replica group.
+  std::vector<int> expert_group() const;
+  std::vector<int> replica_group() const;
+  /// The routed experts [first, first + count) that expert-parallel rank `ep` holds.
+  static int64_t first_expert(int64_t n_expert, int n, int ep) { return ep * (n_expert / n); }
+};
+
+/// Differentiable all-to-all of rows over `group`: rows [sum(send[:j]), +send[j]) of x_RD go to
+/// group rank j; the result holds, in rank order, the recv[j] rows each rank j sent here
+/// (recv = what the peers' send counts name for this rank, exchanged beforehand). The backward
+/// sends the gradient rows back along the same routes (the mirrored exchange).
+at::Tensor exchange_rows(const at::Tensor& x_RD, const std::vector<int64_t>& send,
+                         const std::vector<int64_t>& recv, compat::Collectives& group);
+
+/// recv[j] = the send count rank j of `group` has for this rank (an all-to-all of the counts,
+/// through a tensor on `device`: the CPU for Gloo, the GPU for NCCL).
+std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send, compat::Collectives& group,
+                                     const c10::Device& device = c10::Device(c10::kCPU));
+
+}  // namespace mixdiff
