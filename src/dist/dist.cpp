@@ -27,6 +27,38 @@ int env_int(const char* name, int def, int lo) {
 
 }  // namespace
 
+void sum_gradients(compat::Collectives& group, const std::vector<at::Tensor>& params,
+                   int64_t bucket_bytes, double scale) {
+  torch::NoGradGuard ng;
+  size_t i = 0;
+  while (i < params.size()) {
+    // One bucket: consecutive parameters of one dtype up to bucket_bytes (at least one).
+    std::vector<at::Tensor> grads;
+    int64_t bytes = 0;
+    const auto dtype = params[i].scalar_type();
+    while (i < params.size() && params[i].scalar_type() == dtype &&
+           (grads.empty() || bytes + params[i].nbytes() <= static_cast<size_t>(bucket_bytes))) {
+      auto& p = const_cast<at::Tensor&>(params[i]);
+      if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
+      grads.push_back(p.grad());
+      bytes += static_cast<int64_t>(p.nbytes());
+      ++i;
+    }
+    std::vector<at::Tensor> flat{torch::cat([&] {
+      std::vector<at::Tensor> f;
+      for (auto& g : grads) f.push_back(g.reshape({-1}));
+      return f;
+    }())};
+    group.all_reduce_sum(flat);
+    flat[0].mul_(scale);
+    int64_t off = 0;
+    for (auto& g : grads) {
+      g.copy_(flat[0].narrow(0, off, g.numel()).view_as(g));
+      off += g.numel();
+    }
+  }
+}
+
 DistEnv DistEnv::from_env() {
   DistEnv e;
   e.world = env_int("WORLD_SIZE", 1, 1);
@@ -93,36 +125,8 @@ void DataParallel::broadcast_state(torch::nn::Module& m) {
 
 void DataParallel::average_gradients(const std::vector<at::Tensor>& params, int64_t bucket_bytes) {
   if (!pg_) return;
-  torch::NoGradGuard ng;
   const auto t0 = std::chrono::steady_clock::now();
-  const double inv = 1.0 / static_cast<double>(env_.world);
-  size_t i = 0;
-  while (i < params.size()) {
-    // One bucket: consecutive parameters of one dtype up to bucket_bytes (at least one).
-    std::vector<at::Tensor> grads;
-    int64_t bytes = 0;
-    const auto dtype = params[i].scalar_type();
-    while (i < params.size() && params[i].scalar_type() == dtype &&
-           (grads.empty() || bytes + params[i].nbytes() <= static_cast<size_t>(bucket_bytes))) {
-      auto& p = const_cast<at::Tensor&>(params[i]);
-      if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
-      grads.push_back(p.grad());
-      bytes += static_cast<int64_t>(p.nbytes());
-      ++i;
-    }
-    std::vector<at::Tensor> flat{torch::cat([&] {
-      std::vector<at::Tensor> f;
-      for (auto& g : grads) f.push_back(g.reshape({-1}));
-      return f;
-    }())};
-    pg_->all_reduce_sum(flat);
-    flat[0].mul_(inv);
-    int64_t off = 0;
-    for (auto& g : grads) {
-      g.copy_(flat[0].narrow(0, off, g.numel()).view_as(g));
-      off += g.numel();
-    }
-  }
+  sum_gradients(*pg_, params, bucket_bytes, 1.0 / static_cast<double>(env_.world));
   comm_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 

@@ -40,6 +40,11 @@ struct DistEnv {
   static DistEnv from_env();
 };
 
+/// Sums the gradients of `params` over `group` in flattened buckets of about `bucket_bytes` (one
+/// dtype each), then multiplies them by `scale`; a parameter without a gradient counts as zeros.
+void sum_gradients(compat::Collectives& group, const std::vector<at::Tensor>& params,
+                   int64_t bucket_bytes, double scale);
+
 class DataParallel {
  public:
   /// world == 1: no process group. Otherwise rendezvous (throws InputError on failure): Gloo

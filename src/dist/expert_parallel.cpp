@@ -6,6 +6,10 @@
 
 #include "core/compat.h"
 #include "core/errors.h"
+#include "dist/all_to_all_dispatcher.h"
+#include "dist/dist.h"
+#include "moe/experts.h"
+#include "moe/moe_layer.h"
 
 namespace mixdiff {
 
@@ -95,6 +99,42 @@ std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send, compat::C
   group.all_to_all(out, in, ones, ones);
   out = out.cpu();
   return std::vector<int64_t>(out.data_ptr<int64_t>(), out.data_ptr<int64_t>() + n);
+}
+
+ExpertParallel::ExpertParallel(DataParallel& dp, const ParallelLayout& layout)
+    : layout_(layout) {
+  ep_ = dp.subgroup(layout_.expert_group(), str("ep", layout_.dp_rank(), "/"));
+  replica_ = dp.subgroup(layout_.replica_group(), str("replica", layout_.ep_rank(), "/"));
+  TORCH_CHECK(ep_ && replica_, "[ExpertParallel] needs a process group (world > 1)");
+}
+
+ExpertParallel::~ExpertParallel() = default;
+
+std::vector<at::Tensor> ExpertParallel::shard(const std::vector<MoeLayer*>& layers) {
+  std::vector<at::Tensor> params;
+  const int N = layout_.expert_parallel;
+  for (MoeLayer* l : layers) {
+    if (l->slots().pool()) {
+      throw ConfigError(str("dist.expert_parallel: ", N, " cannot shard block ", l->block_index(),
+                            "'s experts: they live in a pool the model shares between layers "
+                            "(unipool_dlm, rexmoe_dlm, coe_dlm); expected model.kind moe_dlm"));
+    }
+    ExpertPool& pool = l->pool();
+    const int64_t E = pool.n_expert();
+    if (E % N != 0) {
+      throw ConfigError(str("dist.expert_parallel: ", N, " must divide the routed expert count ",
+                            E, " of block ", l->block_index()));
+    }
+    pool.shard(ParallelLayout::first_expert(E, N, layout_.ep_rank()), E / N);
+    l->set_dispatcher(std::make_shared<AllToAllDispatcher>(*ep_, E));
+    for (auto& p : pool.parameters()) params.push_back(p);
+  }
+  return params;
+}
+
+void ExpertParallel::reduce_expert_gradients(const std::vector<at::Tensor>& params,
+                                             int64_t bucket_bytes) {
+  sum_gradients(*replica_, params, bucket_bytes, 1.0 / static_cast<double>(layout_.world));
 }
 
 }  // namespace mixdiff

@@ -22,6 +22,8 @@ namespace mixdiff {
 namespace compat {
 class Collectives;
 }
+class DataParallel;
+class MoeLayer;
 
 struct ParallelLayout {
   int world = 1;
@@ -51,5 +53,33 @@ at::Tensor exchange_rows(const at::Tensor& x_RD, const std::vector<int64_t>& sen
 /// through a tensor on `device`: the CPU for Gloo, the GPU for NCCL).
 std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send, compat::Collectives& group,
                                      const c10::Device& device = c10::Device(c10::kCPU));
+
+/// A run's expert parallelism: its groups, the sharding of the MoE layers' experts and the
+/// reduction of their gradients. Gradients: a rank's loss is its own micro-batch's, and the
+/// step averages over the W ranks, so non-expert gradients are averaged over the world
+/// (DataParallel::average_gradients) and an expert's gradient, which after the all-to-all
+/// backward already sums the tokens of its expert-parallel group, is summed over its replica
+/// group and divided by W.
+class ExpertParallel {
+ public:
+  /// Every rank of `dp` calls it (collectively: it makes the sub-groups).
+  ExpertParallel(DataParallel& dp, const ParallelLayout& layout);
+  ~ExpertParallel();
+  /// Keeps each layer's share of its routed experts (ParallelLayout::first_expert) and installs
+  /// the all-to-all dispatcher. The layers' weights must already agree over the world (same
+  /// seed, or broadcast first). Refuses (ConfigError) a layer whose experts live in a pool the
+  /// model shares between layers (UniPool, ReXMoE, Chain-of-Experts) or whose expert count N does
+  /// not divide. Returns the sharded parameters.
+  std::vector<at::Tensor> shard(const std::vector<MoeLayer*>& layers);
+  /// Sums the gradients of the sharded `params` over the replica group, divided by the world.
+  void reduce_expert_gradients(const std::vector<at::Tensor>& params, int64_t bucket_bytes);
+  const ParallelLayout& layout() const { return layout_; }
+  compat::Collectives& expert_group() { return *ep_; }
+  compat::Collectives& replica_group() { return *replica_; }
+
+ private:
+  ParallelLayout layout_;
+  std::unique_ptr<compat::Collectives> ep_, replica_;
+};
 
 }  // namespace mixdiff

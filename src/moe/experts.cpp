@@ -230,7 +230,7 @@ at::Tensor grouped_swiglu(const at::Tensor& xs, const std::vector<int64_t>& coun
 }
 
 ExpertPool::ExpertPool(int64_t n_expert, int64_t d_model, int64_t d_expert, bool track_usage)
-    : n_expert_(n_expert), d_model_(d_model), d_expert_(d_expert) {
+    : n_expert_(n_expert), d_model_(d_model), d_expert_(d_expert), global_n_expert_(n_expert) {
   TORCH_CHECK(n_expert > 0 && d_model > 0 && d_expert > 0, "[ExpertPool] sizes must be positive");
   w_gate_ = register_parameter("w_gate", torch::empty({n_expert, d_expert, d_model}));
   w_up_ = register_parameter("w_up", torch::empty({n_expert, d_expert, d_model}));
@@ -241,6 +241,19 @@ ExpertPool::ExpertPool(int64_t n_expert, int64_t d_model, int64_t d_expert, bool
     usage_->ready = register_buffer("usage_ready", torch::zeros({1}));
     usage_->sum_M = torch::zeros({n_expert});
   }
+}
+
+void ExpertPool::shard(int64_t first, int64_t count) {
+  TORCH_CHECK(!sharded(), "[ExpertPool] already sharded");
+  TORCH_CHECK(!usage_, "[ExpertPool] a pool shared by several layers cannot be sharded");
+  TORCH_CHECK(first >= 0 && count > 0 && first + count <= n_expert_, "[ExpertPool] experts [",
+              first, ", ", first + count, ") outside the pool's ", n_expert_);
+  torch::NoGradGuard ng;
+  for (at::Tensor* w : {&w_gate_, &w_up_, &w_down_}) {
+    w->set_data(w->narrow(0, first, count).clone());
+  }
+  first_expert_ = first;
+  n_expert_ = count;
 }
 
 at::Tensor ExpertPool::forward(const at::Tensor& x, const at::Tensor& token_A,

@@ -41,6 +41,14 @@ class ExpertPool : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x_TD, const at::Tensor& token_A, const at::Tensor& expert_A,
                      const at::Tensor& gate_A, const Dispatcher& dispatcher) const;
 
+  /// Expert parallelism: keep only experts [first, first + count) of this pool (the parameters
+  /// keep their identity and names, their data becomes the slice). n_expert() is then `count`,
+  /// first_expert() `first`, global_n_expert() the count before.
+  void shard(int64_t first, int64_t count);
+  int64_t first_expert() const { return first_expert_; }
+  int64_t global_n_expert() const { return global_n_expert_; }
+  bool sharded() const { return global_n_expert_ != n_expert_; }
+
   int64_t n_expert() const { return n_expert_; }
   int64_t d_expert() const { return d_expert_; }
   const at::Tensor& w_gate() const { return w_gate_; }
@@ -49,6 +57,7 @@ class ExpertPool : public torch::nn::Module {
 
  private:
   int64_t n_expert_, d_model_, d_expert_;
+  int64_t first_expert_ = 0, global_n_expert_ = 0;
   at::Tensor w_gate_, w_up_, w_down_;
   std::optional<PoolUsage> usage_;
 };

@@ -103,6 +103,8 @@ class MoeLayer : public FeedForward {
   const SlotMap& slots() const { return *slots_; }
   /// Block routing (src/moe/block_routing.h); null: token-level.
   void set_block_routing(std::shared_ptr<BlockRoutingPolicy> p) { block_policy_ = std::move(p); }
+  /// Replaces the dispatch stage (expert parallelism installs its all-to-all dispatcher).
+  void set_dispatcher(std::shared_ptr<Dispatcher> d) { o_.dispatcher = std::move(d); }
   RouterBase& router() { return *router_; }
   const RouterBase& router() const { return *router_; }
   ExpertPool& pool() { return *pool_; }

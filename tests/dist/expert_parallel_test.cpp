@@ -1,8 +1,9 @@
 // Expert parallelism's groups and token exchange (dist/expert_parallel.h): the layout's groups,
 // and on 4 processes (2 data-parallel replicas x 2 expert-parallel ranks, Gloo on loopback) rows
 // exchanged all-to-all inside each expert-parallel group with variable split sizes, the backward
-// returning every gradient row to its sender, and the expert-replica groups reducing over the
-// ranks that hold the same experts. The test binary spawns itself as the workers.
+// returning every gradient row to its sender, the expert-replica groups reducing over the ranks
+// that hold the same experts, and the all-to-all dispatcher equal to one process's sorted
+// dispatcher over every expert (fp64). The test binary spawns itself as the workers.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -15,8 +16,15 @@
 #include "core/compat.h"
 #include "core/errors.h"
 #include "core/process.h"
+#include "dist/all_to_all_dispatcher.h"
 #include "dist/dist.h"
 #include "dist/expert_parallel.h"
+#include "moe/dispatcher.h"
+#include "moe/experts.h"
+#include "moe/moe_layer.h"
+#include "moe/router.h"
+#include "moe/slot_map.h"
+#include "core/config.h"
 #include "support/support.h"
 
 namespace mixdiff {
@@ -46,6 +54,137 @@ TEST(UnitExpertParallel, LayoutGroupsFollowMegatronOrder) {
 at::Tensor rows_for(int r, int j, int64_t n) {
   auto v = torch::arange(n, torch::kDouble) + (1000.0 * r + 10.0 * j);
   return v.unsqueeze(1).expand({n, 3}).contiguous();
+}
+
+// What global rank r routes in the dispatcher check: T_r tokens, top-2 of E = 4 experts with
+// random gates (rank 3 routes nothing, to cover a rank without assignments).
+struct Routed {
+  at::Tensor x_TD, token_A, expert_A, gate_A, c_TD;
+};
+Routed routed_on(int r) {
+  torch::manual_seed(100 + r);
+  const int64_t T = r == 3 ? 3 : 5 + r, K = r == 3 ? 0 : 2;
+  Routed o;
+  o.x_TD = torch::randn({T, 8}, torch::kDouble);
+  o.token_A = torch::arange(T, torch::kLong).repeat_interleave(K);
+  o.expert_A = torch::stack({torch::randperm(4, torch::kLong).narrow(0, 0, K)}, 0)
+                   .repeat({T, 1})
+                   .reshape({T * K});
+  o.expert_A = (o.expert_A + o.token_A) % 4;  // vary the experts by token
+  o.gate_A = torch::rand({T * K}, torch::kDouble);
+  o.c_TD = torch::randn({T, 8}, torch::kDouble);  // the loss is sum(y * c)
+  return o;
+}
+
+std::shared_ptr<ExpertPool> full_pool() {
+  torch::manual_seed(7);
+  auto p = std::make_shared<ExpertPool>(4, 8, 6);
+  p->to(torch::kDouble);
+  torch::NoGradGuard ng;
+  for (auto& w : p->parameters()) w.normal_(0.0, 0.3);
+  return p;
+}
+
+// The all-to-all dispatcher on the expert group equals the sorted dispatcher of one process that
+// holds every expert and routes every rank's tokens: outputs, input gradients and each expert's
+// weight gradients (summed over the group's tokens).
+void check_all_to_all_dispatcher(const ParallelLayout& l, compat::Collectives& ep) {
+  const int64_t E_local = 2;
+  auto full = full_pool();
+  auto local = std::make_shared<ExpertPool>(E_local, 8, 6);
+  local->to(torch::kDouble);
+  {
+    torch::NoGradGuard ng;
+    auto fp = full->named_parameters();
+    for (auto& kv : local->named_parameters()) {
+      kv.value().copy_(fp[kv.key()].narrow(0, l.ep_rank() * E_local, E_local));
+    }
+  }
+  const AllToAllDispatcher a2a(ep, 4);
+  Routed mine = routed_on(l.rank);
+  auto x = mine.x_TD.clone().requires_grad_(true);
+  auto y = a2a.run(*local, x, mine.token_A, mine.expert_A, mine.gate_A);
+  (y * mine.c_TD).sum().backward();
+
+  // One process: every member's tokens through the full pool.
+  auto sorted = make_dispatcher("sorted");
+  for (int r : l.expert_group()) {
+    Routed o = routed_on(r);
+    auto xr = o.x_TD.clone().requires_grad_(true);
+    auto yr = sorted->run(*full, xr, o.token_A, o.expert_A, o.gate_A);
+    if (yr.requires_grad()) (yr * o.c_TD).sum().backward();  // rank 3 routes nothing
+    if (!xr.grad().defined()) xr.mutable_grad() = torch::zeros_like(xr);
+    if (r == l.rank) {
+      EXPECT_LT((y - yr).abs().max().item<double>(), 1e-12);
+      ASSERT_TRUE(x.grad().defined());  // the exchanges ran backward on a rank with no rows too
+      EXPECT_LT((x.grad() - xr.grad()).abs().max().item<double>(), 1e-12);
+    }
+  }
+  auto fp = full->named_parameters();
+  for (auto& kv : local->named_parameters()) {
+    ASSERT_TRUE(kv.value().grad().defined()) << kv.key();
+    auto want = fp[kv.key()].grad().narrow(0, l.ep_rank() * E_local, E_local);
+    EXPECT_LT((kv.value().grad() - want).abs().max().item<double>(), 1e-12) << kv.key();
+  }
+}
+
+std::shared_ptr<MoeLayer> tiny_moe_layer() {
+  torch::manual_seed(11);
+  ConfigNode moe = ConfigNode::from_string("{n_expert: 4, d_expert: 6}", "moe.yaml");
+  ConfigNode router = ConfigNode::from_string("{kind: token_choice, top_k: 2}", "router.yaml");
+  auto r = routers_registry().create("token_choice", "kind", router, RouterDims{8, 4});
+  auto l = std::make_shared<MoeLayer>(MoeOptions::from(moe, 8), r);
+  torch::NoGradGuard ng;
+  for (auto& p : l->parameters()) p.normal_(0.0, 0.3);
+  return l;
+}
+
+at::Tensor tokens_of(int r) {
+  torch::manual_seed(200 + r);
+  return torch::randn({2, 3, 8});
+}
+
+// A MoE layer sharded by ExpertParallel, gradients reduced as the trainer will (router over the
+// world, experts over their replicas), equals one process that averages the W ranks' losses.
+void check_sharded_layer(DataParallel& dp, const ParallelLayout& l) {
+  const double W = l.world;
+  auto ref = tiny_moe_layer();
+  at::Tensor ref_y;
+  for (int r = 0; r < l.world; ++r) {
+    auto y = ref->forward(tokens_of(r), nullptr);
+    if (r == l.rank) ref_y = y.detach();
+    (y.sum() / W).backward();
+  }
+  auto layer = tiny_moe_layer();
+  ExpertParallel ep(dp, l);
+  const std::vector<at::Tensor> experts = ep.shard({layer.get()});
+  ASSERT_EQ(experts.size(), 3u);
+  EXPECT_EQ(layer->pool().n_expert(), 2);
+  EXPECT_EQ(layer->pool().first_expert(), 2 * l.ep_rank());
+  auto y = layer->forward(tokens_of(l.rank), nullptr);
+  EXPECT_LT((y - ref_y).abs().max().item<double>(), 1e-5);
+  y.sum().backward();
+  dp.average_gradients(layer->router().parameters(), 1 << 20);
+  ep.reduce_expert_gradients(experts, 1 << 20);
+  auto want = ref->named_parameters();
+  for (auto& kv : layer->named_parameters()) {
+    at::Tensor w = want[kv.key()].grad();
+    if (kv.key().rfind("experts.", 0) == 0) w = w.narrow(0, 2 * l.ep_rank(), 2);
+    ASSERT_TRUE(kv.value().grad().defined()) << kv.key();
+    EXPECT_LT((kv.value().grad() - w).abs().max().item<double>(), 1e-5) << kv.key();
+  }
+  // Refused: a layer whose experts live in a pool the model shares, and 3 experts over 2 ranks.
+  ConfigNode moe = ConfigNode::from_string("{n_expert: 4, d_expert: 6}", "moe.yaml");
+  ConfigNode router = ConfigNode::from_string("{kind: token_choice, top_k: 2}", "router.yaml");
+  auto pool = std::make_shared<ExpertPool>(4, 8, 6);
+  MoeLayer on_shared(MoeOptions::from(moe, 8),
+                     routers_registry().create("token_choice", "kind", router, RouterDims{8, 4}),
+                     std::make_shared<SlotMap>(pool));
+  EXPECT_THROW(ep.shard({&on_shared}), ConfigError);
+  ConfigNode moe3 = ConfigNode::from_string("{n_expert: 3, d_expert: 6}", "moe.yaml");
+  MoeLayer three(MoeOptions::from(moe3, 8),
+                 routers_registry().create("token_choice", "kind", router, RouterDims{8, 3}));
+  EXPECT_THROW(ep.shard({&three}), ConfigError);
 }
 
 // The worker: runs only under the driver below (RANK etc. set, MIXDIFF_EP_WORKER=1).
@@ -89,9 +228,12 @@ TEST(DistributedExpertParallelWorker, ExchangesRowsAndReturnsTheirGradients) {
   double want_sum = 0;
   for (int r : l.replica_group()) want_sum += r;
   EXPECT_EQ(v[0].item<double>(), want_sum);
+
+  check_all_to_all_dispatcher(l, *ep);
+  check_sharded_layer(dp, l);
 }
 
-TEST(DistributedExpertParallel, FourRanksExchangeRowsInsideTheirExpertGroups) {
+TEST(DistributedExpertParallel, FourRanksExchangeRowsAndDispatchInsideTheirExpertGroups) {
   const std::string d = test::scratch_dir("expert_parallel");
   const int port = test::free_port();
   std::vector<pid_t> pids;
