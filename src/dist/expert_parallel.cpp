@@ -137,4 +137,22 @@ void ExpertParallel::reduce_expert_gradients(const std::vector<at::Tensor>& para
   sum_gradients(*replica_, params, bucket_bytes, 1.0 / static_cast<double>(layout_.world));
 }
 
+at::Tensor ExpertParallel::gather(const at::Tensor& shard) {
+  torch::NoGradGuard ng;
+  const int64_t n = shard.size(0), N = layout_.expert_parallel;
+  std::vector<int64_t> shape = shard.sizes().vec();
+  shape[0] = n * N;
+  // Zero-padded to the full shape and summed: every rank contributes only its own rows.
+  std::vector<at::Tensor> full{torch::zeros(shape, shard.options())};
+  full[0].narrow(0, n * layout_.ep_rank(), n).copy_(shard);
+  ep_->all_reduce_sum(full);
+  return full[0];
+}
+
+double ExpertParallel::sum_over_expert_group(double v) {
+  std::vector<at::Tensor> t{torch::tensor({v}, torch::kFloat64)};
+  ep_->all_reduce_sum(t);
+  return t[0].item<double>();
+}
+
 }  // namespace mixdiff

@@ -73,6 +73,12 @@ class ExpertParallel {
   std::vector<at::Tensor> shard(const std::vector<MoeLayer*>& layers);
   /// Sums the gradients of the sharded `params` over the replica group, divided by the world.
   void reduce_expert_gradients(const std::vector<at::Tensor>& params, int64_t bucket_bytes);
+  /// The full [E, ...] tensor of this rank's shard [E / N, ...] (rows in expert order), the same
+  /// on every rank of the expert group: for checkpoints, which hold whole expert tensors.
+  at::Tensor gather(const at::Tensor& shard);
+  /// The sum of `v` over the expert group, e.g. the squared norm of the local expert gradients,
+  /// whose sum with the (replicated) rest is the global gradient norm.
+  double sum_over_expert_group(double v);
   const ParallelLayout& layout() const { return layout_; }
   compat::Collectives& expert_group() { return *ep_; }
   compat::Collectives& replica_group() { return *replica_; }

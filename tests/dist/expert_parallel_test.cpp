@@ -173,6 +173,15 @@ void check_sharded_layer(DataParallel& dp, const ParallelLayout& l) {
     ASSERT_TRUE(kv.value().grad().defined()) << kv.key();
     EXPECT_LT((kv.value().grad() - w).abs().max().item<double>(), 1e-5) << kv.key();
   }
+  // Checkpoints gather whole expert tensors; the gradient norm sums the shards' squares.
+  double sq = 0, want_sq = 0;
+  for (auto& kv : layer->pool().named_parameters()) {
+    EXPECT_TRUE(torch::equal(ep.gather(kv.value()), ref->pool().named_parameters()[kv.key()]))
+        << kv.key();
+    sq += kv.value().grad().pow(2).sum().item<double>();
+    want_sq += ref->pool().named_parameters()[kv.key()].grad().pow(2).sum().item<double>();
+  }
+  EXPECT_NEAR(ep.sum_over_expert_group(sq), want_sq, 1e-5 * want_sq);
   // Refused: a layer whose experts live in a pool the model shares, and 3 experts over 2 ranks.
   ConfigNode moe = ConfigNode::from_string("{n_expert: 4, d_expert: 6}", "moe.yaml");
   ConfigNode router = ConfigNode::from_string("{kind: token_choice, top_k: 2}", "router.yaml");
