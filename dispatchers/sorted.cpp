@@ -22,9 +22,7 @@ class SortedDispatcher : public Dispatcher {
     auto order_A = std::get<1>(expert_A.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
     auto tok_A = token_A.index_select(0, order_A);
     auto gate_sorted_A = gate_A.index_select(0, order_A);
-    // Host copy of the per-expert counts: they drive the loop over experts (one sync on a GPU).
-    auto counts_E = torch::bincount(expert_A, {}, E).to(torch::kCPU).contiguous();
-    std::vector<int64_t> counts(counts_E.data_ptr<int64_t>(), counts_E.data_ptr<int64_t>() + E);
+    const std::vector<int64_t> counts = host_counts(expert_A, E);
     auto xs_AD = x_TD.index_select(0, tok_A);
     at::Tensor ys_AD;
     {

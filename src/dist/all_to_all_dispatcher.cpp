@@ -11,15 +11,6 @@
 
 namespace mixdiff {
 
-namespace {
-
-std::vector<int64_t> host_counts(const at::Tensor& ids, int64_t n) {
-  auto c = torch::bincount(ids, {}, n).to(torch::kCPU).contiguous();
-  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + n);
-}
-
-}  // namespace
-
 AllToAllDispatcher::AllToAllDispatcher(compat::Collectives& group, int64_t n_expert)
     : group_(group), n_expert_(n_expert) {
   TORCH_CHECK(n_expert_ % group_.size() == 0, "[all_to_all] ", n_expert_,
@@ -47,7 +38,7 @@ at::Tensor AllToAllDispatcher::run(const ExpertPool& pool, const at::Tensor& x_T
   // 2. Rows and their local expert ids to the experts' ranks.
   auto xs_AD = x_TD.index_select(0, tok_A);
   auto xr_RD = exchange_rows(xs_AD, send, recv, group_);
-  auto local_R = exchange_rows(expert_sorted_A - dest_A * E_local, send, recv, group_);
+  auto local_R = exchange_rows(expert_sorted_A.remainder(E_local), send, recv, group_);
   // 3. Regrouped by local expert: one grouped SwiGLU.
   auto by_expert_R = std::get<1>(local_R.sort(/*stable=*/true, 0, false));
   at::Tensor ys_RD;
@@ -55,11 +46,12 @@ at::Tensor AllToAllDispatcher::run(const ExpertPool& pool, const at::Tensor& x_T
     profile::Scope sc("experts");
     auto ye_RD = grouped_swiglu(xr_RD.index_select(0, by_expert_R), host_counts(local_R, E_local),
                                 pool.w_gate(), pool.w_up(), pool.w_down());
-    ys_RD = ye_RD.index_select(0, std::get<1>(by_expert_R.sort()));  // back to arrival order
+    ys_RD = at::empty_like(ye_RD).index_copy(0, by_expert_R, ye_RD);  // back to arrival order
   }
-  // 4. Results back to the tokens' ranks, in the order they were sent.
+  // 4. Results back to the tokens' ranks, in the order they were sent. With no assignments the
+  // index_add of zero rows still joins the graph, so this rank's backward takes part in the
+  // mirrored exchanges.
   auto yb_AD = exchange_rows(ys_RD, recv, send, group_);
-  if (tok_A.numel() == 0) return y_TD + 0 * yb_AD.sum();  // keeps the graph for the backward
   return y_TD.index_add(0, tok_A, yb_AD * gate_sorted_A.unsqueeze(1).to(yb_AD.dtype()));
 }
 

@@ -44,6 +44,7 @@ struct ExchangeRows : public torch::autograd::Function<ExchangeRows> {
                             compat::Collectives* group) {
     ctx->saved_data["send"] = c10::IValue(send);
     ctx->saved_data["recv"] = c10::IValue(recv);
+    // The group outlives the graph (the run holds it); an IValue carries its address.
     ctx->saved_data["group"] = c10::IValue(reinterpret_cast<int64_t>(group));
     return all_to_all_rows(x_RD, send, recv, *group);
   }

@@ -219,6 +219,11 @@ std::shared_ptr<Dispatcher> make_dispatcher(const std::string& name) {
   return dispatchers_registry().create(name, "dispatch", ConfigNode::from_string("{}", "dispatch"));
 }
 
+std::vector<int64_t> host_counts(const at::Tensor& ids, int64_t n) {
+  auto c = torch::bincount(ids, {}, n).to(torch::kCPU).contiguous();
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + n);
+}
+
 at::Tensor grouped_swiglu(const at::Tensor& xs, const std::vector<int64_t>& counts,
                           const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd) {
   // The GEMMs run in the activations' dtype (bf16 x with fp32 master weights under autocast:

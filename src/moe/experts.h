@@ -62,6 +62,10 @@ class ExpertPool : public torch::nn::Module {
   std::optional<PoolUsage> usage_;
 };
 
+/// Host copy of bincount(ids, n): the rows per expert that drive grouped_swiglu's loop (one
+/// device-to-host copy on a GPU).
+std::vector<int64_t> host_counts(const at::Tensor& ids, int64_t n);
+
 /// SwiGLU of rows grouped by expert: rows [off_e, off_e + counts[e]) of xs_AD go through expert e.
 /// Differentiable in xs and the three weights (custom backward, one autograd node).
 at::Tensor grouped_swiglu(const at::Tensor& xs_AD, const std::vector<int64_t>& counts,
