@@ -17,6 +17,7 @@
 #include "core/fs.h"
 #include "core/safetensors.h"
 #include "dist/dist.h"
+#include "dist/expert_parallel.h"
 #include "data/prepare.h"
 #include "data/tokenizer.h"
 #include "infer/sampler.h"
@@ -98,6 +99,8 @@ int cmd_train(const TrainArgs& a) {
   }
   // Under a launcher (torchrun's variables), rank 0 owns the run folder; every rank reads.
   const DistEnv env = DistEnv::from_env();
+  // Checked before rendezvous: dist.expert_parallel must divide the world size.
+  ParallelLayout(env.world, static_cast<int>(parts.options.expert_parallel), env.rank);
   if (env.rank == 0) {
     fs::create_directories(run_dir);
     if (ckpt.empty()) {

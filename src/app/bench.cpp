@@ -24,6 +24,8 @@
 #include "core/errors.h"
 #include "core/fs.h"
 #include "core/profile.h"
+#include "dist/dist.h"
+#include "dist/expert_parallel.h"
 #include "infer/sampler.h"
 #include "moe/experts.h"
 #include "moe/moe_layer.h"
@@ -257,7 +259,16 @@ int cmd_bench_train(const BenchTrainArgs& a) {
   }
   // The trainer's own parts and step (forward, loss terms, routing losses, backward, gradient
   // norm and clipping, LR schedule, optimizer, routing-state updates) on random tokens.
-  Trainer trainer(build_trainer_parts(recipe, std::make_unique<RandomTokens>(vocab, L)), "", "");
+  TrainerParts parts = build_trainer_parts(recipe, std::make_unique<RandomTokens>(vocab, L));
+  // Under a launcher (torchrun's variables) every rank steps its share of the global batch with
+  // the recipe's parallel layout (data and expert parallelism); rank 0 prints the result.
+  const DistEnv env = DistEnv::from_env();
+  ParallelLayout(env.world, static_cast<int>(parts.options.expert_parallel), env.rank);
+  if (env.world > 1) {
+    parts.dp = std::make_shared<DataParallel>(env, parts.options.dist_timeout_s, parts.device);
+  }
+  Trainer trainer(std::move(parts), "", "");
+  trainer.setup_parallel();
   ModelBase& model = trainer.model();
   model.train();
   const at::Device device = trainer.device();
@@ -266,7 +277,10 @@ int cmd_bench_train(const BenchTrainArgs& a) {
   int64_t timed = 0, tokens = 0;
   if (a.profile) profile::g_enabled = true;
   for (int64_t s = 0; s < a.warmup + a.steps; ++s) {
-    if (s == a.warmup) profile::take();  // drop the warm-up's profile
+    if (s == a.warmup) {  // drop the warm-up's profile and exchange costs
+      profile::take();
+      trainer.take_parallel_stats(0, 0);
+    }
     StepTimes t;
     const StepResult r = trainer.run_step(s, &t);
     if (r.nonfinite) throw InputError(str("bench train: non-finite loss at step ", s + 1));
@@ -292,6 +306,7 @@ int cmd_bench_train(const BenchTrainArgs& a) {
                       {"matmul_peak_gflops", peak},
                       {"mfu", fpt * tokens_per_s / (peak * 1e9)},
                       {"peak_rss_mb", peak_rss_mb()},
+                      {"world_size", env.world},
                       {"device", device.str()},
                       {"dtype", dtype == at::kFloat ? "fp32" : "bf16"},
                       {"parameters", model.num_parameters()},
@@ -300,6 +315,14 @@ int cmd_bench_train(const BenchTrainArgs& a) {
     nlohmann::json p = nlohmann::json::object();
     for (const auto& [k, v] : profile::take()) p[k] = v / static_cast<double>(timed);
     j["profile_s_per_step"] = p;
+  }
+  if (env.world > 1) {
+    // Per rank: peak memory, and under expert parallelism the all-to-all's time, bytes and the
+    // rows each rank's experts computed (the step time above is rank 0's).
+    j["peak_rss_mb_per_rank"] = trainer.peak_rss_per_rank();
+    nlohmann::json ep = trainer.take_parallel_stats(timed, fwd + bwd);
+    if (!ep.is_null()) j["ep"] = ep;
+    if (env.rank != 0) return 0;
   }
   std::cout << j.dump() << std::endl;
   return 0;

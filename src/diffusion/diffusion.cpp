@@ -105,7 +105,7 @@ at::Tensor masked_cross_entropy(const at::Tensor& logits_MV, const at::Tensor& t
 NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t batch_size,
                              uint64_t seed, int shard, int n_shards,
                              const std::function<double(double)>& sum_over_shards,
-                             int64_t bd3_block) {
+                             int64_t bd3_block, bool lockstep) {
   torch::NoGradGuard ng;
   const bool was_training = model.is_training();
   model.eval();
@@ -126,16 +126,22 @@ NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t 
   const at::Tensor bias = bd3_block > 0 ? bd3_training_bias(L, bd3_block).to(dev) : at::Tensor();
   const at::Tensor pos = torch::arange(L, torch::TensorOptions().dtype(torch::kLong).device(dev));
   double total = 0;
-  for (int64_t s = 0, bi = 0; s < N; s += batch_size, ++bi) {
-    if (bi % n_shards != shard) continue;
+  const int64_t n_batches = (N + batch_size - 1) / batch_size;
+  const int64_t rounds = (n_batches + n_shards - 1) / n_shards;
+  for (int64_t round = 0; round < rounds; ++round) {
+    int64_t bi = round * n_shards + shard;
+    const bool idle = bi >= n_batches;  // only in lockstep: a forward whose result is dropped
+    if (idle && !lockstep) break;
+    if (idle) bi = 0;
     throw_if_interrupted();
     fault::delay("generate_delay_ms");
+    const int64_t s = bi * batch_size;
     const int64_t n = std::min(batch_size, N - s);
     auto x0 = x0_NL.narrow(0, s, n).to(dev);
     auto t = t_NL.narrow(0, s, n);
     auto masked = (uu.narrow(0, s, n).to(torch::kFloat64) < t).to(dev);
     auto idx = masked.reshape({-1}).nonzero().squeeze(1);
-    if (idx.numel() == 0) continue;
+    if (idx.numel() == 0 && !lockstep) continue;
     auto xt = x0.masked_fill(masked, model.mask_id());
     at::Tensor logits;
     if (bd3_block > 0) {
@@ -150,7 +156,7 @@ NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t 
     }
     auto ce = masked_cross_entropy(logits, x0.reshape({-1}).index_select(0, idx));
     auto w = (1.0 / t.reshape({-1})).to(dev).index_select(0, idx);
-    total += (ce.to(torch::kFloat64) * w).sum().item<double>();
+    if (!idle) total += (ce.to(torch::kFloat64) * w).sum().item<double>();
   }
   if (sum_over_shards) total = sum_over_shards(total);
   // Unigram entropy of exactly these tokens: the NELBO of the best context-free predictor.

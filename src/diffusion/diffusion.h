@@ -101,10 +101,13 @@ struct NelboResult {
 /// `bd3_block` > 0: the block-diffusion bound of a BD3-trained model, one t per block (stratified
 /// over all blocks) and the [x_t ; x_0] forward with BD3's mask, each block conditioned on the
 /// clean earlier blocks.
+/// `lockstep`: every shard runs the same number of forwards (a shard short of batches, or with a
+/// batch that masks nothing, runs batch 0 and discards it), as collectives inside the forward
+/// need (expert parallelism's all-to-all).
 NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t batch_size,
                              uint64_t seed, int shard = 0, int n_shards = 1,
                              const std::function<double(double)>& sum_over_shards = {},
-                             int64_t bd3_block = 0);
+                             int64_t bd3_block = 0, bool lockstep = false);
 
 /// Cross-entropy of `logits` [M, V] against `target` [M], per position (fp32).
 at::Tensor masked_cross_entropy(const at::Tensor& logits_MV, const at::Tensor& target_M);

@@ -2,6 +2,7 @@
 
 #include <torch/torch.h>
 
+#include <chrono>
 #include <numeric>
 
 #include "core/compat.h"
@@ -23,7 +24,8 @@ int64_t total(const std::vector<int64_t>& v) {
 }
 
 at::Tensor all_to_all_rows(const at::Tensor& x_RD, const std::vector<int64_t>& send,
-                           const std::vector<int64_t>& recv, compat::Collectives& group) {
+                           const std::vector<int64_t>& recv, compat::Collectives& group,
+                           ExchangeStats* stats) {
   TORCH_CHECK(static_cast<int>(send.size()) == group.size() &&
                   static_cast<int>(recv.size()) == group.size(),
               "[exchange_rows] split counts for ", send.size(), "/", recv.size(),
@@ -34,27 +36,36 @@ at::Tensor all_to_all_rows(const at::Tensor& x_RD, const std::vector<int64_t>& s
   std::vector<int64_t> shape = in.sizes().vec();
   shape[0] = total(recv);
   at::Tensor out = at::empty(shape, in.options());
+  const auto t0 = std::chrono::steady_clock::now();
   group.all_to_all(out, in, recv, send);
+  if (stats) {
+    stats->seconds +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const int64_t row_bytes = x_RD.size(0) > 0 ? static_cast<int64_t>(in.nbytes()) / x_RD.size(0) : 0;
+    stats->bytes += (total(send) - send[static_cast<size_t>(group.rank())]) * row_bytes;
+  }
   return out;
 }
 
 struct ExchangeRows : public torch::autograd::Function<ExchangeRows> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_RD,
                             std::vector<int64_t> send, std::vector<int64_t> recv,
-                            compat::Collectives* group) {
+                            compat::Collectives* group, ExchangeStats* stats) {
     ctx->saved_data["send"] = c10::IValue(send);
     ctx->saved_data["recv"] = c10::IValue(recv);
-    // The group outlives the graph (the run holds it); an IValue carries its address.
+    // The group and the stats outlive the graph (the run holds them); IValues carry addresses.
     ctx->saved_data["group"] = c10::IValue(reinterpret_cast<int64_t>(group));
-    return all_to_all_rows(x_RD, send, recv, *group);
+    ctx->saved_data["stats"] = c10::IValue(reinterpret_cast<int64_t>(stats));
+    return all_to_all_rows(x_RD, send, recv, *group, stats);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto send = ctx->saved_data["send"].toIntVector();
     const auto recv = ctx->saved_data["recv"].toIntVector();
     auto* group = reinterpret_cast<compat::Collectives*>(ctx->saved_data["group"].toInt());
+    auto* stats = reinterpret_cast<ExchangeStats*>(ctx->saved_data["stats"].toInt());
     // The rows came along send -> recv; their gradients go back recv -> send.
-    return {all_to_all_rows(grads[0], recv, send, *group), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+    return {all_to_all_rows(grads[0], recv, send, *group, stats), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
   }
 };
 
@@ -85,8 +96,9 @@ std::vector<int> ParallelLayout::replica_group() const {
 }
 
 at::Tensor exchange_rows(const at::Tensor& x_RD, const std::vector<int64_t>& send,
-                         const std::vector<int64_t>& recv, compat::Collectives& group) {
-  return ExchangeRows::apply(x_RD, send, recv, &group);
+                         const std::vector<int64_t>& recv, compat::Collectives& group,
+                         ExchangeStats* stats) {
+  return ExchangeRows::apply(x_RD, send, recv, &group, stats);
 }
 
 std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send, compat::Collectives& group,
@@ -102,8 +114,9 @@ std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send, compat::C
   return std::vector<int64_t>(out.data_ptr<int64_t>(), out.data_ptr<int64_t>() + n);
 }
 
-ExpertParallel::ExpertParallel(DataParallel& dp, const ParallelLayout& layout)
-    : layout_(layout) {
+ExpertParallel::ExpertParallel(DataParallel& dp, const ParallelLayout& layout,
+                               std::optional<LlepOptions> llep)
+    : layout_(layout), llep_(llep) {
   ep_ = dp.subgroup(layout_.expert_group(), str("ep", layout_.dp_rank(), "/"));
   replica_ = dp.subgroup(layout_.replica_group(), str("replica", layout_.ep_rank(), "/"));
   TORCH_CHECK(ep_ && replica_, "[ExpertParallel] needs a process group (world > 1)");
@@ -127,7 +140,7 @@ std::vector<at::Tensor> ExpertParallel::shard(const std::vector<MoeLayer*>& laye
                             E, " of block ", l->block_index()));
     }
     pool.shard(ParallelLayout::first_expert(E, N, layout_.ep_rank()), E / N);
-    l->set_dispatcher(std::make_shared<AllToAllDispatcher>(*ep_, E));
+    l->set_dispatcher(std::make_shared<AllToAllDispatcher>(*ep_, E, llep_, &stats_));
     for (auto& p : pool.parameters()) params.push_back(p);
   }
   return params;
@@ -148,6 +161,12 @@ at::Tensor ExpertParallel::gather(const at::Tensor& shard) {
   full[0].narrow(0, n * layout_.ep_rank(), n).copy_(shard);
   ep_->all_reduce_sum(full);
   return full[0];
+}
+
+ExchangeStats ExpertParallel::take_stats() {
+  ExchangeStats s = stats_;
+  stats_ = ExchangeStats{};
+  return s;
 }
 
 double ExpertParallel::sum_over_expert_group(double v) {

@@ -14,8 +14,11 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "dist/least_loaded.h"
 
 namespace mixdiff {
 
@@ -42,12 +45,22 @@ struct ParallelLayout {
   static int64_t first_expert(int64_t n_expert, int n, int ep) { return ep * (n_expert / n); }
 };
 
+/// What a rank's all-to-alls cost since the stats were last taken (forward and backward).
+struct ExchangeStats {
+  double seconds = 0;    ///< wall time inside the all-to-all calls
+  int64_t bytes = 0;     ///< bytes this rank sent to other ranks
+  int64_t rows = 0;      ///< token rows this rank's experts computed (forward)
+  int64_t weight_rows = 0;  ///< experts whose weights this rank borrowed (least-loaded EP)
+};
+
 /// Differentiable all-to-all of rows over `group`: rows [sum(send[:j]), +send[j]) of x_RD go to
 /// group rank j; the result holds, in rank order, the recv[j] rows each rank j sent here
 /// (recv = what the peers' send counts name for this rank, exchanged beforehand). The backward
-/// sends the gradient rows back along the same routes (the mirrored exchange).
+/// sends the gradient rows back along the same routes (the mirrored exchange). `stats`, when
+/// given, gains the time and bytes of both directions.
 at::Tensor exchange_rows(const at::Tensor& x_RD, const std::vector<int64_t>& send,
-                         const std::vector<int64_t>& recv, compat::Collectives& group);
+                         const std::vector<int64_t>& recv, compat::Collectives& group,
+                         ExchangeStats* stats = nullptr);
 
 /// recv[j] = the send count rank j of `group` has for this rank (an all-to-all of the counts,
 /// through a tensor on `device`: the CPU for Gloo, the GPU for NCCL).
@@ -62,8 +75,10 @@ std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send, compat::C
 /// group and divided by W.
 class ExpertParallel {
  public:
-  /// Every rank of `dp` calls it (collectively: it makes the sub-groups).
-  ExpertParallel(DataParallel& dp, const ParallelLayout& layout);
+  /// Every rank of `dp` calls it (collectively: it makes the sub-groups). `llep`: least-loaded
+  /// dispatch (dist/least_loaded.h) instead of plain expert parallelism.
+  ExpertParallel(DataParallel& dp, const ParallelLayout& layout,
+                 std::optional<LlepOptions> llep = std::nullopt);
   ~ExpertParallel();
   /// Keeps each layer's share of its routed experts (ParallelLayout::first_expert) and installs
   /// the all-to-all dispatcher. The layers' weights must already agree over the world (same
@@ -79,13 +94,17 @@ class ExpertParallel {
   /// The sum of `v` over the expert group, e.g. the squared norm of the local expert gradients,
   /// whose sum with the (replicated) rest is the global gradient norm.
   double sum_over_expert_group(double v);
+  /// The all-to-all costs since the last call (every layer of this rank).
+  ExchangeStats take_stats();
   const ParallelLayout& layout() const { return layout_; }
   compat::Collectives& expert_group() { return *ep_; }
   compat::Collectives& replica_group() { return *replica_; }
 
  private:
   ParallelLayout layout_;
+  std::optional<LlepOptions> llep_;
   std::unique_ptr<compat::Collectives> ep_, replica_;
+  ExchangeStats stats_;
 };
 
 }  // namespace mixdiff

@@ -1,5 +1,7 @@
 #include "model/model.h"
 
+#include "moe/moe_layer.h"
+
 #include <torch/nn/module.h>
 
 #include "moe/block_routing.h"
@@ -39,6 +41,15 @@ int64_t ModelBase::num_parameters() const {
   int64_t n = 0;
   for (const auto& p : parameters(/*recurse=*/true)) {
     if (seen.insert(p.unsafeGetTensorImpl()).second) n += p.numel();
+  }
+  // Expert parallelism keeps a slice of each pool on this rank: count the whole model.
+  std::unordered_set<const ExpertPool*> pools;
+  for (const MoeLayer* l : const_cast<ModelBase*>(this)->moe_layers()) {
+    const ExpertPool& pool = l->pool();
+    if (!pool.sharded() || !pools.insert(&pool).second) continue;
+    const int64_t per_expert =
+        (pool.w_gate().numel() + pool.w_up().numel() + pool.w_down().numel()) / pool.n_expert();
+    n += (pool.global_n_expert() - pool.n_expert()) * per_expert;
   }
   return n;
 }

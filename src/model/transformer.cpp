@@ -298,7 +298,7 @@ int64_t TransformerDlm::num_active_parameters(const std::vector<double>& k_measu
     const auto& mo = m->options();
     const double per_expert = 3.0 * static_cast<double>(mo.d_model * mo.d_expert);
     if (pools.insert(&m->pool()).second) {
-      routed_total += static_cast<double>(m->pool().n_expert()) * per_expert;
+      routed_total += static_cast<double>(m->pool().global_n_expert()) * per_expert;
     }
     routed_active += counted_experts(*m, i, k_measured) * per_expert;
   }

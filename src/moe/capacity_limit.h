@@ -5,14 +5,18 @@
 // assignments of the forward's T_real real (non-padding) tokens, by gate (drop_policy:
 // probability, the lowest gates go first) or by token position (drop_policy: position, the latest
 // positions go first); a dropped assignment contributes nothing (the token keeps its residual path
-// and its other experts). An expert-parallel capacity that counts an expert's global token set is
-// another implementation of the same interface.
+// and its other experts). Under data or expert parallelism (a RankScope of several ranks) the
+// bound is the global batch's: T_real summed over the ranks and each expert's assignments ranked
+// over every rank's tokens (position: the global token index, rank-major as the ranks' rows sit
+// in the global batch), so W ranks drop exactly what one process with the global batch drops.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <string>
+
+#include "moe/context.h"
 
 namespace mixdiff {
 
@@ -29,9 +33,12 @@ class CapacityLimit {
  public:
   virtual ~CapacityLimit() = default;
   /// The assignments the experts process, in their original order (a subset of `a`).
-  /// `n_slots`: S; `top_k`: the router's nominal K; `real_tokens`: T_real.
+  /// `n_slots`: S; `top_k`: the router's nominal K; `real_tokens`: T_real of this rank's
+  /// `n_tokens` tokens; `scope`: the ranks whose forwards share the bound (collective when it
+  /// holds several: every rank calls it).
   virtual Assignments apply(const Assignments& a, int64_t n_slots, int64_t top_k,
-                            double real_tokens) const = 0;
+                            double real_tokens, int64_t n_tokens,
+                            const RankScope& scope = {}) const = 0;
   virtual std::string describe() const = 0;
 };
 
@@ -44,8 +51,8 @@ enum class DropPolicy {
 class ExpertCapacity : public CapacityLimit {
  public:
   ExpertCapacity(double capacity_factor, DropPolicy drop);
-  Assignments apply(const Assignments& a, int64_t n_slots, int64_t top_k,
-                    double real_tokens) const override;
+  Assignments apply(const Assignments& a, int64_t n_slots, int64_t top_k, double real_tokens,
+                    int64_t n_tokens, const RankScope& scope = {}) const override;
   std::string describe() const override;
   /// ceil(capacity_factor * real_tokens * top_k / n_slots).
   int64_t capacity(int64_t n_slots, int64_t top_k, double real_tokens) const;

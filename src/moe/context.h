@@ -19,4 +19,14 @@ using StatReducer = std::function<void(at::Tensor&)>;
 /// (BIP) needs.
 using StatGatherer = std::function<at::Tensor(const at::Tensor&)>;
 
+/// The ranks whose training forwards form one global batch, for decisions taken over it (an
+/// expert's capacity counted over the global token set): this rank's place and the two hooks
+/// above. The default is one process alone.
+struct RankScope {
+  int rank = 0;
+  int world = 1;
+  StatReducer sum;
+  StatGatherer gather;
+};
+
 }  // namespace mixdiff

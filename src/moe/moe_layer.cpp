@@ -132,7 +132,10 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
   if (o_.capacity) {
     const double real = ctx.valid_T.defined() ? ctx.valid_T.sum().item<double>()
                                               : static_cast<double>(T);
-    kept = o_.capacity->apply(kept, o_.n_expert, d.top_k, real);
+    // Training forwards share the bound over the global batch; an evaluation forward is a batch
+    // of its own, as in one process.
+    kept = o_.capacity->apply(kept, o_.n_expert, d.top_k, real, T,
+                              is_training() ? scope_ : RankScope{});
   }
   const at::Tensor pool_expert_A = slots_->pool_experts(kept.slot_A);
   auto y_TD = pool_->forward(x_TD, kept.token_A, pool_expert_A, kept.gate_A, *o_.dispatcher);

@@ -95,6 +95,9 @@ class MoeLayer : public FeedForward {
     reduce_ = std::move(r);
   }
   void set_gatherer(const StatGatherer& g) { router_->set_gatherer(g); }
+  /// The ranks of the global batch (data or expert parallelism): a capacity bound of a training
+  /// forward counts every rank's tokens (moe/capacity_limit.h).
+  void set_rank_scope(RankScope s) { scope_ = std::move(s); }
   /// Index of the transformer block this layer sits in (set by the backbone).
   void set_block_index(int64_t i) { block_ = i; }
   int64_t block_index() const { return block_; }
@@ -131,6 +134,7 @@ class MoeLayer : public FeedForward {
   GlobalLoad global_;
   double last_global_lbl_ = 0;
   StatReducer reduce_;
+  RankScope scope_;
   int64_t block_ = -1;
   std::shared_ptr<BlockRoutingPolicy> block_policy_;
   std::vector<std::shared_ptr<RoutingObserver>> observers_;

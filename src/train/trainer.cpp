@@ -11,6 +11,8 @@
 #include <fstream>
 #include <iostream>
 #include <sstream>
+#include <unordered_set>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "core/compat.h"
@@ -18,6 +20,7 @@
 #include "core/fs.h"
 #include "core/fault.h"
 #include "core/profile.h"
+#include "dist/expert_parallel.h"
 #include "moe/moe_layer.h"
 #include "moe/observers.h"
 #include "report/report.h"
@@ -104,6 +107,24 @@ TrainOptions TrainOptions::from(const ConfigNode& recipe) {
   o.bucket_bytes = static_cast<int64_t>(bucket_mb * (1 << 20));
   o.dist_timeout_s = dist.get<double>("timeout_s", 300.0);
   if (!(o.dist_timeout_s > 0)) dist.fail("timeout_s", "expected a positive number of seconds");
+  o.expert_parallel = dist.get<int64_t>("expert_parallel", 1);
+  if (o.expert_parallel < 1) {
+    dist.fail("expert_parallel", "expected a positive integer (1: every rank holds every expert)");
+  }
+  const std::string balance = dist.get<std::string>("ep_balance", "none");
+  if (balance == "least_loaded") {
+    ConfigNode l = dist.section("llep");
+    LlepOptions lo;
+    lo.threshold = l.get<double>("threshold", lo.threshold);
+    lo.capacity = l.get<double>("capacity", lo.capacity);
+    lo.min_chunk = l.get<int64_t>("min_chunk", lo.min_chunk);
+    if (!(lo.threshold >= 1)) l.fail("threshold", "expected a ratio >= 1 (max rank load / mean)");
+    if (!(lo.capacity >= 1)) l.fail("capacity", "expected a factor >= 1 of the mean rank load");
+    if (lo.min_chunk < 1) l.fail("min_chunk", "expected a positive number of rows");
+    o.llep = lo;
+  } else if (balance != "none") {
+    dist.fail("ep_balance", str("expected none or least_loaded, got '", balance, "'"));
+  }
   return o;
 }
 
@@ -293,6 +314,117 @@ Trainer::Trainer(TrainerParts parts, std::string run_dir, std::string recipe_yam
 
 Trainer::~Trainer() { unobserve_layers(parts_.model->moe_layers(), telemetry_); }
 
+void Trainer::setup_parallel() {
+  if (parallel_ready_) return;
+  parallel_ready_ = true;
+  auto& model = *parts_.model;
+  const int64_t N = parts_.options.expert_parallel;
+  if (!dp_ || !dp_->active()) {
+    if (N > 1) ParallelLayout(1, static_cast<int>(N), 0);  // throws: N does not divide 1
+    return;
+  }
+  // Every rank starts from rank 0's weights and routing state; routing statistics that must
+  // agree across ranks (global-batch counts, aux-free bias counts) are summed over them.
+  dp_->broadcast_state(model);
+  for (MoeLayer* l : model.moe_layers()) {
+    l->set_reducer(reducer());
+    l->set_gatherer(gatherer());
+    l->set_rank_scope({dp_->rank(), dp_->world(), reducer(), gatherer()});
+  }
+  if (N == 1) return;
+  const ParallelLayout layout(dp_->world(), static_cast<int>(N), dp_->rank());
+  ep_ = std::make_unique<ExpertParallel>(*dp_, layout, parts_.options.llep);
+  expert_params_ = ep_->shard(model.moe_layers());
+  // A resumed run's moments are whole (checkpoints are layout-independent): keep this rank's rows.
+  std::unordered_set<const void*> sharded;
+  torch::NoGradGuard ng;
+  for (const auto& p : expert_params_) {
+    sharded.insert(p.unsafeGetTensorImpl());
+    compat::AdamMoments m = compat::adamw_moments(*parts_.optimizer, p);
+    if (!m.exp_avg.defined() || m.exp_avg.size(0) == p.size(0)) continue;
+    const int64_t first = p.size(0) * layout.ep_rank();
+    m.exp_avg = m.exp_avg.narrow(0, first, p.size(0));
+    m.exp_avg_sq = m.exp_avg_sq.narrow(0, first, p.size(0));
+    compat::set_adamw_moments(*parts_.optimizer, p, m);  // copies the slices
+  }
+  for (const auto& p : model.parameters()) {
+    if (!sharded.count(p.unsafeGetTensorImpl())) replicated_params_.push_back(p);
+  }
+  const auto moe = model.moe_layers();
+  log(str("expert parallel: ", layout.data_parallel(), " data-parallel replicas x ", N,
+          " expert-parallel ranks; each rank holds ", moe.front()->pool().n_expert(), " of ",
+          moe.front()->pool().global_n_expert(), " routed experts per MoE layer",
+          parts_.options.llep ? str("; least-loaded dispatch (threshold ",
+                                    format_double(parts_.options.llep->threshold), ", capacity ",
+                                    format_double(parts_.options.llep->capacity), ", min chunk ",
+                                    parts_.options.llep->min_chunk, ")")
+                              : ""));
+}
+
+nlohmann::json Trainer::take_parallel_stats(int64_t steps, double seconds) {
+  if (!ep_) return {};
+  const ExchangeStats s = ep_->take_stats();
+  const auto per_rank = gatherer()(torch::tensor(
+      {s.seconds, static_cast<double>(s.bytes), static_cast<double>(s.rows),
+       static_cast<double>(s.weight_rows)}, torch::kFloat64).view({1, 4}));
+  const auto mean = per_rank.mean(0), max = std::get<0>(per_rank.max(0));
+  const double n = static_cast<double>(std::max<int64_t>(steps, 1));
+  return {{"a2a_s_per_step", mean[0].item<double>() / n},
+          {"a2a_s_per_step_max", max[0].item<double>() / n},
+          {"a2a_share", seconds > 0 ? mean[0].item<double>() / seconds : 0.0},
+          {"a2a_mb_per_step", mean[1].item<double>() / n / 1e6},
+          {"rows_per_step_max", max[2].item<double>() / n},
+          {"rows_per_step_mean", mean[2].item<double>() / n},
+          {"borrowed_experts_per_step", mean[3].item<double>() / n}};
+}
+
+std::vector<double> Trainer::peak_rss_per_rank() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  const double mb = static_cast<double>(u.ru_maxrss) / 1024.0;
+  if (!dp_ || !dp_->active()) return {mb};
+  auto all = gatherer()(torch::tensor({mb}, torch::kFloat64)).contiguous();
+  return std::vector<double>(all.data_ptr<double>(), all.data_ptr<double>() + all.numel());
+}
+
+void Trainer::swap_expert_tensors(bool whole) {
+  torch::NoGradGuard ng;
+  auto& opt = *parts_.optimizer;
+  if (!whole) {
+    for (size_t i = 0; i < expert_params_.size(); ++i) {
+      at::Tensor& p = expert_params_[i];
+      p.set_data(expert_shards_[i]);
+      compat::set_adamw_moments(opt, p, {moment_steps_[i], moment_shards_[2 * i],
+                                         moment_shards_[2 * i + 1]});
+    }
+    expert_shards_.clear();
+    moment_shards_.clear();
+    moment_steps_.clear();
+    return;
+  }
+  // Every parameter has AdamW state after the first step (gradients are defined on every rank
+  // after the reduction) or none before it; the gathers below are collective, so check it.
+  int64_t with_state = 0;
+  for (const auto& p : expert_params_) {
+    with_state += compat::adamw_moments(opt, p).exp_avg.defined() ? 1 : 0;
+  }
+  const double all = ep_->sum_over_expert_group(static_cast<double>(with_state));
+  if (all != static_cast<double>(with_state * ep_->layout().expert_parallel)) {
+    throw std::logic_error("expert parallelism: ranks disagree on which experts have optimizer state");
+  }
+  for (auto& p : expert_params_) {
+    expert_shards_.push_back(p.data());
+    const compat::AdamMoments m = compat::adamw_moments(opt, p);
+    moment_steps_.push_back(m.step);
+    moment_shards_.push_back(m.exp_avg.defined() ? m.exp_avg.clone() : at::Tensor());
+    moment_shards_.push_back(m.exp_avg_sq.defined() ? m.exp_avg_sq.clone() : at::Tensor());
+    p.set_data(ep_->gather(expert_shards_.back()));
+    if (m.exp_avg.defined()) {
+      compat::set_adamw_moments(opt, p, {m.step, ep_->gather(m.exp_avg), ep_->gather(m.exp_avg_sq)});
+    }
+  }
+}
+
 void Trainer::log(const std::string& line) {
   if (!is_main()) return;
   std::cout << line << std::endl;
@@ -450,11 +582,23 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
   }
   profile::Scope opt_scope("optimizer_and_clip");
   const auto params = model.parameters();
-  if (dp_) dp_->average_gradients(params, o.bucket_bytes);
-  lap(&StepTimes::backward);
+  double norm = 0;
+  if (ep_) {
+    // Replicated tensors are averaged over the world; each expert shard is summed over the ranks
+    // that hold it (its tokens from the whole expert group already arrived through the
+    // all-to-all backward). The norm adds the replicated part once and every shard once.
+    dp_->average_gradients(replicated_params_, o.bucket_bytes);
+    ep_->reduce_expert_gradients(expert_params_, o.bucket_bytes);
+    lap(&StepTimes::backward);
+    const double a = global_grad_norm(replicated_params_), b = global_grad_norm(expert_params_);
+    norm = std::sqrt(a * a + ep_->sum_over_expert_group(b * b));
+  } else {
+    if (dp_) dp_->average_gradients(params, o.bucket_bytes);
+    lap(&StepTimes::backward);
+    norm = global_grad_norm(params);
+  }
   // A non-finite loss or gradient (on any rank) is never applied: the step's gradients are
   // dropped and the caller decides (train.on_nonfinite).
-  const double norm = global_grad_norm(params);
   double bad = std::isfinite(loss_sum) && std::isfinite(norm) ? 0.0 : 1.0;
   if (dp_ && dp_->active()) {
     auto t = torch::tensor({bad}, torch::kFloat64);
@@ -553,7 +697,8 @@ void Trainer::evaluate(nlohmann::json* metrics) {
   NelboResult r = validation_nelbo(*parts_.model, val_seqs_, parts_.options.eval_batch_size,
                                    static_cast<uint64_t>(parts_.options.eval_seed),
                                    dp_ ? dp_->rank() : 0, static_cast<int>(world()), sum,
-                                   parts_.options.objective->validation_block());
+                                   parts_.options.objective->validation_block(),
+                                   /*lockstep=*/ep_ != nullptr);
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   state_.last_val_nelbo = r.nelbo;
@@ -572,6 +717,9 @@ void Trainer::evaluate(nlohmann::json* metrics) {
 std::string Trainer::checkpoint() {
   // Every rank holds the same model; rank 0 writes while the others wait. The replica check
   // (a fingerprint of every parameter and buffer compared across ranks) is recorded.
+  // Under expert parallelism the expert shards are gathered first: checkpoints hold whole expert
+  // tensors and moments, whatever the layout (a run resumes with any dist.expert_parallel).
+  if (ep_) swap_expert_tensors(true);
   bool identical = true;
   if (dp_ && dp_->active()) {
     identical = dp_->replicas_identical(*parts_.model);
@@ -580,6 +728,7 @@ std::string Trainer::checkpoint() {
   std::string dir;
   if (is_main()) dir = write_checkpoint(identical);
   if (dp_) dp_->barrier();
+  if (ep_) swap_expert_tensors(false);
   return dir.empty() ? resolve_checkpoint(run_dir_) : dir;
 }
 
@@ -681,15 +830,7 @@ int Trainer::fit() {
           world() > 1 ? str(world(), " ranks x ") : "", "batch ", o.batch_size, " x accum ",
           o.grad_accum, " x seq ", parts_.data->seq_len(), "), from step ", state_.step));
   write_run_info({});
-  if (dp_ && dp_->active()) {
-    // Every rank starts from rank 0's weights and routing state; routing statistics that must
-    // agree across ranks (global-batch counts, aux-free bias counts) are summed over them.
-    dp_->broadcast_state(model);
-    for (MoeLayer* l : model.moe_layers()) {
-      l->set_reducer(reducer());
-      l->set_gatherer(gatherer());
-    }
-  }
+  setup_parallel();
 
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
@@ -699,11 +840,16 @@ int Trainer::fit() {
     if (l.routing) aux_names.push_back(l.name);
   }
   MetricsLogger logger(aux_names, o.steps, state_.step);
+  int64_t interval_steps = 0;  // steps and their wall time since the last log (EP statistics)
+  double interval_s = 0;
   int64_t consecutive_skips = 0;
 
   while (state_.step < o.steps) {
     const int64_t step = state_.step;
+    const auto step_start = clock::now();
     const StepResult r = run_step(step);
+    interval_steps += 1;
+    interval_s += std::chrono::duration<double>(clock::now() - step_start).count();
     logger.add(r.loss, r.tokens, !r.nonfinite, r.aux, dp_ ? dp_->take_comm_seconds() : 0.0);
     if (r.nonfinite) {
       ++consecutive_skips;
@@ -738,10 +884,26 @@ int Trainer::fit() {
       metrics = std::move(rec.metrics);
       nlohmann::json moe = take_moe_stats();
       if (!moe.is_null()) metrics["moe"] = moe;
+      nlohmann::json ep = take_parallel_stats(interval_steps, interval_s);
+      if (!ep.is_null()) metrics["ep"] = ep;
+      interval_steps = 0;
+      interval_s = 0;
+      if (last && world() > 1) {
+        const auto rss = peak_rss_per_rank();
+        metrics["peak_rss_mb"] = rss;
+        std::string line = "memory: peak RSS per rank (MiB):";
+        for (double v : rss) {
+          char b[32];
+          std::snprintf(b, sizeof(b), " %.1f", v);
+          line += b;
+        }
+        log(line);
+      }
     }
     if (last || (o.eval_every > 0 && state_.step % o.eval_every == 0)) {
       if (metrics.is_null()) metrics = {{"step", state_.step}, {"tokens", state_.tokens}};
       evaluate(&metrics);
+      if (ep_) ep_->take_stats();  // evaluation's exchanges are not the training step's
       logger.restart_clock();
     }
     if (!metrics.is_null()) append_metrics(metrics);

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,7 @@
 #include "core/config.h"
 #include "core/signals.h"
 #include "dist/dist.h"
+#include "dist/least_loaded.h"
 #include "moe/context.h"
 #include "diffusion/diffusion.h"
 #include "loss/loss.h"
@@ -50,6 +52,11 @@ struct TrainOptions {
   int64_t eval_seed = 1234;
   int64_t bucket_bytes = 25 << 20;  ///< gradient all-reduce bucket (dist.bucket_mb)
   double dist_timeout_s = 300;      ///< rendezvous and collective timeout (dist.timeout_s)
+  /// dist.expert_parallel: N ranks share each MoE layer's routed experts (E / N each; tokens
+  /// exchanged all-to-all, dist/expert_parallel.h); N divides the world size and E.
+  int64_t expert_parallel = 1;
+  /// dist.ep_balance: least_loaded (dist.llep: threshold, capacity, min_chunk) or none (plain).
+  std::optional<LlepOptions> llep;
   static TrainOptions from(const ConfigNode& recipe);
 };
 
@@ -147,6 +154,7 @@ struct TrainerState {
 
 
 class RoutingTelemetry;
+class ExpertParallel;
 
 class Trainer {
  public:
@@ -177,6 +185,19 @@ class Trainer {
   StepResult run_step(int64_t step, StepTimes* times = nullptr);
   /// Per-layer routing telemetry since the last call (null for dense models), summed over ranks.
   nlohmann::json take_moe_stats();
+  /// Makes the model's replicas agree and installs the parallel layout (fit() calls it; so does
+  /// `mixdiff bench train`): rank 0's weights and routing state broadcast, world-summed routing
+  /// statistics, and under dist.expert_parallel N the routed experts sharded over the
+  /// expert-parallel groups (their optimizer moments sliced to match). Idempotent.
+  void setup_parallel();
+  /// Expert parallelism's costs since the last call, over `steps` steps and `seconds` of wall
+  /// time, reduced over the ranks (collective; null without expert parallelism):
+  /// a2a_s_per_step (mean over ranks; _max: the slowest), a2a_share (of the wall time),
+  /// a2a_mb_per_step (sent by a rank, mean), rows_per_step_max / _mean (token rows the ranks'
+  /// experts computed), borrowed_experts_per_step (least-loaded EP).
+  nlohmann::json take_parallel_stats(int64_t steps, double seconds);
+  /// Peak resident memory (MiB) of every rank, in rank order (collective).
+  std::vector<double> peak_rss_per_rank();
 
  private:
   void evaluate(nlohmann::json* metrics);
@@ -185,6 +206,9 @@ class Trainer {
   void write_run_info(const std::vector<double>& measured);
   std::string checkpoint();
   std::string write_checkpoint(bool replicas_identical);
+  /// Expert parallelism: every sharded expert tensor (and its AdamW moments) swapped for its whole
+  /// [E, ...] tensor gathered over the expert group (`whole`), or back to this rank's shard.
+  void swap_expert_tensors(bool whole);
   StatReducer reducer() const;
   StatGatherer gatherer() const;
   int64_t world() const;
@@ -199,6 +223,13 @@ class Trainer {
   TrainerState state_;
   at::Tensor val_seqs_;
   std::vector<std::shared_ptr<RoutingTelemetry>> telemetry_;  ///< one per MoE layer
+  bool parallel_ready_ = false;
+  std::unique_ptr<ExpertParallel> ep_;      ///< null without expert parallelism
+  std::vector<at::Tensor> expert_params_;   ///< sharded (reduced over the replica group)
+  std::vector<at::Tensor> replicated_params_;  ///< everything else (averaged over the world)
+  std::vector<at::Tensor> expert_shards_;   ///< the shards while swap_expert_tensors(true) holds
+  std::vector<at::Tensor> moment_shards_;  ///< exp_avg, exp_avg_sq per expert_params_ entry
+  std::vector<int64_t> moment_steps_;
 };
 
 }  // namespace mixdiff

@@ -10,7 +10,9 @@
 #include <thread>
 
 #include <nlohmann/json.hpp>
+#include <torch/torch.h>
 
+#include "core/safetensors.h"
 #include "support/support.h"
 
 namespace mixdiff {
@@ -181,6 +183,152 @@ TEST(DistributedTrain, EveryModelKindAndRouterFamilyEqualsOneProcessOnTheGlobalB
   }
 }
 
+// Expert parallelism (dist.expert_parallel): EP 2 on 2 processes and DP 2 x EP 2 on 4 processes
+// equal one process on the global batch, for token choice with global-batch LBL and the aux-free
+// bias, least-loaded dispatch, expert choice, and capacity dropping counted over the global batch
+// (both drop policies); EP 2 also for top-p and dMoE block routing. Checkpoints hold whole expert
+// tensors, identical on every rank.
+TEST(DistributedTrain, ExpertParallelLayoutsEqualOneProcessOnTheGlobalBatch) {
+  const std::string elbo = "{kind: masked_diffusion_elbo}";
+  struct Case {
+    const char* name;
+    std::vector<std::string> sets;
+    double later = 1e-5;
+    bool four = true;  ///< also DP 2 x EP 2 on 4 processes
+  } cases[] = {
+      {"token_choice", kMoe},
+      // Least-loaded dispatch moves rows whenever a rank holds more than the mean: same numbers.
+      {"least_loaded", {"model.kind=moe_dlm",
+                        "model.moe={n_expert: 4, d_expert: 16, router: {kind: token_choice, "
+                        "top_k: 2}}",
+                        "losses=[" + elbo + "]", "dist.ep_balance=least_loaded",
+                        "dist.llep={threshold: 1.0, min_chunk: 1}"}},
+      {"top_p", {"model.kind=moe_dlm",
+                 "model.moe={n_expert: 4, d_expert: 16, router: {kind: top_p, p: 0.5}}",
+                 "losses=[" + elbo + ", {kind: load_balance, scope: global, weight: 0.01}]"},
+       1e-5, false},
+      {"block_routing", {"model.kind=moe_dlm",
+                         "model.moe={n_expert: 4, d_expert: 16, router: {kind: token_choice, "
+                         "top_k: 2}, block_routing: {kind: dmoe, p: 0.6, guard: 1, block_size: 8}}",
+                         "losses=[" + elbo + "]"},
+       1e-5, false},
+      {"expert_choice", {"model.kind=moe_dlm",
+                         "model.moe={n_expert: 4, d_expert: 16, router: {kind: expert_choice, "
+                         "capacity: {kind: linear, k_min: 1, k_max: 3}}}",
+                         "losses=[" + elbo + "]"},
+       1e-3},  // see EveryModelKindAndRouterFamilyEqualsOneProcessOnTheGlobalBatch
+      {"capacity_probability", {"model.kind=moe_dlm",
+                                "model.moe={n_expert: 4, d_expert: 16, capacity_factor: 0.6, "
+                                "router: {kind: token_choice, top_k: 2}}",
+                                "losses=[" + elbo + ", {kind: load_balance, scope: global, "
+                                "weight: 0.01}]"}},
+      {"capacity_position", {"model.kind=moe_dlm",
+                             "model.moe={n_expert: 4, d_expert: 16, capacity_factor: 0.6, "
+                             "drop_policy: position, router: {kind: token_choice, top_k: 2}}",
+                             "losses=[" + elbo + "]"}},
+  };
+  const std::string d = test::scratch_dir("dist_ep");
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    std::vector<std::string> sets = c.sets;
+    for (const char* s : {"train.steps=5", "train.grad_accum=2", "train.log_every=1",
+                          "eval.sequences=20", "eval.batch_size=8"}) {
+      sets.push_back(s);
+    }
+    const std::string base = d + "/" + c.name;
+    auto one = train(base + "/one", 1, 8, sets);
+    ASSERT_EQ(one.status, 0) << one.err;
+    sets.push_back("dist.expert_parallel=2");
+    auto ep = train(base + "/ep2", 2, 8, sets);
+    ASSERT_EQ(ep.status, 0) << ep.err << ep.out;
+    EXPECT_NE(ep.out.find("1 data-parallel replicas x 2 expert-parallel ranks; each rank holds 2 "
+                          "of 4 routed experts"), std::string::npos) << ep.out;
+    expect_same_run(base + "/one", base + "/ep2", c.later);
+    // The exchange's costs are logged; least-loaded dispatch borrowed experts.
+    double borrowed = 0;
+    for (const auto& m : metrics(base + "/ep2")) {
+      if (!m.contains("ep")) continue;
+      EXPECT_GT(m["ep"]["a2a_mb_per_step"].get<double>(), 0);
+      EXPECT_GT(m["ep"]["rows_per_step_max"].get<double>(), 0);
+      borrowed += m["ep"]["borrowed_experts_per_step"].get<double>();
+    }
+    EXPECT_EQ(borrowed > 0, std::string(c.name) == "least_loaded");
+    EXPECT_EQ(metrics(base + "/ep2").back()["peak_rss_mb"].size(), 2u);
+    if (!c.four) continue;
+    auto dpep = train(base + "/dp2ep2", 4, 8, sets);
+    ASSERT_EQ(dpep.status, 0) << dpep.err << dpep.out;
+    expect_same_run(base + "/one", base + "/dp2ep2", c.later);
+    // Whole expert tensors in the checkpoint, and every rank agreed on them.
+    for (const char* run : {"/ep2", "/dp2ep2"}) {
+      const std::string ck = base + run + "/checkpoints/step_5";
+      auto st = nlohmann::json::parse(test::read_text(ck + "/trainer_state.json"));
+      EXPECT_EQ(st["replicas_identical"], true) << run;
+      const TensorMap t = load_safetensors(ck + "/model.safetensors");
+      int64_t experts = 0;
+      for (const auto& [name, v] : t) {
+        if (name.find("experts.w_") == std::string::npos) continue;
+        ++experts;
+        EXPECT_EQ(v.size(0), 4) << name;
+        const auto ref = load_safetensors(base + "/one/checkpoints/step_5/model.safetensors").at(name);
+        // Final weights: 1e-4 (Adam turns rounding-level gradient differences of near-zero
+        // entries into larger steps); expert choice, whose runs part by 1e-3, only by shape.
+        if (c.later <= 1e-5) EXPECT_LT((v - ref).abs().max().item<double>(), 1e-4) << name;
+      }
+      EXPECT_GT(experts, 0);
+    }
+  }
+}
+
+// A run saved with EP 2 resumes on one process, whose checkpoint resumes with EP 2 again; every
+// leg continues the uninterrupted run's losses. Layouts that cannot be built are refused.
+TEST(DistributedTrain, ExpertParallelResumesAcrossLayoutsAndRefusesWhatItCannotShard) {
+  const std::string d = test::scratch_dir("dist_ep_resume");
+  std::vector<std::string> sets = kMoe;
+  for (const char* s : {"train.steps=12", "train.ckpt_every=4", "train.keep_checkpoints=0",
+                        "train.log_every=1", "dist.expert_parallel=2"}) {
+    sets.push_back(s);
+  }
+  auto ep = train(d + "/ep", 2, 8, sets);
+  ASSERT_EQ(ep.status, 0) << ep.err;
+  // EP 2 -> 1 from step 4.
+  fs::copy(d + "/ep", d + "/one", fs::copy_options::recursive);
+  for (const char* s : {"/one/checkpoints/step_8", "/one/checkpoints/step_12"}) fs::remove_all(d + s);
+  test::write_text(d + "/one/checkpoints/latest", "step_4\n");
+  auto one = run_mixdiff({"train", "--resume", d + "/one", "--set", "train.batch_size=8", "--set",
+                          "dist.expert_parallel=1"});
+  ASSERT_EQ(one.status, 0) << one.err;
+  expect_same_run(d + "/ep", d + "/one");
+  // 1 -> EP 2 from the one-process run's step 8.
+  fs::copy(d + "/one", d + "/again", fs::copy_options::recursive);
+  fs::remove_all(d + "/again/checkpoints/step_12");
+  test::write_text(d + "/again/checkpoints/latest", "step_8\n");
+  auto again = run_mixdiff({"launch", "--nproc-per-node", "2", "--master-port",
+                            std::to_string(test::free_port()), "--", "train", "--resume",
+                            d + "/again", "--set", "train.batch_size=4", "--set",
+                            "dist.expert_parallel=2"});
+  ASSERT_EQ(again.status, 0) << again.err;
+  expect_same_run(d + "/ep", d + "/again");
+
+  // Refused with one line naming the key: N not dividing the world, the experts, or a shared pool.
+  auto alone = train(d + "/alone", 1, 8, {"dist.expert_parallel=2"});
+  EXPECT_EQ(alone.status, 2);
+  EXPECT_NE(alone.err.find("dist.expert_parallel: 2 must be a positive divisor of the world size 1"),
+            std::string::npos) << alone.err;
+  std::vector<std::string> three = kMoe;
+  three.push_back("dist.expert_parallel=3");
+  auto odd = train(d + "/odd", 2, 8, three);
+  EXPECT_NE(odd.status, 0);
+  EXPECT_NE(odd.err.find("dist.expert_parallel: 3 must be a positive divisor of the world size 2"),
+            std::string::npos) << odd.err;
+  auto pool = train(d + "/pool", 2, 8,
+                    {"model.kind=unipool_dlm",
+                     "model.moe={n_expert: 4, d_expert: 16, router: {kind: token_choice, top_k: 2}}",
+                     "dist.expert_parallel=2", "train.steps=2"});
+  EXPECT_NE(pool.status, 0);
+  EXPECT_NE(pool.err.find("they live in a pool the model shares between layers"), std::string::npos)
+      << pool.err;
+}
+
 TEST(DistributedTrain, ResumeFromATwoWorkerCheckpointWithOneWorker) {
   const std::string d = test::scratch_dir("dist_resume");
   std::vector<std::string> sets = kMoe;
@@ -233,22 +381,29 @@ int start_long_run(const std::string& d, const std::vector<std::string>& extra_s
   return pid;
 }
 
+// Data parallelism, and expert parallelism (whose peers would otherwise wait in an all-to-all).
 TEST(DistributedTrain, AKilledWorkerStopsTheLauncherNamingItsRank) {
-  const std::string d = test::scratch_dir("dist_kill");
-  const int launcher = start_long_run(d);
-  const std::string err = test::read_text(d + "/err");
-  const auto at = err.find("rank 1 pid ");
-  ASSERT_NE(at, std::string::npos) << err;
-  const int worker = std::stoi(err.substr(at + 11));
-  const auto t0 = std::chrono::steady_clock::now();
-  kill(worker, SIGKILL);
-  const int status = test::wait_for(launcher);
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  EXPECT_NE(status, 0);
-  EXPECT_LT(secs, 20.0);
-  const std::string after = test::read_text(d + "/err");
-  EXPECT_NE(after.find("rank 1 (pid " + std::to_string(worker) + ") ended with killed by signal 9"),
-            std::string::npos) << after;
+  std::vector<std::string> ep = kMoe;
+  ep.push_back("dist.expert_parallel=2");
+  for (const auto& [name, sets] : {std::pair{std::string("dp"), std::vector<std::string>{}},
+                                   std::pair{std::string("ep"), ep}}) {
+    SCOPED_TRACE(name);
+    const std::string d = test::scratch_dir("dist_kill_" + name);
+    const int launcher = start_long_run(d, sets);
+    const std::string err = test::read_text(d + "/err");
+    const auto at = err.find("rank 1 pid ");
+    ASSERT_NE(at, std::string::npos) << err;
+    const int worker = std::stoi(err.substr(at + 11));
+    const auto t0 = std::chrono::steady_clock::now();
+    kill(worker, SIGKILL);
+    const int status = test::wait_for(launcher);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    EXPECT_NE(status, 0);
+    EXPECT_LT(secs, 20.0);
+    const std::string after = test::read_text(d + "/err");
+    EXPECT_NE(after.find("rank 1 (pid " + std::to_string(worker) + ") ended with killed by signal 9"),
+              std::string::npos) << after;
+  }
 }
 
 TEST(DistributedTrain, SigintToTheLauncherCheckpointsEveryRankAndResumeFinishes) {

@@ -3,13 +3,17 @@
 // exchanged all-to-all inside each expert-parallel group with variable split sizes, the backward
 // returning every gradient row to its sender, the expert-replica groups reducing over the ranks
 // that hold the same experts, and the all-to-all dispatcher equal to one process's sorted
-// dispatcher over every expert (fp64). The test binary spawns itself as the workers.
+// dispatcher over every expert (fp64), also in least-loaded mode on skewed routing. The test binary
+// spawns itself as the workers; the least-loaded plan's properties are unit tests.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <signal.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <random>
 #include <cstdlib>
 #include <thread>
 
@@ -19,6 +23,7 @@
 #include "dist/all_to_all_dispatcher.h"
 #include "dist/dist.h"
 #include "dist/expert_parallel.h"
+#include "dist/least_loaded.h"
 #include "moe/dispatcher.h"
 #include "moe/experts.h"
 #include "moe/moe_layer.h"
@@ -56,6 +61,55 @@ at::Tensor rows_for(int r, int j, int64_t n) {
   return v.unsqueeze(1).expand({n, 3}).contiguous();
 }
 
+// Least-loaded plans (dist/least_loaded.h): nothing moves while the busiest rank is within the
+// threshold; otherwise every expert's rows are placed exactly once, its owner first, no rank is
+// busier than the busiest owner without the plan, none above the cap with min_chunk 1, and no
+// moved piece has under m rows.
+TEST(UnitExpertParallel, LeastLoadedPlansConserveRowsAndRespectTheCap) {
+  LlepOptions o;
+  o.threshold = 1.3;
+  o.min_chunk = 1;
+  EXPECT_FALSE(least_loaded_plan({10, 10, 12, 9}, 2, o).moves());  // 20 vs 21: balanced
+  const LlepPlan skew = least_loaded_plan({100, 20, 5, 3, 2, 1, 1, 0}, 4, o);
+  ASSERT_TRUE(skew.moves());
+  EXPECT_EQ(skew.pieces.front().expert, 0);
+  EXPECT_EQ(skew.pieces.front().rank, 0);  // the owner's piece first
+  EXPECT_EQ(*std::max_element(skew.rank_rows.begin(), skew.rank_rows.end()), 33);  // ceil(132 / 4)
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 300; ++trial) {
+    const int N = 1 << (trial % 3 + 1), per = 1 + trial % 4;
+    std::vector<int64_t> load(static_cast<size_t>(N * per));
+    for (auto& v : load) v = static_cast<int64_t>(rng() % 50);
+    load[rng() % load.size()] += static_cast<int64_t>(rng() % 2000);  // one hot expert
+    o.min_chunk = trial % 2 == 0 ? 1 : 16;
+    o.capacity = trial % 5 == 0 ? 1.2 : 1.0;
+    const LlepPlan p = least_loaded_plan(load, N, o);
+    int64_t total = 0;
+    for (int64_t v : load) total += v;
+    const auto cap = static_cast<int64_t>(std::ceil(o.capacity * static_cast<double>(total) / N));
+    std::vector<int64_t> placed(load.size(), 0), rows(static_cast<size_t>(N), 0);
+    for (const auto& q : p.pieces) {
+      placed[static_cast<size_t>(q.expert)] += q.count;
+      rows[static_cast<size_t>(q.rank)] += q.count;
+      if (q.rank != q.expert / per) EXPECT_GE(q.count, std::min(o.min_chunk, load[q.expert]));
+    }
+    if (!p.moves()) continue;
+    EXPECT_EQ(placed, load) << "trial " << trial;
+    EXPECT_EQ(rows, p.rank_rows) << "trial " << trial;
+    const int64_t busiest = *std::max_element(rows.begin(), rows.end());
+    int64_t plain = 0;  // the busiest owner without the plan
+    for (int r = 0; r < N; ++r) {
+      int64_t v = 0;
+      for (int e = r * per; e < (r + 1) * per; ++e) v += load[static_cast<size_t>(e)];
+      plain = std::max(plain, v);
+    }
+    EXPECT_LE(busiest, plain) << "trial " << trial;
+    // Pieces of at least m rows can overshoot the cap by up to about m per piece; with m = 1 the
+    // cap holds exactly.
+    if (o.min_chunk == 1) EXPECT_LE(busiest, cap) << "trial " << trial;
+  }
+}
+
 // What global rank r routes in the dispatcher check: T_r tokens, top-2 of E = 4 experts with
 // random gates (rank 3 routes nothing, to cover a rank without assignments).
 struct Routed {
@@ -76,6 +130,17 @@ Routed routed_on(int r) {
   return o;
 }
 
+// Skewed routing for least-loaded dispatch: every token's first choice is expert 0 and most
+// second choices expert 1, both held by expert-parallel rank 0 (rank 3 again routes nothing).
+Routed skewed_on(int r) {
+  Routed o = routed_on(r);
+  const int64_t T = o.x_TD.size(0), K = r == 3 ? 0 : 2;
+  auto second = torch::where(torch::arange(T, torch::kLong) % 3 == 2,
+                             torch::arange(T, torch::kLong) % 2 + 2, torch::ones({T}, torch::kLong));
+  o.expert_A = torch::stack({torch::zeros({T}, torch::kLong), second}, 1).narrow(1, 0, K).reshape({T * K});
+  return o;
+}
+
 std::shared_ptr<ExpertPool> full_pool() {
   torch::manual_seed(7);
   auto p = std::make_shared<ExpertPool>(4, 8, 6);
@@ -88,7 +153,11 @@ std::shared_ptr<ExpertPool> full_pool() {
 // The all-to-all dispatcher on the expert group equals the sorted dispatcher of one process that
 // holds every expert and routes every rank's tokens: outputs, input gradients and each expert's
 // weight gradients (summed over the group's tokens).
-void check_all_to_all_dispatcher(const ParallelLayout& l, compat::Collectives& ep) {
+// Least-loaded mode (`llep`, on skewed routing) computes the same, with rows moved off the
+// overloaded rank: its rows fall to the plan's cap and the other rank borrows expert weights.
+void check_all_to_all_dispatcher(const ParallelLayout& l, compat::Collectives& ep,
+                                 Routed (*routing)(int) = routed_on,
+                                 std::optional<LlepOptions> llep = std::nullopt) {
   const int64_t E_local = 2;
   auto full = full_pool();
   auto local = std::make_shared<ExpertPool>(E_local, 8, 6);
@@ -100,16 +169,31 @@ void check_all_to_all_dispatcher(const ParallelLayout& l, compat::Collectives& e
       kv.value().copy_(fp[kv.key()].narrow(0, l.ep_rank() * E_local, E_local));
     }
   }
-  const AllToAllDispatcher a2a(ep, 4);
-  Routed mine = routed_on(l.rank);
+  ExchangeStats stats;
+  const AllToAllDispatcher a2a(ep, 4, llep, &stats);
+  Routed mine = routing(l.rank);
   auto x = mine.x_TD.clone().requires_grad_(true);
   auto y = a2a.run(*local, x, mine.token_A, mine.expert_A, mine.gate_A);
   (y * mine.c_TD).sum().backward();
+  if (llep) {
+    // The plan of the group's loads: rank 0 holds experts 0 and 1, which take most rows.
+    std::vector<int64_t> load(4, 0);
+    for (int r : l.expert_group()) {
+      Routed o = routing(r);
+      for (int64_t i = 0; i < o.expert_A.numel(); ++i) ++load[o.expert_A[i].item<int64_t>()];
+    }
+    const LlepPlan plan = least_loaded_plan(load, 2, *llep);
+    ASSERT_TRUE(plan.moves());
+    const int64_t plain_rows = l.ep_rank() == 0 ? load[0] + load[1] : load[2] + load[3];
+    EXPECT_EQ(stats.rows, plan.rank_rows[static_cast<size_t>(l.ep_rank())]);
+    if (l.ep_rank() == 0) EXPECT_LT(stats.rows, plain_rows);
+    if (l.ep_rank() == 1) EXPECT_GT(stats.weight_rows, 0);
+  }
 
   // One process: every member's tokens through the full pool.
   auto sorted = make_dispatcher("sorted");
   for (int r : l.expert_group()) {
-    Routed o = routed_on(r);
+    Routed o = routing(r);
     auto xr = o.x_TD.clone().requires_grad_(true);
     auto yr = sorted->run(*full, xr, o.token_A, o.expert_A, o.gate_A);
     if (yr.requires_grad()) (yr * o.c_TD).sum().backward();  // rank 3 routes nothing
@@ -239,6 +323,10 @@ TEST(DistributedExpertParallelWorker, ExchangesRowsAndReturnsTheirGradients) {
   EXPECT_EQ(v[0].item<double>(), want_sum);
 
   check_all_to_all_dispatcher(l, *ep);
+  LlepOptions eager;  // move rows as soon as a rank holds more than the mean
+  eager.threshold = 1.0;
+  eager.min_chunk = 1;
+  check_all_to_all_dispatcher(l, *ep, skewed_on, eager);
   check_sharded_layer(dp, l);
 }
 

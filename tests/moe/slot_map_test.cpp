@@ -97,12 +97,12 @@ TEST(UnitMoe, CapacityKeepsTheBestByPolicy) {
   const Assignments a{torch::arange(5, torch::kLong), expert, gate};
   const ExpertCapacity prob(0.8, DropPolicy::kProbability), pos(0.8, DropPolicy::kPosition);
   EXPECT_EQ(prob.capacity(2, 1, 5.0), 2);
-  const Assignments kp = prob.apply(a, 2, 1, 5.0), ks = pos.apply(a, 2, 1, 5.0);
+  const Assignments kp = prob.apply(a, 2, 1, 5.0, 5), ks = pos.apply(a, 2, 1, 5.0, 5);
   EXPECT_TRUE(torch::equal(kp.token_A, torch::tensor({1, 3, 4}, torch::kLong))) << kp.token_A;
   EXPECT_TRUE(torch::allclose(kp.gate_A, torch::tensor({0.9, 0.3, 0.7})));
   EXPECT_TRUE(torch::equal(ks.slot_A, torch::tensor({0, 0, 1}, torch::kLong))) << ks.slot_A;
   // A generous factor keeps everything, in order.
-  const Assignments all = ExpertCapacity(4.0, DropPolicy::kPosition).apply(a, 2, 1, 5.0);
+  const Assignments all = ExpertCapacity(4.0, DropPolicy::kPosition).apply(a, 2, 1, 5.0, 5);
   EXPECT_TRUE(torch::equal(all.token_A, a.token_A));
   EXPECT_NE(prob.describe().find("drop by probability"), std::string::npos);
 }
