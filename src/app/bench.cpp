@@ -307,6 +307,13 @@ int cmd_bench_train(const BenchTrainArgs& a) {
                       {"mfu", fpt * tokens_per_s / (peak * 1e9)},
                       {"peak_rss_mb", peak_rss_mb()},
                       {"world_size", env.world},
+                      {"model_state_mib", [&] {
+                         // This rank's fp32 weights, gradients and two AdamW moments (expert
+                         // parallelism keeps a shard of the routed experts).
+                         double n = 0;
+                         for (const auto& p : model.parameters()) n += static_cast<double>(p.numel());
+                         return n * 4.0 * 4.0 / (1 << 20);
+                       }()},
                       {"device", device.str()},
                       {"dtype", dtype == at::kFloat ? "fp32" : "bf16"},
                       {"parameters", model.num_parameters()},

@@ -32,6 +32,7 @@
 #include "core/fs.h"
 #include "core/process.h"
 #include "data/prepare.h"
+#include "dist/expert_parallel.h"
 #include "infer/sampler.h"
 #include "report/report.h"
 #include "sweep/sweep.h"
@@ -124,6 +125,8 @@ int cmd_sweep(const SweepArgs& a) {
       TrainerParts parts = build_trainer_parts(r);
       GenerateSettings::from(r);
       r.check_unknown_keys();
+      // The cell's parallel layout must fit the workers it will get.
+      ParallelLayout(world, static_cast<int>(parts.options.expert_parallel), 0);
       p.steps = parts.options.steps;
       const double tokens_per_step = static_cast<double>(world * parts.options.batch_size *
                                                          parts.options.grad_accum *

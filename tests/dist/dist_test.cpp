@@ -329,6 +329,26 @@ TEST(DistributedTrain, ExpertParallelResumesAcrossLayoutsAndRefusesWhatItCannotS
       << pool.err;
 }
 
+// `bench train` under the launcher steps the recipe's layout on every rank and reports each
+// rank's peak memory and the all-to-all's costs.
+TEST(DistributedTrain, BenchTrainUnderTheLauncherReportsEveryRanksMemoryAndTheExchange) {
+  std::vector<std::string> args{"launch", "--nproc-per-node", "2", "--master-port",
+                                std::to_string(test::free_port()), "--", "bench", "train",
+                                tiny_dir() + "/recipe.yaml", "--steps", "2", "--warmup", "1"};
+  std::vector<std::string> sets = kMoe;
+  sets.push_back("dist.expert_parallel=2");
+  auto r = run_mixdiff(with_sets(args, sets));
+  ASSERT_EQ(r.status, 0) << r.err;
+  auto j = nlohmann::json::parse(test::lines(r.out).back());
+  EXPECT_EQ(j["world_size"], 2);
+  ASSERT_EQ(j["peak_rss_mb_per_rank"].size(), 2u);
+  EXPECT_GT(j["peak_rss_mb_per_rank"][1].get<double>(), 0);
+  EXPECT_GT(j["ep"]["a2a_mb_per_step"].get<double>(), 0);
+  EXPECT_GT(j["ep"]["a2a_share"].get<double>(), 0);
+  EXPECT_LT(j["ep"]["a2a_share"].get<double>(), 1);
+  EXPECT_GT(j["ep"]["rows_per_step_max"].get<double>(), 0);
+}
+
 TEST(DistributedTrain, ResumeFromATwoWorkerCheckpointWithOneWorker) {
   const std::string d = test::scratch_dir("dist_resume");
   std::vector<std::string> sets = kMoe;

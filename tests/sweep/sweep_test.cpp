@@ -163,6 +163,23 @@ TEST(E2ESweep, BadCellIsRejectedBeforeAnyRunStarts) {
   EXPECT_FALSE(fs::exists(d + "/runs/bad"));
 }
 
+// Expert-parallel cells run under `--launch K`: a layout that fits K workers plans, one that does
+// not is refused before any run starts, naming the key.
+TEST(E2ESweep, ExpertParallelCellsMustFitTheLaunchedWorkers) {
+  const std::string d = test::scratch_dir("sweep_ep");
+  const std::string head = "set: {model.kind: moe_dlm, model.moe: {n_expert: 4, d_expert: 16, "
+                           "router: {kind: token_choice, top_k: 2}}}\n";
+  auto ok = write_sweep(d, "name: ep\n" + head + "axes: [{grid: {dist.expert_parallel: [1, 2]}}]\n");
+  auto plan = run_mixdiff({"sweep", ok, "--launch", "2", "--dry-run", "--out", d + "/runs"});
+  EXPECT_EQ(plan.status, 0) << plan.err;
+  auto bad = write_sweep(d, "name: ep3\n" + head + "axes: [{grid: {dist.expert_parallel: [3]}}]\n");
+  auto r = run_mixdiff({"sweep", bad, "--launch", "2", "--out", d + "/runs"});
+  EXPECT_EQ(r.status, 2) << r.err;
+  EXPECT_NE(r.err.find("dist.expert_parallel: 3 must be a positive divisor of the world size 2"),
+            std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(d + "/runs/ep3"));
+}
+
 // Every shipped sweep plans: its cells build as `mixdiff train` would build them (on the tiny
 // fixture data instead of the built-in corpus).
 TEST(E2ESweep, EveryShippedSweepPlans) {
