@@ -10,8 +10,30 @@
 #            python3-torch + python3-yaml (the PyTorch reference of tools/reference/, used by
 #            the parity test; it imports only under /usr/bin/python3), and clang with its
 #            libFuzzer/sanitizer runtimes (tools/fuzz.sh)
-# Usage: tools/setup.sh [--tests]   (as root, or with sudo available)
+#   torch2:  with --torch2 also PyTorch 2.x from PyPI (the newest it serves; the CUDA wheel, which
+#            runs on the CPU too) in the project-local virtual environment .venv/, for the
+#            LibTorch 2.x build (MIXDIFF_TORCH=2 tools/build.sh)
+# Usage: tools/setup.sh [--tests] [--torch2]   (as root, or with sudo available)
 set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tests=0
+torch2=0
+for a in "$@"; do
+  case "$a" in
+    --tests) tests=1 ;;
+    --torch2) torch2=1 ;;
+    *) echo "error: tools/setup.sh: unknown option '$a' (expected --tests or --torch2)" >&2; exit 2 ;;
+  esac
+done
+
+if [ "$torch2" = 1 ] && ! .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
+  echo "setup: installing PyTorch 2.x from PyPI into .venv (several GB)"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q torch
+  echo "setup: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)' 2>/dev/null)"
+fi
 
 PACKAGES=(
   g++ cmake ninja-build pkg-config ccache
@@ -20,7 +42,7 @@ PACKAGES=(
   bible-kjv fortunes wordnet-base
 )
 
-if [ "${1:-}" = "--tests" ]; then PACKAGES+=(chromium python3-torch python3-yaml clang libclang-rt-14-dev); fi
+if [ "$tests" = 1 ]; then PACKAGES+=(chromium python3-torch python3-yaml clang libclang-rt-14-dev); fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -115,8 +115,8 @@ std::vector<int64_t> exchange_counts(const std::vector<int64_t>& send, compat::C
 }
 
 ExpertParallel::ExpertParallel(DataParallel& dp, const ParallelLayout& layout,
-                               std::optional<LlepOptions> llep)
-    : layout_(layout), llep_(llep) {
+                               std::optional<LlepOptions> llep, const c10::Device& device)
+    : layout_(layout), llep_(llep), device_(device) {
   ep_ = dp.subgroup(layout_.expert_group(), str("ep", layout_.dp_rank(), "/"));
   replica_ = dp.subgroup(layout_.replica_group(), str("replica", layout_.ep_rank(), "/"));
   TORCH_CHECK(ep_ && replica_, "[ExpertParallel] needs a process group (world > 1)");
@@ -170,9 +170,21 @@ ExchangeStats ExpertParallel::take_stats() {
 }
 
 double ExpertParallel::sum_over_expert_group(double v) {
-  std::vector<at::Tensor> t{torch::tensor({v}, torch::kFloat64)};
+  return sum_over_expert_group(std::vector<double>{v})[0];
+}
+
+std::vector<double> ExpertParallel::sum_over_expert_group(const std::vector<double>& v) {
+  std::vector<at::Tensor> t{torch::tensor(v, torch::kFloat64).to(device_)};
   ep_->all_reduce_sum(t);
-  return t[0].item<double>();
+  auto host = t[0].cpu().contiguous();
+  return std::vector<double>(host.data_ptr<double>(), host.data_ptr<double>() + host.numel());
+}
+
+void ExpertParallel::put_back(const ExchangeStats& s) {
+  stats_.seconds += s.seconds;
+  stats_.bytes += s.bytes;
+  stats_.rows += s.rows;
+  stats_.weight_rows += s.weight_rows;
 }
 
 }  // namespace mixdiff

@@ -78,7 +78,8 @@ class ExpertParallel {
   /// Every rank of `dp` calls it (collectively: it makes the sub-groups). `llep`: least-loaded
   /// dispatch (dist/least_loaded.h) instead of plain expert parallelism.
   ExpertParallel(DataParallel& dp, const ParallelLayout& layout,
-                 std::optional<LlepOptions> llep = std::nullopt);
+                 std::optional<LlepOptions> llep = std::nullopt,
+                 const c10::Device& device = c10::Device(c10::kCPU));
   ~ExpertParallel();
   /// Keeps each layer's share of its routed experts (ParallelLayout::first_expert) and installs
   /// the all-to-all dispatcher. The layers' weights must already agree over the world (same
@@ -94,8 +95,13 @@ class ExpertParallel {
   /// The sum of `v` over the expert group, e.g. the squared norm of the local expert gradients,
   /// whose sum with the (replicated) rest is the global gradient norm.
   double sum_over_expert_group(double v);
+  /// Element-wise sums over the expert group (small statistics, through the communication
+  /// device: the CPU for Gloo, the GPU for NCCL).
+  std::vector<double> sum_over_expert_group(const std::vector<double>& v);
   /// The all-to-all costs since the last call (every layer of this rank).
   ExchangeStats take_stats();
+  /// Adds `s` back (costs set aside while evaluation ran).
+  void put_back(const ExchangeStats& s);
   const ParallelLayout& layout() const { return layout_; }
   compat::Collectives& expert_group() { return *ep_; }
   compat::Collectives& replica_group() { return *replica_; }
@@ -103,6 +109,7 @@ class ExpertParallel {
  private:
   ParallelLayout layout_;
   std::optional<LlepOptions> llep_;
+  c10::Device device_;
   std::unique_ptr<compat::Collectives> ep_, replica_;
   ExchangeStats stats_;
 };

@@ -112,6 +112,10 @@ TrainOptions TrainOptions::from(const ConfigNode& recipe) {
     dist.fail("expert_parallel", "expected a positive integer (1: every rank holds every expert)");
   }
   const std::string balance = dist.get<std::string>("ep_balance", "none");
+  if (balance == "least_loaded" && o.expert_parallel == 1) {
+    dist.fail("ep_balance", "least_loaded balances expert-parallel ranks: it needs "
+                            "dist.expert_parallel > 1");
+  }
   if (balance == "least_loaded") {
     ConfigNode l = dist.section("llep");
     LlepOptions lo;
@@ -333,7 +337,11 @@ void Trainer::setup_parallel() {
   }
   if (N == 1) return;
   const ParallelLayout layout(dp_->world(), static_cast<int>(N), dp_->rank());
-  ep_ = std::make_unique<ExpertParallel>(*dp_, layout, parts_.options.llep);
+  if (model.moe_layers().empty()) {
+    throw ConfigError(str("dist.expert_parallel: ", N, " needs MoE layers to shard; model '",
+                          model.describe(), "' has none (expected 1 for a dense model)"));
+  }
+  ep_ = std::make_unique<ExpertParallel>(*dp_, layout, parts_.options.llep, parts_.device);
   expert_params_ = ep_->shard(model.moe_layers());
   // A resumed run's moments are whole (checkpoints are layout-independent): keep this rank's rows.
   std::unordered_set<const void*> sharded;
@@ -403,14 +411,17 @@ void Trainer::swap_expert_tensors(bool whole) {
     return;
   }
   // Every parameter has AdamW state after the first step (gradients are defined on every rank
-  // after the reduction) or none before it; the gathers below are collective, so check it.
-  int64_t with_state = 0;
+  // after the reduction) or none before it; the gathers below are collective, so check it per
+  // parameter, deciding from the group's sums (the same on every rank).
+  std::vector<double> has;
   for (const auto& p : expert_params_) {
-    with_state += compat::adamw_moments(opt, p).exp_avg.defined() ? 1 : 0;
+    has.push_back(compat::adamw_moments(opt, p).exp_avg.defined() ? 1.0 : 0.0);
   }
-  const double all = ep_->sum_over_expert_group(static_cast<double>(with_state));
-  if (all != static_cast<double>(with_state * ep_->layout().expert_parallel)) {
-    throw std::logic_error("expert parallelism: ranks disagree on which experts have optimizer state");
+  const auto all = ep_->sum_over_expert_group(has);
+  for (double v : all) {
+    if (v != 0 && v != static_cast<double>(ep_->layout().expert_parallel)) {
+      throw std::logic_error("expert parallelism: ranks disagree on which experts have optimizer state");
+    }
   }
   for (auto& p : expert_params_) {
     expert_shards_.push_back(p.data());
@@ -902,8 +913,13 @@ int Trainer::fit() {
     }
     if (last || (o.eval_every > 0 && state_.step % o.eval_every == 0)) {
       if (metrics.is_null()) metrics = {{"step", state_.step}, {"tokens", state_.tokens}};
+      // Evaluation's exchanges are not the training steps': set the interval's aside.
+      const ExchangeStats before = ep_ ? ep_->take_stats() : ExchangeStats{};
       evaluate(&metrics);
-      if (ep_) ep_->take_stats();  // evaluation's exchanges are not the training step's
+      if (ep_) {
+        ep_->take_stats();
+        ep_->put_back(before);
+      }
       logger.restart_clock();
     }
     if (!metrics.is_null()) append_metrics(metrics);

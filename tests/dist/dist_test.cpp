@@ -195,14 +195,15 @@ TEST(DistributedTrain, ExpertParallelLayoutsEqualOneProcessOnTheGlobalBatch) {
     std::vector<std::string> sets;
     double later = 1e-5;
     bool four = true;  ///< also DP 2 x EP 2 on 4 processes
+    std::vector<std::string> ep_sets = {};  ///< only for the expert-parallel runs
   } cases[] = {
       {"token_choice", kMoe},
       // Least-loaded dispatch moves rows whenever a rank holds more than the mean: same numbers.
       {"least_loaded", {"model.kind=moe_dlm",
                         "model.moe={n_expert: 4, d_expert: 16, router: {kind: token_choice, "
                         "top_k: 2}}",
-                        "losses=[" + elbo + "]", "dist.ep_balance=least_loaded",
-                        "dist.llep={threshold: 1.0, min_chunk: 1}"}},
+                        "losses=[" + elbo + "]"},
+       1e-5, true, {"dist.ep_balance=least_loaded", "dist.llep={threshold: 1.0, min_chunk: 1}"}},
       {"top_p", {"model.kind=moe_dlm",
                  "model.moe={n_expert: 4, d_expert: 16, router: {kind: top_p, p: 0.5}}",
                  "losses=[" + elbo + ", {kind: load_balance, scope: global, weight: 0.01}]"},
@@ -239,6 +240,7 @@ TEST(DistributedTrain, ExpertParallelLayoutsEqualOneProcessOnTheGlobalBatch) {
     auto one = train(base + "/one", 1, 8, sets);
     ASSERT_EQ(one.status, 0) << one.err;
     sets.push_back("dist.expert_parallel=2");
+    sets.insert(sets.end(), c.ep_sets.begin(), c.ep_sets.end());
     auto ep = train(base + "/ep2", 2, 8, sets);
     ASSERT_EQ(ep.status, 0) << ep.err << ep.out;
     EXPECT_NE(ep.out.find("1 data-parallel replicas x 2 expert-parallel ranks; each rank holds 2 "
@@ -327,6 +329,13 @@ TEST(DistributedTrain, ExpertParallelResumesAcrossLayoutsAndRefusesWhatItCannotS
   EXPECT_NE(pool.status, 0);
   EXPECT_NE(pool.err.find("they live in a pool the model shares between layers"), std::string::npos)
       << pool.err;
+  auto dense = train(d + "/dense", 2, 8, {"dist.expert_parallel=2", "train.steps=2"});
+  EXPECT_NE(dense.status, 0);
+  EXPECT_NE(dense.err.find("dist.expert_parallel: 2 needs MoE layers to shard"), std::string::npos)
+      << dense.err;
+  auto llep = train(d + "/llep", 1, 8, {"dist.ep_balance=least_loaded"});
+  EXPECT_EQ(llep.status, 2);
+  EXPECT_NE(llep.err.find("needs dist.expert_parallel > 1"), std::string::npos) << llep.err;
 }
 
 // `bench train` under the launcher steps the recipe's layout on every rank and reports each
