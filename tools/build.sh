@@ -14,8 +14,12 @@ if [ "${MIXDIFF_TORCH:-}" = 2 ]; then
     exit 2
   fi
   prefix=$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)' 2>/dev/null)
+  # The wheel's CUDA libraries (NCCL, cuDNN, ...) sit in site-packages/nvidia/*/lib, where its
+  # libtorch_cuda.so's RPATH finds them at run time; the linker must take them, not the older
+  # ones of the machine's toolkit, when it checks libtorch_cuda.so's references.
+  nvidia=$(cd "$prefix/../../.." && ls -d "$PWD"/nvidia/*/lib 2>/dev/null | paste -sd: -)
   cmake -S . -B build-torch2 -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$prefix" \
-    -DMIXDIFF_USE_CUDA=ON "$@" >/dev/null
+    -DMIXDIFF_USE_CUDA=ON -DCMAKE_EXE_LINKER_FLAGS="-Wl,-rpath-link,$nvidia" "$@" >/dev/null
   cmake --build build-torch2 -j "$(nproc)"
   exit 0
 fi
