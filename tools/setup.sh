@@ -27,11 +27,11 @@ for a in "$@"; do
   esac
 done
 
-if [ "$torch2" = 1 ] && ! .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
+if [ "$torch2" = 1 ] && ! .venv/bin/python -c 'import torch, yaml, numpy' >/dev/null 2>&1; then
   echo "setup: installing PyTorch 2.x from PyPI into .venv (several GB)"
   python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q torch
+  .venv/bin/pip install -q torch pyyaml numpy  # numpy and pyyaml: the PyTorch reference
   echo "setup: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)' 2>/dev/null)"
 fi
 
