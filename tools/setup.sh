@@ -27,14 +27,6 @@ for a in "$@"; do
   esac
 done
 
-if [ "$torch2" = 1 ] && ! .venv/bin/python -c 'import torch, yaml, numpy' >/dev/null 2>&1; then
-  echo "setup: installing PyTorch 2.x from PyPI into .venv (several GB)"
-  python3 -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q torch pyyaml numpy  # numpy and pyyaml: the PyTorch reference
-  echo "setup: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)' 2>/dev/null)"
-fi
-
 PACKAGES=(
   g++ cmake ninja-build pkg-config ccache
   libtorch-dev libgloo-dev libyaml-cpp-dev libcli11-dev nlohmann-json3-dev libpcre2-dev libgtest-dev
@@ -43,6 +35,17 @@ PACKAGES=(
 )
 
 if [ "$tests" = 1 ]; then PACKAGES+=(chromium python3-torch python3-yaml clang libclang-rt-14-dev); fi
+if [ "$torch2" = 1 ]; then PACKAGES+=(python3-venv); fi
+
+install_torch2() {
+  [ "$torch2" = 1 ] || return 0
+  .venv/bin/python -c 'import torch, yaml, numpy' >/dev/null 2>&1 && return 0
+  echo "setup: installing PyTorch 2.x from PyPI into .venv (several GB)"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q torch pyyaml numpy  # numpy and pyyaml: the PyTorch reference
+  echo "setup: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)' 2>/dev/null)"
+}
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -50,7 +53,7 @@ for p in "${PACKAGES[@]}"; do
     missing+=("$p")
   fi
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
+if [ ${#missing[@]} -eq 0 ]; then install_torch2; exit 0; fi
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
@@ -64,3 +67,4 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 echo "setup: done"
+install_torch2

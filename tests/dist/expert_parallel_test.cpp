@@ -91,7 +91,9 @@ TEST(UnitExpertParallel, LeastLoadedPlansConserveRowsAndRespectTheCap) {
     for (const auto& q : p.pieces) {
       placed[static_cast<size_t>(q.expert)] += q.count;
       rows[static_cast<size_t>(q.rank)] += q.count;
-      if (q.rank != q.expert / per) EXPECT_GE(q.count, std::min(o.min_chunk, load[q.expert]));
+      if (q.rank != q.expert / per) {
+        EXPECT_GE(q.count, std::min(o.min_chunk, load[q.expert]));
+      }
     }
     if (!p.moves()) continue;
     EXPECT_EQ(placed, load) << "trial " << trial;
@@ -106,7 +108,9 @@ TEST(UnitExpertParallel, LeastLoadedPlansConserveRowsAndRespectTheCap) {
     EXPECT_LE(busiest, plain) << "trial " << trial;
     // Pieces of at least m rows can overshoot the cap by up to about m per piece; with m = 1 the
     // cap holds exactly.
-    if (o.min_chunk == 1) EXPECT_LE(busiest, cap) << "trial " << trial;
+    if (o.min_chunk == 1) {
+      EXPECT_LE(busiest, cap) << "trial " << trial;
+    }
   }
 }
 
@@ -186,8 +190,12 @@ void check_all_to_all_dispatcher(const ParallelLayout& l, compat::Collectives& e
     ASSERT_TRUE(plan.moves());
     const int64_t plain_rows = l.ep_rank() == 0 ? load[0] + load[1] : load[2] + load[3];
     EXPECT_EQ(stats.rows, plan.rank_rows[static_cast<size_t>(l.ep_rank())]);
-    if (l.ep_rank() == 0) EXPECT_LT(stats.rows, plain_rows);
-    if (l.ep_rank() == 1) EXPECT_GT(stats.weight_rows, 0);
+    if (l.ep_rank() == 0) {
+      EXPECT_LT(stats.rows, plain_rows);
+    }
+    if (l.ep_rank() == 1) {
+      EXPECT_GT(stats.weight_rows, 0);
+    }
   }
 
   // One process: every member's tokens through the full pool.
