@@ -3,8 +3,8 @@
 # one invocation, alternating the two, REPEATS times each: training tokens/s on random tokens of a
 # recipe's shape, and generation tokens/s with a checkpoint's sampler. Prints every run and the
 # ratio MixDiff / reference with min / median / max over the repeats. With PyTorch 2.x in .venv
-# (tools/setup.sh --torch2) the reference also runs under it, eager and with torch.compile
-# (training; the compiled model is built during the warm-up steps).
+# (tools/setup.sh --torch2) the reference also runs under it, eager and with torch.compile (the
+# compiled model is built during the warm-up steps or the first, untimed, generation).
 #   tools/bench_reference.sh RECIPE [CHECKPOINT] [REPEATS]
 # e.g. tools/bench_reference.sh recipes/quickstart_moe.yaml runs/quickstart_moe 3
 set -euo pipefail
@@ -32,6 +32,8 @@ for i in $(seq "$repeats"); do
     if [ -n "$py2" ]; then
       $py2 tools/reference/mixdiff_ref.py bench-generate --ckpt "$ref_ckpt" --repeats 2 \
         2>/dev/null >> "$out/gen_ref2.jsonl"
+      $py2 tools/reference/mixdiff_ref.py bench-generate --ckpt "$ref_ckpt" --repeats 2 \
+        --compile 2>/dev/null >> "$out/gen_ref2c.jsonl"
     fi
   fi
 done

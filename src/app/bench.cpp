@@ -309,10 +309,12 @@ int cmd_bench_train(const BenchTrainArgs& a) {
                       {"world_size", env.world},
                       {"model_state_mib", [&] {
                          // This rank's fp32 weights, gradients and two AdamW moments (expert
-                         // parallelism keeps a shard of the routed experts).
+                         // parallelism keeps a shard of the routed experts; a sharded optimizer
+                         // keeps the moments of its pieces only).
                          double n = 0;
                          for (const auto& p : model.parameters()) n += static_cast<double>(p.numel());
-                         return n * 4.0 * 4.0 / (1 << 20);
+                         return (n * 2.0 + static_cast<double>(trainer.moment_elements()) * 2.0) *
+                                4.0 / (1 << 20);
                        }()},
                       {"device", device.str()},
                       {"dtype", dtype == at::kFloat ? "fp32" : "bf16"},

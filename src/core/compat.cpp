@@ -92,6 +92,13 @@ namespace {
 std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
 
 #if MIXDIFF_HAVE_GLOO || MIXDIFF_HAVE_NCCL
+template <class PG>
+struct IsNccl : std::false_type {};
+#if MIXDIFF_HAVE_NCCL
+template <>
+struct IsNccl<c10d::ProcessGroupNCCL> : std::true_type {};
+#endif
+
 /// The collectives of a concrete c10d backend (ProcessGroupGloo or ProcessGroupNCCL). `make`
 /// builds the backend of a rank in a group of a size over a store; sub-groups reuse it over a
 /// prefixed store.
@@ -124,6 +131,31 @@ class BackendCollectives : public Collectives {
                   const std::vector<int64_t>& in_splits) override {
     std::vector<int64_t> os = out_splits, is = in_splits;
     pg_->alltoall_base(out, in, os, is)->wait();
+  }
+  void reduce_scatter_sum(at::Tensor& out, at::Tensor& in) override {
+    TORCH_CHECK(in.numel() == out.numel() * size_, "[reduce_scatter_sum] ", in.numel(),
+                " elements in for ", out.numel(), " out on ", size_, " ranks");
+    if constexpr (IsNccl<PG>::value) {
+      pg_->_reduce_scatter_base(out, in, c10d::ReduceScatterOptions())->wait();
+    } else {
+      auto recv = at::empty_like(in);
+      const std::vector<int64_t> splits(static_cast<size_t>(size_), out.numel());
+      std::vector<int64_t> os = splits, is = splits;
+      pg_->alltoall_base(recv, in, os, is)->wait();
+      at::sum_out(out, recv.view({size_, out.numel()}), {0});
+    }
+  }
+  void all_gather(at::Tensor& out, at::Tensor& in) override {
+    TORCH_CHECK(out.numel() == in.numel() * size_, "[all_gather] ", out.numel(),
+                " elements out for ", in.numel(), " in on ", size_, " ranks");
+    if constexpr (IsNccl<PG>::value) {
+      pg_->_allgather_base(out, in, c10d::AllgatherOptions())->wait();
+    } else {
+      std::vector<std::vector<at::Tensor>> outs(1);
+      for (int j = 0; j < size_; ++j) outs[0].push_back(out.narrow(0, j * in.numel(), in.numel()));
+      std::vector<at::Tensor> ins{in};
+      pg_->allgather(outs, ins)->wait();
+    }
   }
   int rank() const override { return rank_; }
   int size() const override { return size_; }

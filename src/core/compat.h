@@ -61,6 +61,14 @@ class Collectives {
   /// [sum(out_splits[:j]), +out_splits[j]) of `out` (both contiguous, same dtype, dim 0 = rows).
   virtual void all_to_all(at::Tensor& out, at::Tensor& in, const std::vector<int64_t>& out_splits,
                           const std::vector<int64_t>& in_splits) = 0;
+  /// Sum over the group, scattered: `in` holds size() equal chunks of out.numel() elements (1-D,
+  /// contiguous), and `out` receives the sum over ranks of chunk rank(). NCCL's reduce-scatter;
+  /// Gloo has none in LibTorch 1.13, so there it is an all-to-all of the chunks summed here (in
+  /// rank order: with two ranks bit-equal to an all-reduce's sum).
+  virtual void reduce_scatter_sum(at::Tensor& out, at::Tensor& in) = 0;
+  /// All-gather: `out` (size() x in.numel() elements, 1-D, contiguous) receives every rank's
+  /// `in` in rank order.
+  virtual void all_gather(at::Tensor& out, at::Tensor& in) = 0;
   /// This rank's index in the group and the group's size.
   virtual int rank() const = 0;
   virtual int size() const = 0;

@@ -75,6 +75,8 @@ class DataParallel {
   /// arguments. Null for a single process.
   std::unique_ptr<compat::Collectives> subgroup(const std::vector<int>& members,
                                                 const std::string& name);
+  /// The world's process group (null for a single process).
+  compat::Collectives* group() { return pg_.get(); }
   /// Seconds spent in gradient all-reduces since the last call.
   double take_comm_seconds();
 

@@ -50,16 +50,8 @@ class FusedAdamW : public torch::optim::AdamW {
         const double bc2 = 1 - std::pow(b2, static_cast<double>(m.step));
         const double step_size = lr / bc1, bc2_sqrt = std::sqrt(bc2);
         if (fast && m.exp_avg.is_contiguous() && m.exp_avg_sq.is_contiguous()) {
-          AdamWScalars k;
-          k.decay = static_cast<float>(1 - lr * wd);
-          k.beta1 = static_cast<float>(b1);
-          k.beta2 = static_cast<float>(b2);
-          k.one_minus_beta1 = static_cast<float>(1 - b1);
-          k.one_minus_beta2 = static_cast<float>(1 - b2);
-          k.bc2_sqrt = static_cast<float>(bc2_sqrt);
-          k.eps = static_cast<float>(eps);
-          k.neg_step = static_cast<float>(-step_size);
-          k.grad_scale = static_cast<float>(grad_scale_);
+          const AdamWScalars k =
+              adamw_scalars(lr, wd, b1, b2, eps, bc2_sqrt, step_size, grad_scale_);
           adamw_update(p.data_ptr<float>(), g.data_ptr<float>(), m.exp_avg.data_ptr<float>(),
                        m.exp_avg_sq.data_ptr<float>(), p.numel(), k);
         } else {  // LibTorch's sequence of operations

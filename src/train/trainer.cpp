@@ -21,6 +21,7 @@
 #include "core/fault.h"
 #include "core/profile.h"
 #include "dist/expert_parallel.h"
+#include "dist/zero.h"
 #include "moe/moe_layer.h"
 #include "moe/observers.h"
 #include "report/report.h"
@@ -129,6 +130,7 @@ TrainOptions TrainOptions::from(const ConfigNode& recipe) {
   } else if (balance != "none") {
     dist.fail("ep_balance", str("expected none or least_loaded, got '", balance, "'"));
   }
+  o.shard_optimizer = dist.get<bool>("shard_optimizer", false);
   return o;
 }
 
@@ -335,7 +337,59 @@ void Trainer::setup_parallel() {
     l->set_gatherer(gatherer());
     l->set_rank_scope({dp_->rank(), dp_->world(), reducer(), gatherer()});
   }
-  if (N == 1) return;
+  if (N > 1) setup_expert_parallel();
+  if (parts_.options.shard_optimizer) setup_sharded_optimizer();
+}
+
+void Trainer::setup_sharded_optimizer() {
+  auto& model = *parts_.model;
+  for (const auto& g : parts_.optimizer->param_groups()) {
+    const auto* o = dynamic_cast<const torch::optim::AdamWOptions*>(&g.options());
+    if (!o || o->amsgrad()) {
+      throw ConfigError("dist.shard_optimizer: shards AdamW's moments; this run's optimizer "
+                        "(optim.kind) is not AdamW without amsgrad");
+    }
+  }
+  // The optimizer's parameters, in the model's order (the same on every rank).
+  std::unordered_set<const void*> optimized;
+  for (const auto& g : parts_.optimizer->param_groups()) {
+    for (const auto& p : g.params()) optimized.insert(p.unsafeGetTensorImpl());
+  }
+  for (const auto& p : model.parameters()) {
+    if (p.requires_grad() && !optimized.count(p.unsafeGetTensorImpl())) {
+      throw ConfigError("dist.shard_optimizer: a trained parameter is outside the optimizer's "
+                        "groups; expected every parameter that requires a gradient to be optimized");
+    }
+  }
+  std::unordered_set<const void*> sharded;
+  for (const auto& p : expert_params_) sharded.insert(p.unsafeGetTensorImpl());
+  std::vector<at::Tensor> rest, experts;
+  for (const auto& p : model.parameters()) {
+    if (!optimized.count(p.unsafeGetTensorImpl())) continue;
+    (sharded.count(p.unsafeGetTensorImpl()) ? experts : rest).push_back(p);
+  }
+  const double W = static_cast<double>(dp_->world());
+  const int64_t bucket = parts_.options.bucket_bytes;
+  zero_ = std::make_unique<ShardedAdamW>(*dp_->group(), rest, *parts_.optimizer, bucket, 1.0 / W);
+  zero_->absorb();
+  int64_t owned = zero_->owned_numel(), total = zero_->total_numel();
+  if (ep_ && !experts.empty()) {
+    zero_experts_ = std::make_unique<ShardedAdamW>(ep_->replica_group(), experts,
+                                                   *parts_.optimizer, bucket, 1.0 / W);
+    zero_experts_->absorb();
+    owned += zero_experts_->owned_numel();
+    total += zero_experts_->total_numel();
+  }
+  char mib[96];
+  std::snprintf(mib, sizeof mib, "%.2f MiB instead of %.2f", 8.0 * owned / 1048576.0,
+                8.0 * total / 1048576.0);
+  log(str("sharded optimizer state (ZeRO-1): this rank keeps the AdamW moments of ", owned,
+          " of ", total, " parameter elements it holds (", mib, ")"));
+}
+
+void Trainer::setup_expert_parallel() {
+  auto& model = *parts_.model;
+  const int64_t N = parts_.options.expert_parallel;
   const ParallelLayout layout(dp_->world(), static_cast<int>(N), dp_->rank());
   if (model.moe_layers().empty()) {
     throw ConfigError(str("dist.expert_parallel: ", N, " needs MoE layers to shard; model '",
@@ -384,6 +438,13 @@ nlohmann::json Trainer::take_parallel_stats(int64_t steps, double seconds) {
           {"rows_per_step_max", max[2].item<double>() / n},
           {"rows_per_step_mean", mean[2].item<double>() / n},
           {"borrowed_experts_per_step", mean[3].item<double>() / n}};
+}
+
+int64_t Trainer::moment_elements() const {
+  if (zero_) return zero_->owned_numel() + (zero_experts_ ? zero_experts_->owned_numel() : 0);
+  int64_t n = 0;
+  for (const auto& p : parts_.model->parameters()) n += p.numel();
+  return n;
 }
 
 std::vector<double> Trainer::peak_rss_per_rank() {
@@ -594,7 +655,16 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
   profile::Scope opt_scope("optimizer_and_clip");
   const auto params = model.parameters();
   double norm = 0;
-  if (ep_) {
+  if (zero_) {
+    // Sharded optimizer state: each rank reduces and keeps only its pieces of the gradients;
+    // every element is owned by one rank of the world, so the norm is a sum over the world.
+    double local = zero_->reduce_scatter_gradients();
+    if (zero_experts_) local += zero_experts_->reduce_scatter_gradients();
+    auto sq = torch::tensor({local}, torch::kFloat64);
+    dp_->all_reduce_sum(sq);
+    lap(&StepTimes::backward);
+    norm = std::sqrt(sq.item<double>());
+  } else if (ep_) {
     // Replicated tensors are averaged over the world; each expert shard is summed over the ranks
     // that hold it (its tokens from the whole expert group already arrived through the
     // all-to-all backward). The norm adds the replicated part once and every shard once.
@@ -626,7 +696,13 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
   }
   const double lr = parts_.base_lr * parts_.lr_schedule->factor(step);
   for (auto& g : parts_.optimizer->param_groups()) g.options().set_lr(lr);
-  clip_step_zero(*parts_.optimizer, params, o.grad_clip, norm);
+  if (zero_) {
+    const double coef = o.grad_clip > 0 ? std::min(1.0, o.grad_clip / (norm + 1e-6)) : 1.0;
+    zero_->step(coef);
+    if (zero_experts_) zero_experts_->step(coef);
+  } else {
+    clip_step_zero(*parts_.optimizer, params, o.grad_clip, norm);
+  }
   res.grad_norm = o.grad_clip > 0 ? norm : std::nan("");
   opt_scope.stop();
   std::vector<double> vals{loss_sum / static_cast<double>(o.grad_accum)};
@@ -730,6 +806,11 @@ std::string Trainer::checkpoint() {
   // (a fingerprint of every parameter and buffer compared across ranks) is recorded.
   // Under expert parallelism the expert shards are gathered first: checkpoints hold whole expert
   // tensors and moments, whatever the layout (a run resumes with any dist.expert_parallel).
+  // Sharded optimizer state is gathered whole first, for the same reason.
+  // Only rank 0 writes, so only it keeps the replicated parameters' whole moments; the expert
+  // shards' are needed whole on every rank of the expert group (swap_expert_tensors gathers them).
+  if (zero_) zero_->materialize(is_main());
+  if (zero_experts_) zero_experts_->materialize(true);
   if (ep_) swap_expert_tensors(true);
   bool identical = true;
   if (dp_ && dp_->active()) {
@@ -740,6 +821,8 @@ std::string Trainer::checkpoint() {
   if (is_main()) dir = write_checkpoint(identical);
   if (dp_) dp_->barrier();
   if (ep_) swap_expert_tensors(false);
+  if (zero_) zero_->release();
+  if (zero_experts_) zero_experts_->release();
   return dir.empty() ? resolve_checkpoint(run_dir_) : dir;
 }
 
@@ -861,7 +944,10 @@ int Trainer::fit() {
     const StepResult r = run_step(step);
     interval_steps += 1;
     interval_s += std::chrono::duration<double>(clock::now() - step_start).count();
-    logger.add(r.loss, r.tokens, !r.nonfinite, r.aux, dp_ ? dp_->take_comm_seconds() : 0.0);
+    logger.add(r.loss, r.tokens, !r.nonfinite, r.aux,
+               (dp_ ? dp_->take_comm_seconds() : 0.0) +
+                   (zero_ ? zero_->take_comm_seconds() : 0.0) +
+                   (zero_experts_ ? zero_experts_->take_comm_seconds() : 0.0));
     if (r.nonfinite) {
       ++consecutive_skips;
       if (o.on_nonfinite == "stop" || consecutive_skips > o.max_skips) {

@@ -57,6 +57,9 @@ struct TrainOptions {
   int64_t expert_parallel = 1;
   /// dist.ep_balance: least_loaded (dist.llep: threshold, capacity, min_chunk) or none (plain).
   std::optional<LlepOptions> llep;
+  /// dist.shard_optimizer: ZeRO stage 1, AdamW moments sharded over the data-parallel ranks
+  /// (dist/zero.h); no effect on one process.
+  bool shard_optimizer = false;
   static TrainOptions from(const ConfigNode& recipe);
 };
 
@@ -155,6 +158,7 @@ struct TrainerState {
 
 class RoutingTelemetry;
 class ExpertParallel;
+class ShardedAdamW;
 
 class Trainer {
  public:
@@ -187,8 +191,9 @@ class Trainer {
   nlohmann::json take_moe_stats();
   /// Makes the model's replicas agree and installs the parallel layout (fit() calls it; so does
   /// `mixdiff bench train`): rank 0's weights and routing state broadcast, world-summed routing
-  /// statistics, and under dist.expert_parallel N the routed experts sharded over the
-  /// expert-parallel groups (their optimizer moments sliced to match). Idempotent.
+  /// statistics, under dist.expert_parallel N the routed experts sharded over the
+  /// expert-parallel groups (their optimizer moments sliced to match), and under
+  /// dist.shard_optimizer the AdamW moments sharded over the data-parallel ranks. Idempotent.
   void setup_parallel();
   /// Expert parallelism's costs since the last call, over `steps` steps and `seconds` of wall
   /// time, reduced over the ranks (collective; null without expert parallelism):
@@ -196,6 +201,9 @@ class Trainer {
   /// a2a_mb_per_step (sent by a rank, mean), rows_per_step_max / _mean (token rows the ranks'
   /// experts computed), borrowed_experts_per_step (least-loaded EP).
   nlohmann::json take_parallel_stats(int64_t steps, double seconds);
+  /// Elements of AdamW moment state this rank keeps per moment: its parameters' count, or its
+  /// owned pieces under dist.shard_optimizer.
+  int64_t moment_elements() const;
   /// Peak resident memory (MiB) of every rank, in rank order (collective).
   std::vector<double> peak_rss_per_rank();
 
@@ -209,6 +217,8 @@ class Trainer {
   /// Expert parallelism: every sharded expert tensor (and its AdamW moments) swapped for its whole
   /// [E, ...] tensor gathered over the expert group (`whole`), or back to this rank's shard.
   void swap_expert_tensors(bool whole);
+  void setup_expert_parallel();
+  void setup_sharded_optimizer();
   StatReducer reducer() const;
   StatGatherer gatherer() const;
   int64_t world() const;
@@ -230,6 +240,9 @@ class Trainer {
   std::vector<at::Tensor> expert_shards_;   ///< the shards while swap_expert_tensors(true) holds
   std::vector<at::Tensor> moment_shards_;  ///< exp_avg, exp_avg_sq per expert_params_ entry
   std::vector<int64_t> moment_steps_;
+  /// dist.shard_optimizer: the replicated parameters' moments sharded over the world (all
+  /// parameters without expert parallelism), and the expert shards' over their replica group.
+  std::unique_ptr<ShardedAdamW> zero_, zero_experts_;
 };
 
 }  // namespace mixdiff
