@@ -14,7 +14,7 @@
 //   4. all-gather each bucket's updated pieces into every rank's parameters.
 // The AdamW moments therefore take 2 x 4 x N / W bytes per rank instead of 2 x 4 x N. Under
 // expert parallelism the replicated parameters are sharded over the world and each expert shard
-// over its replica group (the ranks that hold the same experts).
+// over its replica group (the ranks that hold the same experts), when that has more than one rank.
 //
 // Checkpoints stay layout-independent: materialize() all-gathers whole moments into the wrapped
 // optimizer's state (what optimizer.pt holds in an unsharded run) on the rank that writes, and

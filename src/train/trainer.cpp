@@ -373,12 +373,19 @@ void Trainer::setup_sharded_optimizer() {
   zero_ = std::make_unique<ShardedAdamW>(*dp_->group(), rest, *parts_.optimizer, bucket, 1.0 / W);
   zero_->absorb();
   int64_t owned = zero_->owned_numel(), total = zero_->total_numel();
-  if (ep_ && !experts.empty()) {
+  if (ep_ && !experts.empty() && ep_->replica_group().size() > 1) {
     zero_experts_ = std::make_unique<ShardedAdamW>(ep_->replica_group(), experts,
                                                    *parts_.optimizer, bucket, 1.0 / W);
     zero_experts_->absorb();
     owned += zero_experts_->owned_numel();
     total += zero_experts_->total_numel();
+  } else {
+    // A replica group of one (dist.expert_parallel = world): nothing to shard the expert shards
+    // over; they keep their moments in the optimizer and the unsharded expert path.
+    for (const auto& p : experts) {
+      owned += p.numel();
+      total += p.numel();
+    }
   }
   char mib[96];
   std::snprintf(mib, sizeof mib, "%.2f MiB instead of %.2f", 8.0 * owned / 1048576.0,
@@ -441,7 +448,12 @@ nlohmann::json Trainer::take_parallel_stats(int64_t steps, double seconds) {
 }
 
 int64_t Trainer::moment_elements() const {
-  if (zero_) return zero_->owned_numel() + (zero_experts_ ? zero_experts_->owned_numel() : 0);
+  if (zero_) {
+    int64_t n = zero_->owned_numel();
+    if (zero_experts_) return n + zero_experts_->owned_numel();
+    for (const auto& p : expert_params_) n += p.numel();
+    return n;
+  }
   int64_t n = 0;
   for (const auto& p : parts_.model->parameters()) n += p.numel();
   return n;
@@ -662,8 +674,14 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
     if (zero_experts_) local += zero_experts_->reduce_scatter_gradients();
     auto sq = torch::tensor({local}, torch::kFloat64);
     dp_->all_reduce_sum(sq);
+    double expert_sq = 0;  // unsharded expert shards (a replica group of one)
+    if (ep_ && !zero_experts_) {
+      ep_->reduce_expert_gradients(expert_params_, o.bucket_bytes);
+      const double b = global_grad_norm(expert_params_);
+      expert_sq = ep_->sum_over_expert_group(b * b);
+    }
     lap(&StepTimes::backward);
-    norm = std::sqrt(sq.item<double>());
+    norm = std::sqrt(sq.item<double>() + expert_sq);
   } else if (ep_) {
     // Replicated tensors are averaged over the world; each expert shard is summed over the ranks
     // that hold it (its tokens from the whole expert group already arrived through the
@@ -700,6 +718,9 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
     const double coef = o.grad_clip > 0 ? std::min(1.0, o.grad_clip / (norm + 1e-6)) : 1.0;
     zero_->step(coef);
     if (zero_experts_) zero_experts_->step(coef);
+    // Unsharded expert shards: the optimizer steps the parameters that still have gradients
+    // (the sharded ones' were dropped by the reduce-scatter).
+    if (ep_ && !zero_experts_) clip_step_zero(*parts_.optimizer, expert_params_, o.grad_clip, norm);
   } else {
     clip_step_zero(*parts_.optimizer, params, o.grad_clip, norm);
   }

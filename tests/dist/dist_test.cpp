@@ -422,6 +422,16 @@ TEST(DistributedTrain, ShardedOptimizerStateEqualsTheUnshardedRunAndResumesAnywh
   auto zero3 = train(d + "/zero3", 3, 9, zsets);
   ASSERT_EQ(zero3.status, 0) << zero3.err;
   expect_same_run(d + "/plain3", d + "/zero3");
+  // Expert parallel 2 on 2 processes: the expert shards have a replica group of one and stay
+  // unsharded; the replicated parameters are sharded over both ranks.
+  std::vector<std::string> ep_sets = sets, ep_zsets = zsets;
+  ep_sets.push_back("dist.expert_parallel=2");
+  ep_zsets.push_back("dist.expert_parallel=2");
+  auto ep = train(d + "/ep2", 2, 8, ep_sets);
+  ASSERT_EQ(ep.status, 0) << ep.err;
+  auto ep_zero = train(d + "/ep2_zero", 2, 8, ep_zsets);
+  ASSERT_EQ(ep_zero.status, 0) << ep_zero.err;
+  expect_same_run(d + "/ep2", d + "/ep2_zero", 1e-6);
   // Data parallel 2 x expert parallel 2 on 4 processes, sharded, equals one process, and its
   // checkpoint (whole expert and replicated moments) resumes on one process.
   auto one = train(d + "/one", 1, 8, sets);
