@@ -20,6 +20,10 @@ OptimizerRegistry& optimizers_registry();
 /// The global L2 norm of the gradients of `params` (NaN/Inf when any gradient is).
 double global_grad_norm(const std::vector<at::Tensor>& params);
 
+/// torch::nn::utils::clip_grad_norm_'s factor for gradients of global norm `norm` clipped to
+/// `max_norm` (1 when not clipping: max_norm <= 0 or norm already below it).
+double clip_coefficient(double max_norm, double norm);
+
 /// Scales the gradients of `params` (global norm `norm`) to norm `max_norm` when above it (no
 /// clipping when max_norm <= 0), as torch::nn::utils::clip_grad_norm_ does, steps the
 /// optimizer and sets the gradients to none. The fused AdamW applies the factor in its update.

@@ -6,6 +6,7 @@
 //   constant       linear warm-up, then constant.
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/compat.h"
@@ -89,10 +90,14 @@ double global_grad_norm(const std::vector<at::Tensor>& params) {
   return std::sqrt(sq);
 }
 
+double clip_coefficient(double max_norm, double norm) {
+  return max_norm > 0 ? std::min(1.0, max_norm / (norm + 1e-6)) : 1.0;
+}
+
 void clip_step_zero(torch::optim::Optimizer& opt, const std::vector<at::Tensor>& params,
                     double max_norm, double norm) {
-  // torch::nn::utils::clip_grad_norm_'s factor; the fused AdamW applies it inside its update.
-  const double coef = max_norm > 0 ? max_norm / (norm + 1e-6) : 1.0;
+  // The fused AdamW applies the factor inside its update.
+  const double coef = clip_coefficient(max_norm, norm);
   if (coef < 1) {
     if (auto* fused = dynamic_cast<FusedAdamW*>(&opt)) {
       fused->scale_next_gradients(coef);

@@ -372,21 +372,17 @@ void Trainer::setup_sharded_optimizer() {
   const int64_t bucket = parts_.options.bucket_bytes;
   zero_ = std::make_unique<ShardedAdamW>(*dp_->group(), rest, *parts_.optimizer, bucket, 1.0 / W);
   zero_->absorb();
-  int64_t owned = zero_->owned_numel(), total = zero_->total_numel();
+  // A replica group of one (dist.expert_parallel = world) has nothing to shard the expert shards
+  // over: they keep their moments in the optimizer and the unsharded expert path.
   if (ep_ && !experts.empty() && ep_->replica_group().size() > 1) {
     zero_experts_ = std::make_unique<ShardedAdamW>(ep_->replica_group(), experts,
                                                    *parts_.optimizer, bucket, 1.0 / W);
     zero_experts_->absorb();
-    owned += zero_experts_->owned_numel();
-    total += zero_experts_->total_numel();
-  } else {
-    // A replica group of one (dist.expert_parallel = world): nothing to shard the expert shards
-    // over; they keep their moments in the optimizer and the unsharded expert path.
-    for (const auto& p : experts) {
-      owned += p.numel();
-      total += p.numel();
-    }
   }
+  const int64_t owned = moment_elements();
+  int64_t total = 0;
+  for (const auto& p : rest) total += p.numel();
+  for (const auto& p : experts) total += p.numel();
   char mib[96];
   std::snprintf(mib, sizeof mib, "%.2f MiB instead of %.2f", 8.0 * owned / 1048576.0,
                 8.0 * total / 1048576.0);
@@ -715,7 +711,7 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
   const double lr = parts_.base_lr * parts_.lr_schedule->factor(step);
   for (auto& g : parts_.optimizer->param_groups()) g.options().set_lr(lr);
   if (zero_) {
-    const double coef = o.grad_clip > 0 ? std::min(1.0, o.grad_clip / (norm + 1e-6)) : 1.0;
+    const double coef = clip_coefficient(o.grad_clip, norm);
     zero_->step(coef);
     if (zero_experts_) zero_experts_->step(coef);
     // Unsharded expert shards: the optimizer steps the parameters that still have gradients
