@@ -1,4 +1,5 @@
 #include "app/app.h"
+#include "train/memory_plan.h"
 
 #include <malloc.h>
 #include <torch/torch.h>
@@ -111,6 +112,20 @@ int cmd_train(const TrainArgs& a) {
   install_stop_handlers();
   if (env.world > 1) {
     parts.dp = std::make_shared<DataParallel>(env, parts.options.dist_timeout_s, parts.device);
+  }
+  if (env.rank == 0) {
+    // Before the first step: what each rank will hold, and whether this host has it.
+    const MemoryPlan plan = plan_memory(parts, env.world, /*compare=*/false);
+    std::cout << plan.summary() << std::endl;
+    write_file_atomic(run_dir + "/memory_plan.json", plan.to_json().dump(2) + "\n");
+    const double avail = host_available_bytes();
+    const double local = static_cast<double>(std::max(1, env.local_world)) * plan.total();
+    if (parts.device.is_cpu() && avail > 0 && local > avail) {
+      std::cerr << "warning: the memory plan (" << static_cast<int64_t>(local / (1 << 20))
+                << " MiB for " << std::max(1, env.local_world)
+                << " rank(s) on this host) exceeds the memory available ("
+                << static_cast<int64_t>(avail / (1 << 20)) << " MiB)" << std::endl;
+    }
   }
   Trainer trainer(std::move(parts), run_dir, resolved);
   if (!ckpt.empty()) {
@@ -340,11 +355,23 @@ void print_routing_summary(const std::string& run_dir) {
 }  // namespace
 
 int cmd_inspect(const InspectArgs& a) {
+  if (a.memory && a.recipe.empty()) {
+    throw ConfigError("inspect --memory: expected --recipe RECIPE (the plan is a recipe's)");
+  }
+  if (a.world != 1 && !a.memory) {
+    throw ConfigError("inspect --world: expected with --memory (the ranks the plan is for)");
+  }
   if (!a.recipe.empty()) {
     ConfigNode recipe = load_recipe(a.recipe, a.overrides);
     TrainerParts parts = build_trainer_parts(recipe);
     GenerateSettings::from(recipe);
     recipe.check_unknown_keys();
+    if (a.memory) {
+      ParallelLayout(a.world, static_cast<int>(parts.options.expert_parallel), 0);
+      const MemoryPlan plan = plan_memory(parts, a.world, /*compare=*/true);
+      std::cout << parts.model->describe() << "\n" << plan.table();
+      return 0;
+    }
     std::cout << "# resolved recipe: " << a.recipe << " (" << parts.model->num_parameters()
               << " parameters)\n"
               << recipe.to_yaml();

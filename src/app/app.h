@@ -42,6 +42,8 @@ int cmd_eval(const EvalArgs& a);
 struct InspectArgs {
   std::string recipe;  ///< print the resolved recipe
   std::string ckpt;    ///< describe a checkpoint
+  bool memory = false; ///< with recipe: the memory plan (train/memory_plan.h)
+  int world = 1;       ///< ranks the memory plan is for
   std::vector<std::string> overrides;
 };
 int cmd_inspect(const InspectArgs& a);

@@ -68,6 +68,11 @@ Command inspect_command(CLI::App& app) {
       "inspect", "list registries; print a resolved recipe (--recipe); describe a checkpoint");
   i->add_option("--recipe", a->recipe, "print this recipe fully resolved (defaults filled in)");
   i->add_option("--ckpt", a->ckpt, "verify and describe a checkpoint");
+  i->add_flag("--memory", a->memory,
+              "with --recipe: the memory plan per rank (parameters, gradients, optimizer state, "
+              "activations by block with and without checkpointing, communication buffers)");
+  i->add_option("--world", a->world, "with --memory: the number of ranks to plan for (default 1)")
+      ->check(CLI::PositiveNumber);
   i->add_option("--set", a->overrides, kSetHelp)->allow_extra_args(false);
   return {i, [a] { return mixdiff::cmd_inspect(*a); }};
 }
@@ -224,6 +229,7 @@ int run(int argc, char** argv) {
       "  mixdiff generate --ckpt runs/quickstart --prompt 'And God said'\n"
       "  mixdiff eval --ckpt runs/quickstart              # validation NELBO\n"
       "  mixdiff inspect                                  # every registry and its entries\n"
+      "  mixdiff inspect --recipe R.yaml --memory         # bytes per rank before training\n"
       "  mixdiff sweep recipes/sweeps/balancing.yaml      # ablations -> one table, one report\n"
       "  mixdiff launch --nproc-per-node 2 -- train R.yaml  # data parallel (c10d Gloo)",
       "mixdiff"};

@@ -245,6 +245,15 @@ std::unique_ptr<Collectives> make_process_group(const ProcessGroupSpec& s) {
   throw std::runtime_error("no process group backend in this build");
 }
 
+at::ScalarType cuda_autocast_dtype() {
+#if MIXDIFF_TORCH_AT_LEAST(2, 4)
+  return at::autocast::is_autocast_enabled(at::kCUDA) ? at::autocast::get_autocast_dtype(at::kCUDA)
+                                                      : at::kFloat;
+#else
+  return at::autocast::is_enabled() ? at::autocast::get_autocast_gpu_dtype() : at::kFloat;
+#endif
+}
+
 AutocastGuard::AutocastGuard(const at::Device& device, at::ScalarType dtype)
     : on_(device.is_cuda() && dtype != at::kFloat) {
   if (!on_) return;

@@ -88,6 +88,10 @@ struct ProcessGroupSpec {
   double timeout_s = 120;  ///< rendezvous and per-collective timeout
 };
 
+/// Whether CUDA autocast is on in this thread, and to which dtype (kFloat when off): a
+/// recomputation in the backward (nn/checkpoint.h) runs under the forward's autocast.
+at::ScalarType cuda_autocast_dtype();
+
 /// Mixed precision for the forward pass: inside the guard, CUDA ops autocast to `dtype`
 /// (bf16); routers and losses cast to fp32 themselves. No-op on the CPU and for fp32.
 class AutocastGuard {

@@ -1,5 +1,7 @@
 #include "dist/all_to_all_dispatcher.h"
 
+#include "nn/checkpoint.h"
+
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -24,6 +26,10 @@ at::Tensor AllToAllDispatcher::run(const ExpertPool& pool, const at::Tensor& x_T
                                    const at::Tensor& gate_A) const {
   const int64_t T = x_TD.size(0), D = x_TD.size(1);
   const int64_t N = group_.size(), E_local = n_expert_ / N, E = n_expert_;
+  // A recomputation (nn/checkpoint.h) exchanges again (its bytes and seconds are real costs), but
+  // its rows are the first forward's: counted once.
+  ExchangeStats* const rows_stats =
+      recompute_pass() == RecomputePass::kRecompute ? nullptr : stats_;
   const int me = group_.rank();
   TORCH_CHECK(pool.n_expert() == E_local, "[all_to_all] this rank's pool holds ",
               pool.n_expert(), " experts, expected ", E_local, " (", n_expert_, " over ", N,
@@ -127,9 +133,9 @@ at::Tensor AllToAllDispatcher::run(const ExpertPool& pool, const at::Tensor& x_T
     w_up = torch::cat({w_up, got.narrow(1, F * D, F * D).reshape({nb, F, D})});
     w_down = torch::cat({w_down, got.narrow(1, 2 * F * D, D * F).reshape({nb, D, F})});
     n_here += nb;
-    if (stats_) stats_->weight_rows += nb;
+    if (rows_stats) rows_stats->weight_rows += nb;
   }
-  if (stats_) stats_->rows += xr_RD.size(0);
+  if (rows_stats) rows_stats->rows += xr_RD.size(0);
   // 3. Regrouped by expert: one grouped SwiGLU.
   auto by_expert_R = std::get<1>(local_R.sort(/*stable=*/true, 0, false));
   at::Tensor ys_RD;

@@ -9,12 +9,14 @@
 #include <ATen/core/Tensor.h>
 #include <torch/nn/module.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "core/config.h"
 #include "core/registry.h"
+#include "nn/checkpoint.h"
 #include "nn/layers.h"
 
 namespace mixdiff {
@@ -120,6 +122,16 @@ class ModelBase : public torch::nn::Module {
   /// Block-level routing (algorithms.md section 10): the policy restricts the experts that the
   /// tokens of each block of `block_size` positions may use (null: token-level routing).
   virtual void set_block_routing(std::shared_ptr<BlockRoutingPolicy> policy, int64_t block_size) {}
+  /// Which activations training forwards recompute in the backward (train.activation_
+  /// checkpointing, nn/checkpoint.h). Returns why the model cannot do `ac` ("" when it can).
+  virtual std::string set_activation_checkpointing(const ActivationCheckpointing& ac) {
+    return ac.mode == ActivationCheckpointing::Mode::kNone
+               ? ""
+               : "this model kind does not support activation checkpointing";
+  }
+  /// Called with -1 after the embedding and with i after block i of every forward (the memory
+  /// plan's probe, train/memory_plan.h); empty: none.
+  virtual void set_block_hook(std::function<void(int64_t)> hook) {}
   /// Attention kind: "full" or "block_causal".
   virtual std::string attention() const { return "full"; }
   virtual int64_t attention_block() const { return 0; }

@@ -139,6 +139,21 @@ void TransformerDlm::set_block_routing(std::shared_ptr<BlockRoutingPolicy> polic
   for (MoeLayer* m : moe_) m->set_block_routing(policy);
 }
 
+std::string TransformerDlm::set_activation_checkpointing(const ActivationCheckpointing& ac) {
+  using Mode = ActivationCheckpointing::Mode;
+  if (ac.mode == Mode::kMoe && moe_.empty()) {
+    return "moe recomputes the routed feed-forwards, and " + kind_ + " has none (use blocks)";
+  }
+  if (ac.mode == Mode::kEveryK && (ac.every < 1 || ac.every > o_.n_layer)) {
+    return str("every_k needs k in 1..n_layer (", o_.n_layer, "), got ", ac.every);
+  }
+  ac_ = ac;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    blocks_[i]->set_checkpoint_ffn(ac.mode == Mode::kMoe && pattern_[i] == 'M');
+  }
+  return "";
+}
+
 ModelOutput TransformerDlm::forward(const ModelInput& in) {
   TORCH_CHECK(in.tokens_BL.dim() == 2, "[", kind_, "] expected tokens_BL of rank 2, got ",
               in.tokens_BL.sizes());
@@ -241,12 +256,33 @@ ModelOutput TransformerDlm::forward(const ModelInput& in) {
     }
   }
   if (in.cache && in.cache->layers.size() != blocks_.size()) in.cache->layers.resize(blocks_.size());
+  // Regions are recomputed wherever a graph is built (training; the memory plan's probe runs in
+  // eval mode with grad, where routing changes no state).
+  const bool graph = at::GradMode::is_enabled() && !in.cache;
+  if (block_hook_) block_hook_(-1);
   for (size_t i = 0; i < blocks_.size(); ++i) {
+    if (i > 0 && block_hook_) block_hook_(static_cast<int64_t>(i) - 1);
     ctx.layer = static_cast<int64_t>(i);
+    if (graph && ac_.whole_block(static_cast<int64_t>(i))) {
+      // Recomputed in the backward (nn/checkpoint.h), after this forward has returned: the
+      // region holds what it reads by value.
+      auto block = blocks_[i];
+      const RotaryTables rope = rope_;
+      const bool has_ctx = !moe_.empty();
+      const RoutingContext c = ctx;
+      x = checkpoint(
+          [block, rope, bias, pos, has_ctx, c](const std::vector<at::Tensor>& v)
+              -> std::vector<at::Tensor> {
+            return {block->forward(v[0], rope, bias, has_ctx ? &c : nullptr, pos)};
+          },
+          {x})[0];
+      continue;
+    }
     x = blocks_[i]->forward(x, rope_, bias, moe_.empty() ? nullptr : &ctx, pos,
                             in.cache ? &in.cache->layers[i] : nullptr, in.cache_append,
                             replace ? first : -1);
   }
+  if (block_hook_ && !blocks_.empty()) block_hook_(static_cast<int64_t>(blocks_.size()) - 1);
   if (in.cache && in.cache_append && pad) in.cache->valid_BK = kv_valid;
   profile::Scope sc("output_head");
   x = norm_->forward(x);

@@ -68,6 +68,8 @@ class TransformerDlm : public ModelBase {
   bool experts_per_token_data_dependent() const override;
   std::vector<MoeLayer*> moe_layers() override { return moe_; }
   void set_block_routing(std::shared_ptr<BlockRoutingPolicy> policy, int64_t block_size) override;
+  std::string set_activation_checkpointing(const ActivationCheckpointing& ac) override;
+  void set_block_hook(std::function<void(int64_t)> hook) override { block_hook_ = std::move(hook); }
   std::string attention() const override { return o_.attention; }
   int64_t attention_block() const override { return o_.block_size; }
   const TransformerOptions& options() const { return o_; }
@@ -82,6 +84,8 @@ class TransformerDlm : public ModelBase {
   std::shared_ptr<RMSNorm> norm_;
   RotaryTables rope_;
   int64_t routing_block_ = 0;  ///< > 0: block routing is on, with blocks of this many positions
+  ActivationCheckpointing ac_;
+  std::function<void(int64_t)> block_hook_;
 };
 
 }  // namespace mixdiff

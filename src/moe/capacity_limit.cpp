@@ -32,7 +32,7 @@ Assignments ExpertCapacity::apply(const Assignments& a, int64_t n_slots, int64_t
                                    capacity(n_slots, top_k, real_tokens));
     if (!keep_K.defined()) return a;
     return {a.token_A.index_select(0, keep_K), a.slot_A.index_select(0, keep_K),
-            a.gate_A.index_select(0, keep_K)};
+            a.gate_A.index_select(0, keep_K), keep_K};
   }
   // The global batch: every rank's [assignments, tokens, real tokens], then every rank's
   // (slot, priority) rows padded to the longest, concatenated in rank order.
@@ -73,7 +73,7 @@ Assignments ExpertCapacity::apply(const Assignments& a, int64_t n_slots, int64_t
   auto mine = keep_G.masked_select((keep_G >= lo) & (keep_G < lo + A)) - lo;
   mine = mine.to(a.token_A.device());
   return {a.token_A.index_select(0, mine), a.slot_A.index_select(0, mine),
-          a.gate_A.index_select(0, mine)};
+          a.gate_A.index_select(0, mine), mine};
 }
 
 std::string ExpertCapacity::describe() const {

@@ -26,6 +26,9 @@ struct Assignments {
   at::Tensor token_A;  ///< int64 [A]
   at::Tensor slot_A;   ///< int64 [A]
   at::Tensor gate_A;   ///< float [A]
+  /// What CapacityLimit::apply kept: int64 positions in its input, ascending (undefined: all of
+  /// them). A recomputation replays the drops through it (nn/checkpoint.h).
+  at::Tensor index_A;
   int64_t size() const { return token_A.numel(); }
 };
 

@@ -9,6 +9,7 @@
 #include "moe/block_routing.h"
 #include "moe/dispatcher.h"
 #include "moe/observers.h"
+#include "nn/checkpoint.h"
 
 namespace mixdiff {
 
@@ -121,15 +122,37 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
   const int64_t T = x_BLD.numel() / D;
   RoutingContext ctx = ctx_in ? *ctx_in : RoutingContext{};
   auto x_TD = x_BLD.reshape({T, D});
-  restrict(x_TD, ctx);
+  // A recomputation (nn/checkpoint.h) replays what the first forward decided: the restricted
+  // slots, the router's selection (checked) and the capacity drops (no new draw, no collective).
+  const bool recompute = recompute_pass() == RecomputePass::kRecompute;
+  std::vector<at::Tensor> replay;
+  if (recompute) {
+    replay = replay_next(str("layer ", block_, " MoE"));
+    TORCH_CHECK(replay.size() == 5, "[MoeLayer] a replay entry of ", replay.size(), " tensors");
+    ctx.visible_S = replay[0];
+    ctx.allowed_TS = replay[1];
+  } else {
+    restrict(x_TD, ctx);
+  }
   RoutingDecision d;
   {
     profile::Scope sc("routing");
     d = router_->route(x_TD, ctx);
   }
-  Assignments kept{d.token_A, d.expert_A, d.gate_A};
+  Assignments kept{d.token_A, d.expert_A, d.gate_A, {}};
   const int64_t routed = kept.size();
-  if (o_.capacity) {
+  if (recompute) {
+    // The router is deterministic given its input, weights and the (unchanged) balancer state;
+    // a kernel that is not would show here rather than silently train on another routing.
+    TORCH_CHECK(torch::equal(d.token_A, replay[2]) && torch::equal(d.expert_A, replay[3]),
+                "[MoeLayer] block ", block_, ": the recomputed routing differs from the first "
+                "forward's (a nondeterministic kernel?); set train.activation_checkpointing: none");
+    const at::Tensor& keep = replay[4];
+    if (keep.defined()) {
+      kept = {d.token_A.index_select(0, keep), d.expert_A.index_select(0, keep),
+              d.gate_A.index_select(0, keep), keep};
+    }
+  } else if (o_.capacity) {
     const double real = ctx.valid_T.defined() ? ctx.valid_T.sum().item<double>()
                                               : static_cast<double>(T);
     // Training forwards share the bound over the global batch; an evaluation forward is a batch
@@ -137,39 +160,48 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
     kept = o_.capacity->apply(kept, o_.n_expert, d.top_k, real, T,
                               is_training() ? scope_ : RankScope{});
   }
+  if (recompute_pass() == RecomputePass::kFirst) {
+    replay_record({ctx.visible_S, ctx.allowed_TS, d.token_A, d.expert_A, kept.index_A});
+  }
   const at::Tensor pool_expert_A = slots_->pool_experts(kept.slot_A);
   auto y_TD = pool_->forward(x_TD, kept.token_A, pool_expert_A, kept.gate_A, *o_.dispatcher);
   if (shared_) y_TD = y_TD + shared_->forward(x_TD, nullptr);
   profile::Scope stats_scope("routing_stats_and_aux");
+  // A training forward counts the global-batch statistics once (a checkpointed region: in its
+  // first forward) and attaches the routing losses where the graph is built (a checkpointed
+  // region: in its recomputation, which reads the same statistics).
   const bool updates = updates_state(*this, ctx);
-  if (updates) y_TD = account(d, ctx, T, y_TD);
-  if (!observers_.empty()) {
+  if (updates) count_global(d, ctx, T);
+  if ((updates && at::GradMode::is_enabled()) || (recompute && is_training())) {
+    y_TD = attach_losses(d, ctx, y_TD);
+  }
+  if (!observers_.empty() && !recompute) {
     const RoutedForward f{*this, d, ctx, kept.token_A, kept.slot_A, kept.gate_A, routed, updates};
     for (const auto& o : observers_) o->on_forward(f);
   }
   return y_TD.view(x_BLD.sizes());
 }
 
-at::Tensor MoeLayer::account(const RoutingDecision& d, const RoutingContext& ctx, int64_t T,
-                             at::Tensor y_TD) {
-  {
-    torch::NoGradGuard ng;
-    auto w_T = valid_weights(ctx.valid_T, T, d.probs_TS.device());
-    const int64_t S = d.probs_TS.size(1);
-    // [counts_S ; prob_sum_S ; tokens]: one reduction over the ranks.
-    auto packed = torch::cat({d.lb_map_TS.sum(0), (d.probs_TS * w_T.unsqueeze(1)).sum(0),
-                              w_T.sum().reshape({1})});
-    if (reduce_) reduce_(packed);
-    auto counts_S = packed.narrow(0, 0, S), probs_S = packed.narrow(0, S, S);
-    global_.last_counts_S = counts_S.clone();
-    global_.counts_S =
-        global_.counts_S.defined() ? global_.counts_S + counts_S : counts_S.clone();
-    global_.prob_sum_S =
-        global_.prob_sum_S.defined() ? global_.prob_sum_S + probs_S : probs_S.clone();
-    global_.last_tokens = packed[2 * S].item<double>();
-    global_.tokens += global_.last_tokens;
-    global_.micro += 1;
-  }
+void MoeLayer::count_global(const RoutingDecision& d, const RoutingContext& ctx, int64_t T) {
+  torch::NoGradGuard ng;
+  auto w_T = valid_weights(ctx.valid_T, T, d.probs_TS.device());
+  const int64_t S = d.probs_TS.size(1);
+  // [counts_S ; prob_sum_S ; tokens]: one reduction over the ranks.
+  auto packed = torch::cat({d.lb_map_TS.sum(0), (d.probs_TS * w_T.unsqueeze(1)).sum(0),
+                            w_T.sum().reshape({1})});
+  if (reduce_) reduce_(packed);
+  auto counts_S = packed.narrow(0, 0, S), probs_S = packed.narrow(0, S, S);
+  global_.last_counts_S = counts_S.clone();
+  global_.counts_S = global_.counts_S.defined() ? global_.counts_S + counts_S : counts_S.clone();
+  global_.prob_sum_S =
+      global_.prob_sum_S.defined() ? global_.prob_sum_S + probs_S : probs_S.clone();
+  global_.last_tokens = packed[2 * S].item<double>();
+  global_.tokens += global_.last_tokens;
+  global_.micro += 1;
+}
+
+at::Tensor MoeLayer::attach_losses(const RoutingDecision& d, const RoutingContext& ctx,
+                                   at::Tensor y_TD) {
   if (aux_.empty()) return y_TD;
   RoutingRecord r{d,       ctx, *pool_, global_, slots_->candidates(), slots_->pool_users(),
                   reduce_ ? &reduce_ : nullptr};

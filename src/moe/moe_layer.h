@@ -106,6 +106,7 @@ class MoeLayer : public FeedForward {
   const SlotMap& slots() const { return *slots_; }
   /// Block routing (src/moe/block_routing.h); null: token-level.
   void set_block_routing(std::shared_ptr<BlockRoutingPolicy> p) { block_policy_ = std::move(p); }
+  BlockRoutingPolicy* block_routing() const { return block_policy_.get(); }
   /// Replaces the dispatch stage (expert parallelism installs its all-to-all dispatcher).
   void set_dispatcher(std::shared_ptr<Dispatcher> d) { o_.dispatcher = std::move(d); }
   RouterBase& router() { return *router_; }
@@ -119,9 +120,10 @@ class MoeLayer : public FeedForward {
  private:
   /// restrict: the slot map's visible slots and the block policy's allowed sets, into ctx.
   void restrict(const at::Tensor& x_TD, RoutingContext& ctx);
-  /// Training forwards: the global-batch counts, then the routing losses attached to y_TD.
-  at::Tensor account(const RoutingDecision& d, const RoutingContext& ctx, int64_t T,
-                     at::Tensor y_TD);
+  /// Training forwards: adds this forward's counts to the global-batch statistics.
+  void count_global(const RoutingDecision& d, const RoutingContext& ctx, int64_t T);
+  /// Training forwards that build the graph: the routing losses attached to y_TD.
+  at::Tensor attach_losses(const RoutingDecision& d, const RoutingContext& ctx, at::Tensor y_TD);
 
   MoeOptions o_;
   std::shared_ptr<RouterBase> router_;

@@ -1,5 +1,7 @@
 #include "moe/router.h"
 
+#include "nn/checkpoint.h"
+
 #include <torch/torch.h>
 
 #include <limits>
@@ -48,7 +50,13 @@ at::Tensor topk_indices(const at::Tensor& scores, int64_t k) {
 }
 
 bool updates_state(const torch::nn::Module& m, const RoutingContext& ctx) {
-  return m.is_training() && at::GradMode::is_enabled() && !ctx.probe;
+  if (!m.is_training() || ctx.probe) return false;
+  switch (recompute_pass()) {
+    case RecomputePass::kFirst: return true;  // a checkpointed region's first forward (no grad)
+    case RecomputePass::kRecompute: return false;
+    case RecomputePass::kNone: break;
+  }
+  return at::GradMode::is_enabled();
 }
 
 at::Tensor restrict_to_allowed(const at::Tensor& sel, const RoutingContext& ctx, int64_t n_real) {

@@ -114,7 +114,8 @@ RouterRegistry& routers_registry();
 at::Tensor topk_indices(const at::Tensor& scores_TS, int64_t k);
 
 /// Whether routing state may change: a training-mode module under grad mode (not validation, not
-/// generation, and not a no-grad recomputation), and not a probe pass of a block routing policy.
+/// generation) or in a checkpointed region's first forward, never in its recomputation
+/// (nn/checkpoint.h), and not a probe pass of a block routing policy.
 bool updates_state(const torch::nn::Module& m, const RoutingContext& ctx);
 
 /// -inf where a block routing policy does not allow a slot (RoutingContext::allowed_TS over the

@@ -1,4 +1,5 @@
 #include "nn/layers.h"
+#include "nn/checkpoint.h"
 
 #include <torch/torch.h>
 
@@ -246,6 +247,19 @@ at::Tensor TransformerBlock::forward(const at::Tensor& x, const RotaryTables& ro
     a = attn_->forward(attn_norm_->forward(x), rope, bias, pos, kv, append, at);
   }
   auto h = x + a;
+  if (checkpoint_ffn_ && at::GradMode::is_enabled()) {
+    // The region runs again in the backward, after this call has returned: it holds the modules
+    // and the routing context by value.
+    auto ffn = ffn_;
+    auto norm = ffn_norm_;
+    const bool has_ctx = ctx != nullptr;
+    const RoutingContext c = has_ctx ? *ctx : RoutingContext{};
+    return checkpoint(
+        [ffn, norm, has_ctx, c](const std::vector<at::Tensor>& in) -> std::vector<at::Tensor> {
+          return {ffn->residual(in[0], norm->forward(in[0]), has_ctx ? &c : nullptr)};
+        },
+        {h})[0];
+  }
   return ffn_->residual(h, ffn_norm_->forward(h), ctx);
 }
 

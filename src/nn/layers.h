@@ -125,8 +125,12 @@ class TransformerBlock : public torch::nn::Module {
                      LayerKV* kv = nullptr, bool append = false, int64_t at = -1);
   FeedForward& ffn() { return *ffn_; }
   std::shared_ptr<FeedForward> ffn_ptr() const { return ffn_; }
+  /// Recompute the feed-forward half (norm, feed-forward, residual) in the backward of training
+  /// forwards (nn/checkpoint.h): only its input h is kept.
+  void set_checkpoint_ffn(bool on) { checkpoint_ffn_ = on; }
 
  private:
+  bool checkpoint_ffn_ = false;
   std::shared_ptr<RMSNorm> attn_norm_, ffn_norm_;
   std::shared_ptr<Attention> attn_;
   std::shared_ptr<FeedForward> ffn_;

@@ -88,6 +88,16 @@ TrainOptions TrainOptions::from(const ConfigNode& recipe) {
   if (o.log_every <= 0) t.fail("log_every", "expected a positive integer");
   if (o.ckpt_every < 0) t.fail("ckpt_every", "expected >= 0 (0: only at the end)");
   if (o.keep_checkpoints < 0) t.fail("keep_checkpoints", "expected >= 0 (0 keeps all)");
+  using AcMode = ActivationCheckpointing::Mode;
+  o.activation_checkpointing.mode = t.get_choice<AcMode>(
+      "activation_checkpointing",
+      {{"none", AcMode::kNone}, {"blocks", AcMode::kBlocks}, {"moe", AcMode::kMoe},
+       {"every_k", AcMode::kEveryK}},
+      AcMode::kNone);
+  o.activation_checkpointing.every = t.get<int64_t>("activation_checkpointing_every", 2);
+  if (o.activation_checkpointing.every < 1) {
+    t.fail("activation_checkpointing_every", "expected a positive integer (k of every_k)");
+  }
   ConfigNode d = recipe.section("diffusion");
   o.random_length_prob = d.get<double>("random_length_prob", 0.0);
   o.objective = create_named(objectives_registry(), d, "objective", "masked", d);
@@ -283,6 +293,12 @@ TrainerParts build_trainer_parts(const ConfigNode& recipe, std::unique_ptr<DataS
   if (const std::string why = p.options.objective->refuses(*p.model); !why.empty()) {
     recipe.at("diffusion").fail("objective", why);
   }
+  if (const std::string why = p.model->set_activation_checkpointing(p.options.activation_checkpointing);
+      !why.empty()) {
+    recipe.at("train").fail(why.rfind("every_k", 0) == 0 ? "activation_checkpointing_every"
+                                                         : "activation_checkpointing",
+                            why);
+  }
   if (recipe.has("upcycle")) UpcycleOptions::from(recipe.at("upcycle"));
   if (recipe.has("init")) {
     ConfigNode init = recipe.at("init");
@@ -397,6 +413,15 @@ void Trainer::setup_expert_parallel() {
   if (model.moe_layers().empty()) {
     throw ConfigError(str("dist.expert_parallel: ", N, " needs MoE layers to shard; model '",
                           model.describe(), "' has none (expected 1 for a dense model)"));
+  }
+  for (const auto& l : parts_.losses) {
+    // ERC's activation matrix pairs every router row with every expert's gate weights, which
+    // expert parallelism splits over the ranks.
+    if (l.routing && l.name == "erc") {
+      throw ConfigError(str("dist.expert_parallel: ", N, " shards the experts, but the routing "
+                            "loss 'erc' reads every expert's gate weights in each layer (expected "
+                            "dist.expert_parallel: 1 with erc, or losses without erc)"));
+    }
   }
   ep_ = std::make_unique<ExpertParallel>(*dp_, layout, parts_.options.llep, parts_.device);
   expert_params_ = ep_->shard(model.moe_layers());
@@ -1002,7 +1027,7 @@ int Trainer::fit() {
       if (!ep.is_null()) metrics["ep"] = ep;
       interval_steps = 0;
       interval_s = 0;
-      if (last && world() > 1) {
+      if (last) {
         const auto rss = peak_rss_per_rank();
         metrics["peak_rss_mb"] = rss;
         std::string line = "memory: peak RSS per rank (MiB):";

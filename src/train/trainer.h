@@ -44,6 +44,10 @@ struct TrainOptions {
   std::string on_nonfinite = "stop";
   int64_t max_skips = 10;
   double random_length_prob = 0.0;  ///< LLaDA's 1%: truncate the batch to a random length
+  /// train.activation_checkpointing (none | blocks | moe | every_k) and
+  /// train.activation_checkpointing_every (k): what training forwards recompute in the backward
+  /// (nn/checkpoint.h).
+  ActivationCheckpointing activation_checkpointing;
   /// diffusion.objective (registry `objectives`, loss/objective.h): masked (default) or block.
   std::shared_ptr<DiffusionObjective> objective;
   int64_t eval_every = 0;           ///< 0: only at the end

@@ -284,6 +284,45 @@ TEST(DistributedTrain, ExpertParallelLayoutsEqualOneProcessOnTheGlobalBatch) {
   }
 }
 
+// Activation checkpointing under data and expert parallelism: the first forward of a recomputed
+// region takes part in the collectives (global-batch counts, the global capacity bound, the
+// expert all-to-all) and the recomputation replays the drops without asking the other ranks
+// again, so 2 workers with checkpointing equal one process without it.
+TEST(DistributedTrain, ActivationCheckpointingUnderDataAndExpertParallelismEqualsOneProcess) {
+  std::vector<std::string> sets = {
+      "model.kind=moe_dlm",
+      "model.moe={n_expert: 4, d_expert: 16, n_shared: 1, capacity_factor: 0.6, router: {kind: "
+      "token_choice, top_k: 2, score: sigmoid, balancer: {kind: aux_free, rate: 0.01}}}",
+      "losses=[{kind: masked_diffusion_elbo}, {kind: load_balance, scope: global, weight: 0.01}, "
+      "{kind: erc, weight: 0.1}]",
+      "train.steps=5", "train.grad_accum=2", "train.log_every=1", "eval.sequences=20",
+      "eval.batch_size=8"};
+  const std::string d = test::scratch_dir("dist_ac");
+  auto one = train(d + "/one", 1, 8, sets);
+  ASSERT_EQ(one.status, 0) << one.err;
+  auto dp_sets = sets;
+  dp_sets.push_back("train.activation_checkpointing=blocks");
+  auto dp = train(d + "/dp2", 2, 8, dp_sets);
+  ASSERT_EQ(dp.status, 0) << dp.err << dp.out;
+  expect_same_run(d + "/one", d + "/dp2");
+  // ERC reads every expert's weights: refused under expert parallelism, with its key.
+  auto ep_sets = sets;
+  ep_sets.push_back("dist.expert_parallel=2");
+  auto erc = train(d + "/erc_ep2", 2, 8, ep_sets);
+  EXPECT_EQ(erc.status, 2) << erc.err;
+  EXPECT_NE(erc.err.find("routing loss 'erc'"), std::string::npos) << erc.err;
+  auto no_erc = sets;
+  no_erc[2] = "losses=[{kind: masked_diffusion_elbo}, {kind: load_balance, scope: global, "
+              "weight: 0.01}]";
+  auto ep_one = train(d + "/ep_one", 1, 8, no_erc);
+  ASSERT_EQ(ep_one.status, 0) << ep_one.err;
+  no_erc.push_back("dist.expert_parallel=2");
+  no_erc.push_back("train.activation_checkpointing=moe");
+  auto ep = train(d + "/ep2", 2, 8, no_erc);
+  ASSERT_EQ(ep.status, 0) << ep.err << ep.out;
+  expect_same_run(d + "/ep_one", d + "/ep2");
+}
+
 // A run saved with EP 2 resumes on one process, whose checkpoint resumes with EP 2 again; every
 // leg continues the uninterrupted run's losses. Layouts that cannot be built are refused.
 TEST(DistributedTrain, ExpertParallelResumesAcrossLayoutsAndRefusesWhatItCannotShard) {

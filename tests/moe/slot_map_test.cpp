@@ -94,7 +94,7 @@ TEST(UnitMoe, CapacityKeepsTheBestByPolicy) {
   EXPECT_FALSE(ExpertCapacity::keep(expert, -gate, 2, 4).defined());  // nothing dropped
 
   // The stage: C = ceil(cf * T_real * K / E) = ceil(0.8 * 5 * 1 / 2) = 2.
-  const Assignments a{torch::arange(5, torch::kLong), expert, gate};
+  const Assignments a{torch::arange(5, torch::kLong), expert, gate, {}};
   const ExpertCapacity prob(0.8, DropPolicy::kProbability), pos(0.8, DropPolicy::kPosition);
   EXPECT_EQ(prob.capacity(2, 1, 5.0), 2);
   const Assignments kp = prob.apply(a, 2, 1, 5.0, 5), ks = pos.apply(a, 2, 1, 5.0, 5);

@@ -406,6 +406,33 @@ TEST(E2EMoe, MoeResumeEqualsTheUninterruptedRun) {
               test::read_text(d + "/part/checkpoints/step_12/model.safetensors"));
 }
 
+// The trainer with activation checkpointing (every block recomputed, capacity drops, ERC,
+// global-batch LBL, the aux-free bias, gradient accumulation and the fused AdamW) logs the losses
+// and writes the weights of the run that keeps its activations.
+TEST(E2EMoe, ActivationCheckpointingRunEqualsTheRunThatKeepsActivations) {
+  const std::string d = test::scratch_dir("moe_ac");
+  auto sets = [](const std::string& mode) {
+    return moe_overrides({"train.steps=6", "train.grad_accum=2", "train.log_every=1",
+                          "model.moe.capacity_factor=1.0",
+                          "losses=[{kind: masked_diffusion_elbo}, {kind: load_balance, scope: "
+                          "global, weight: 0.01}, {kind: erc, weight: 0.1}]",
+                          "train.activation_checkpointing=" + mode});
+  };
+  ASSERT_EQ(train(d + "/none", sets("none")), 0);
+  ASSERT_EQ(train(d + "/blocks", sets("blocks")), 0);
+  const auto a = losses(d + "/none"), b = losses(d + "/blocks");
+  ASSERT_EQ(a.size(), 6u);
+  ASSERT_EQ(b.size(), a.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-6) << "step " << i + 1;
+  auto wa = load_safetensors(resolve_checkpoint(d + "/none") + "/model.safetensors");
+  auto wb = load_safetensors(resolve_checkpoint(d + "/blocks") + "/model.safetensors");
+  ASSERT_EQ(wa.size(), wb.size());
+  for (const auto& [name, t] : wa) {
+    ASSERT_TRUE(wb.count(name)) << name;
+    EXPECT_LE((t - wb.at(name)).abs().max().item<double>(), 1e-6) << name;
+  }
+}
+
 TEST(E2EMoe, ZLossWithNormRouterIsRefused) {
   const std::string d = test::scratch_dir("moe_zloss_norm");
   test::write_text(d + "/r.yaml", test::tiny_recipe(data_dir()));
