@@ -1,5 +1,6 @@
 #include "data/prepare.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -44,9 +45,12 @@ struct PreparedSpec {
   std::string path;
   std::string spec_yaml;
   std::vector<std::unique_ptr<Corpus>> corpora;
+  std::vector<int64_t> corpus_domain;  ///< per corpus: its domain id
+  std::vector<std::string> domains;
   std::unique_ptr<TokenizerBuilder> tokenizer;
   double val_fraction = 0.01;
   int64_t seed = 0;
+  int64_t shard_tokens = kShardTokens;
 };
 
 PreparedSpec read_spec(const ConfigNode& data_cfg) {
@@ -59,8 +63,14 @@ PreparedSpec read_spec(const ConfigNode& data_cfg) {
   }
   for (size_t i = 0; i < corpora.size(); ++i) {
     ConfigNode c = corpora[i];
-    s.corpora.push_back(corpora_registry().create(c.get<std::string>("kind"),
-                                                  c.path() + ".kind", c));
+    const std::string kind = c.get<std::string>("kind");
+    s.corpora.push_back(corpora_registry().create(kind, c.path() + ".kind", c));
+    // The domain every document of this corpus belongs to (expert specialisation by domain).
+    const std::string domain = c.get<std::string>("domain", kind);
+    if (domain.empty()) c.fail("domain", "expected a non-empty domain name");
+    auto it = std::find(s.domains.begin(), s.domains.end(), domain);
+    s.corpus_domain.push_back(it - s.domains.begin());
+    if (it == s.domains.end()) s.domains.push_back(domain);
   }
   ConfigNode tok = prep.at("tokenizer");
   s.tokenizer = tokenizer_builders().create(tok.get<std::string>("kind"), tok.path() + ".kind", tok);
@@ -69,21 +79,32 @@ PreparedSpec read_spec(const ConfigNode& data_cfg) {
     prep.fail("val_fraction", str("expected a fraction in (0, 0.5), got ", s.val_fraction));
   }
   s.seed = prep.get<int64_t>("seed", 0);
+  s.shard_tokens = prep.get<int64_t>("shard_tokens", kShardTokens);
+  if (s.shard_tokens < 1) prep.fail("shard_tokens", "expected a positive number of tokens per shard");
   s.spec_yaml = canonical_yaml(prep.to_yaml());
   return s;
 }
 
+/// Domain runs of one split: (first token, domain id), a new run where the domain changes.
+using DomainRuns = std::vector<std::pair<int64_t, int64_t>>;
+
 void write_shards(const std::string& dir, const std::string& stem,
-                  const std::vector<uint32_t>& tokens, const ShardHeader& base,
-                  std::vector<std::string>* names) {
+                  const std::vector<uint32_t>& tokens, const DomainRuns& runs,
+                  const ShardHeader& base, int64_t shard_tokens, std::vector<std::string>* names) {
   const int64_t n = static_cast<int64_t>(tokens.size());
-  int64_t n_shards = std::max<int64_t>(1, (n + kShardTokens - 1) / kShardTokens);
+  int64_t n_shards = std::max<int64_t>(1, (n + shard_tokens - 1) / shard_tokens);
+  size_t r = 0;  // the run holding the shard's first token
   for (int64_t s = 0; s < n_shards; ++s) {
-    const int64_t b = s * kShardTokens, e = std::min(n, b + kShardTokens);
+    const int64_t b = s * shard_tokens, e = std::min(n, b + shard_tokens);
     std::vector<uint32_t> part(tokens.begin() + b, tokens.begin() + e);
+    ShardHeader h = base;
+    while (r + 1 < runs.size() && runs[r + 1].first <= b) ++r;
+    for (size_t k = r; k < runs.size() && runs[k].first < e; ++k) {
+      h.domain_runs.emplace_back(std::max<int64_t>(0, runs[k].first - b), runs[k].second);
+    }
     std::ostringstream name;
     name << stem << "_" << std::setw(3) << std::setfill('0') << s << ".bin";
-    write_shard(dir + "/" + name.str(), part, base);
+    write_shard(dir + "/" + name.str(), part, h);
     names->push_back(name.str());
   }
 }
@@ -132,6 +153,9 @@ DatasetInfo read_dataset_info(const std::string& path) {
     d.val_unigram_entropy = j.at("val_unigram_entropy_nats").get<double>();
     d.train_shards = j.at("train_shards").get<std::vector<std::string>>();
     d.val_shards = j.at("val_shards").get<std::vector<std::string>>();
+    d.domains = j.value("domains", std::vector<std::string>{});
+    d.train_domain_tokens = j.value("train_domain_tokens", std::vector<int64_t>{});
+    d.val_domain_tokens = j.value("val_domain_tokens", std::vector<int64_t>{});
   } catch (const ConfigError& e) {
     throw DataError(str(meta, ": malformed dataset metadata: spec: ", e.what()));
   } catch (const nlohmann::json::exception& e) {
@@ -159,10 +183,12 @@ DatasetInfo prepare_dataset(const ConfigNode& data_cfg, bool force, std::ostream
   // 1. Documents, split into train and validation by a seeded hash of their index.
   std::vector<std::string> docs;
   std::vector<char> is_val;
+  std::vector<int64_t> doc_domain;
   int64_t doc_index = 0, bytes = 0;
   for (size_t c = 0; c < spec.corpora.size(); ++c) {
     spec.corpora[c]->for_each_document([&](std::string_view d) {
       if (d.empty()) return;
+      doc_domain.push_back(spec.corpus_domain[c]);
       const uint64_t h = splitmix64(static_cast<uint64_t>(spec.seed) * 0x632be59bd9b4e019ULL ^
                                     static_cast<uint64_t>(doc_index++));
       is_val.push_back(static_cast<double>(h >> 11) * 0x1.0p-53 < spec.val_fraction);
@@ -187,12 +213,21 @@ DatasetInfo prepare_dataset(const ConfigNode& data_cfg, bool force, std::ostream
 
   // 3. Encode; every document ends with EOS.
   std::vector<uint32_t> train, val;
+  DomainRuns train_runs, val_runs;
+  const size_t n_domains = spec.domains.size();
+  std::vector<int64_t> train_domain_tokens(n_domains, 0), val_domain_tokens(n_domains, 0);
   std::vector<int64_t> val_counts(static_cast<size_t>(tok.vocab_size()), 0);
   int64_t train_docs = 0, val_docs = 0;
   for (size_t i = 0; i < docs.size(); ++i) {
     std::vector<int32_t> ids = tok.encode(docs[i]);
     ids.push_back(tok.eos_id());
     auto& dst = is_val[i] ? val : train;
+    auto& runs = is_val[i] ? val_runs : train_runs;
+    if (runs.empty() || runs.back().second != doc_domain[i]) {
+      runs.emplace_back(static_cast<int64_t>(dst.size()), doc_domain[i]);
+    }
+    (is_val[i] ? val_domain_tokens : train_domain_tokens)[static_cast<size_t>(doc_domain[i])] +=
+        static_cast<int64_t>(ids.size());
     for (int32_t id : ids) dst.push_back(static_cast<uint32_t>(id));
     if (is_val[i]) {
       ++val_docs;
@@ -216,6 +251,7 @@ DatasetInfo prepare_dataset(const ConfigNode& data_cfg, bool force, std::ostream
   base.vocab_size = tok.vocab_size();
   base.tokenizer = tok.kind();
   base.tokenizer_fingerprint = tok.fingerprint();
+  base.n_domains = static_cast<int64_t>(n_domains);
   DatasetInfo info;
   info.path = spec.path;
   info.spec_yaml = spec.spec_yaml;
@@ -228,10 +264,13 @@ DatasetInfo prepare_dataset(const ConfigNode& data_cfg, bool force, std::ostream
   info.train_docs = train_docs;
   info.val_docs = val_docs;
   info.val_unigram_entropy = unigram_entropy(val_counts);
+  info.domains = spec.domains;
+  info.train_domain_tokens = train_domain_tokens;
+  info.val_domain_tokens = val_domain_tokens;
   base.split = "train";
-  write_shards(tmp, "train", train, base, &info.train_shards);
+  write_shards(tmp, "train", train, train_runs, base, spec.shard_tokens, &info.train_shards);
   base.split = "val";
-  write_shards(tmp, "val", val, base, &info.val_shards);
+  write_shards(tmp, "val", val, val_runs, base, spec.shard_tokens, &info.val_shards);
   nlohmann::json j = {{"format_version", 1},
                       {"spec", info.spec_yaml},
                       {"tokenizer", info.tokenizer_kind},
@@ -245,7 +284,10 @@ DatasetInfo prepare_dataset(const ConfigNode& data_cfg, bool force, std::ostream
                       {"text_bytes", bytes},
                       {"val_unigram_entropy_nats", info.val_unigram_entropy},
                       {"train_shards", info.train_shards},
-                      {"val_shards", info.val_shards}};
+                      {"val_shards", info.val_shards},
+                      {"domains", info.domains},
+                      {"train_domain_tokens", info.train_domain_tokens},
+                      {"val_domain_tokens", info.val_domain_tokens}};
   write_file_atomic(tmp + "/meta.json", j.dump(2) + "\n");
   if (fs::exists(spec.path)) fs::remove_all(spec.path);
   if (!fs::path(spec.path).parent_path().empty()) {
@@ -255,7 +297,12 @@ DatasetInfo prepare_dataset(const ConfigNode& data_cfg, bool force, std::ostream
   const auto t2 = clock::now();
   log << "data: wrote " << spec.path << ": " << info.train_tokens << " train tokens ("
       << train_docs << " docs), " << info.val_tokens << " validation tokens (" << val_docs
-      << " docs), validation unigram entropy " << std::setprecision(3)
+      << " docs) in " << n_domains << " domain" << (n_domains == 1 ? "" : "s") << " (";
+  for (size_t d = 0; d < n_domains; ++d) {
+    log << (d ? ", " : "") << spec.domains[d] << " " << train_domain_tokens[d] << "/"
+        << val_domain_tokens[d];
+  }
+  log << " train/validation tokens), validation unigram entropy " << std::setprecision(3)
       << info.val_unigram_entropy << " nats/token (" << std::setprecision(1)
       << std::chrono::duration<double>(t2 - t0).count() << " s)\n";
   return info;

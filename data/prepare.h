@@ -70,6 +70,10 @@ struct DatasetInfo {
   double val_unigram_entropy = 0;  ///< nats per token over the whole validation split
   std::vector<std::string> train_shards;  ///< file names relative to `path`
   std::vector<std::string> val_shards;
+  /// Domain names, by id: one per distinct `domain:` of the corpora (default: the corpus kind).
+  /// Every shard labels its tokens with them. Empty for data prepared before domains were kept.
+  std::vector<std::string> domains;
+  std::vector<int64_t> train_domain_tokens, val_domain_tokens;  ///< tokens per domain
 };
 
 /// Reads `path/meta.json`; DataError (with the hint to run `mixdiff data prepare`) when absent.

@@ -1,5 +1,7 @@
 #include "data/shards.h"
 
+#include <algorithm>
+
 #include <cstring>
 #include <nlohmann/json.hpp>
 
@@ -29,6 +31,12 @@ void write_shard(const std::string& path, const std::vector<uint32_t>& tokens, S
                       {"tokenizer", h.tokenizer},
                       {"tokenizer_fingerprint", h.tokenizer_fingerprint},
                       {"split", h.split}};
+  if (h.n_domains > 0) {
+    j["n_domains"] = h.n_domains;
+    nlohmann::json runs = nlohmann::json::array();
+    for (const auto& [first, id] : h.domain_runs) runs.push_back({first, id});
+    j["domain_runs"] = runs;
+  }
   std::string js = j.dump();
   js.append((8 - js.size() % 8) % 8, ' ');
   std::string out(kMagic, 8);
@@ -76,6 +84,17 @@ ShardReader::ShardReader(const std::string& path, bool check_tokens)
     header_.tokenizer = j.at("tokenizer").get<std::string>();
     header_.tokenizer_fingerprint = j.at("tokenizer_fingerprint").get<std::string>();
     header_.split = j.at("split").get<std::string>();
+    if (j.contains("n_domains")) {
+      header_.n_domains = json_int(j, "n_domains");
+      for (const auto& r : j.at("domain_runs")) {
+        if (!r.is_array() || r.size() != 2 || !r[0].is_number_integer() ||
+            !r[1].is_number_integer()) {
+          throw DataError(str(path, ": bad token shard header: domain_runs holds ", r.dump(),
+                              " (expected [first token, domain id])"));
+        }
+        header_.domain_runs.emplace_back(r[0].get<int64_t>(), r[1].get<int64_t>());
+      }
+    }
   } catch (const nlohmann::json::exception& e) {
     throw DataError(str(path, ": bad token shard header: ", e.what()));
   }
@@ -86,6 +105,23 @@ ShardReader::ShardReader(const std::string& path, bool check_tokens)
   if (header_.n_tokens < 0 || header_.vocab_size <= 0) {
     throw DataError(str(path, ": token shard header has n_tokens ", header_.n_tokens,
                         " and vocab_size ", header_.vocab_size));
+  }
+  if (header_.n_domains < 0 || header_.n_domains > 65536 ||
+      (header_.n_domains > 0) != !header_.domain_runs.empty()) {
+    throw DataError(str(path, ": token shard header has n_domains ", header_.n_domains, " and ",
+                        header_.domain_runs.size(), " domain runs (expected 1..65536 domains "
+                        "with at least one run, or neither)"));
+  }
+  for (size_t i = 0; i < header_.domain_runs.size(); ++i) {
+    const auto [first, id] = header_.domain_runs[i];
+    const bool ok = (i == 0 ? first == 0 : first > header_.domain_runs[i - 1].first) &&
+                    (first < header_.n_tokens || header_.n_tokens == 0) && id >= 0 &&
+                    id < header_.n_domains;
+    if (!ok) {
+      throw DataError(str(path, ": token shard domain run ", i, " is [", first, ", ", id,
+                          "]; expected runs starting at 0, ascending below n_tokens ",
+                          header_.n_tokens, ", with ids in [0, ", header_.n_domains, ")"));
+    }
   }
   wide_ = header_.dtype == "uint32";
   const size_t expect = 16 + static_cast<size_t>(hlen) +
@@ -102,6 +138,26 @@ ShardReader::ShardReader(const std::string& path, bool check_tokens)
                             header_.vocab_size));
       }
     }
+  }
+}
+
+void ShardReader::copy_domains(int64_t begin, int64_t n, int64_t* out) const {
+  const auto& runs = header_.domain_runs;
+  if (runs.empty()) {
+    std::fill(out, out + n, int64_t(-1));
+    return;
+  }
+  // The run holding `begin`, then forward.
+  size_t r = static_cast<size_t>(
+      std::upper_bound(runs.begin(), runs.end(), begin,
+                       [](int64_t v, const std::pair<int64_t, int64_t>& run) {
+                         return v < run.first;
+                       }) -
+      runs.begin() - 1);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t pos = begin + i;
+    while (r + 1 < runs.size() && runs[r + 1].first <= pos) ++r;
+    out[i] = runs[r].second;
   }
 }
 

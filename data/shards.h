@@ -6,14 +6,19 @@
 //   bytes 12..15  u32 header length H (a multiple of 8)
 //   bytes 16..    JSON header, space-padded to H bytes:
 //                 {"dtype": "uint16"|"uint32", "n_tokens": N, "vocab_size": V,
-//                  "tokenizer": kind, "tokenizer_fingerprint": hex, "split": "train"|"val"}
+//                  "tokenizer": kind, "tokenizer_fingerprint": hex, "split": "train"|"val",
+//                  optional "n_domains": D, "domain_runs": [[first token, domain id], ...]}
 //   then          N tokens of `dtype`
 // A reader refuses a file whose size differs from 16 + H + N * sizeof(dtype) (truncated or
 // padded), whose magic or version is wrong, or whose tokens are >= V.
+// Domain runs label every token with the domain of its document (the corpus it came from): run
+// i covers tokens [first_i, first_{i+1}); the first run starts at 0, starts ascend strictly and
+// lie below N, ids lie in [0, D). Shards without them are unlabelled.
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/fs.h"
@@ -27,6 +32,8 @@ struct ShardHeader {
   std::string tokenizer;
   std::string tokenizer_fingerprint;
   std::string split;
+  int64_t n_domains = 0;  ///< 0: unlabelled
+  std::vector<std::pair<int64_t, int64_t>> domain_runs;  ///< (first token, domain id)
 };
 
 /// Writes `tokens` as one shard atomically (dtype chosen from the vocabulary size).
@@ -46,6 +53,8 @@ class ShardReader {
   }
   /// Copies tokens [begin, begin + n) into `out` as int64 (for embedding lookups).
   void copy_to(int64_t begin, int64_t n, int64_t* out) const;
+  /// Copies the domain ids of tokens [begin, begin + n) into `out` (-1 when unlabelled).
+  void copy_domains(int64_t begin, int64_t n, int64_t* out) const;
   const std::string& path() const { return path_; }
 
  private:

@@ -35,12 +35,21 @@ class Stream {
     shards_.push_back(std::move(s));
   }
   int64_t size() const { return total_; }
-  void copy(int64_t begin, int64_t n, int64_t* out) const {
+  void copy(int64_t begin, int64_t n, int64_t* out) const { walk(begin, n, out, false); }
+  /// The domain id of each token instead of the token.
+  void copy_domains(int64_t begin, int64_t n, int64_t* out) const { walk(begin, n, out, true); }
+
+ private:
+  void walk(int64_t begin, int64_t n, int64_t* out, bool domains) const {
     size_t i = std::upper_bound(starts_.begin(), starts_.end(), begin) - starts_.begin() - 1;
     while (n > 0) {
       const int64_t local = begin - starts_[i];
       const int64_t take = std::min(n, shards_[i]->size() - local);
-      shards_[i]->copy_to(local, take, out);
+      if (domains) {
+        shards_[i]->copy_domains(local, take, out);
+      } else {
+        shards_[i]->copy_to(local, take, out);
+      }
       out += take;
       begin += take;
       n -= take;
@@ -48,7 +57,6 @@ class Stream {
     }
   }
 
- private:
   std::vector<std::unique_ptr<ShardReader>> shards_;
   std::vector<int64_t> starts_;
   int64_t total_ = 0;
@@ -94,27 +102,16 @@ class TokenShards : public DataSource {
   double val_unigram_entropy() const override { return info_.val_unigram_entropy; }
 
   at::Tensor train_batch(int64_t first, int64_t count) override {
-    auto out = torch::empty({count, seq_len_}, torch::kLong);
-    int64_t* p = out.data_ptr<int64_t>();
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t k = first + i, epoch = k / n_windows_;
-      const auto& perm = permutation(epoch);
-      const int64_t offset = static_cast<int64_t>(splitmix64(seed_ ^ (0xabcdefULL + epoch)) %
-                                                  static_cast<uint64_t>(seq_len_));
-      train_.copy(offset + perm[k % n_windows_] * seq_len_, seq_len_, p + i * seq_len_);
-    }
-    return out;
+    return train_windows(first, count, false);
   }
+  at::Tensor train_domains(int64_t first, int64_t count) override {
+    return info_.domains.empty() ? at::Tensor() : train_windows(first, count, true);
+  }
+  std::vector<std::string> domains() const override { return info_.domains; }
 
-  at::Tensor val_sequences(int64_t n) override {
-    const int64_t total = val_.size() / seq_len_;
-    n = std::min(n, total);
-    auto out = torch::empty({n, seq_len_}, torch::kLong);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t w = i * total / n;
-      val_.copy(w * seq_len_, seq_len_, out.data_ptr<int64_t>() + i * seq_len_);
-    }
-    return out;
+  at::Tensor val_sequences(int64_t n) override { return val_windows(n, false); }
+  at::Tensor val_domains(int64_t n) override {
+    return info_.domains.empty() ? at::Tensor() : val_windows(n, true);
   }
 
   std::string describe() const override {
@@ -124,6 +121,41 @@ class TokenShards : public DataSource {
   }
 
  private:
+  /// Training sequences [first, first + count): their tokens, or their tokens' domains.
+  at::Tensor train_windows(int64_t first, int64_t count, bool domains) {
+    auto out = torch::empty({count, seq_len_}, torch::kLong);
+    int64_t* p = out.data_ptr<int64_t>();
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t k = first + i, epoch = k / n_windows_;
+      const auto& perm = permutation(epoch);
+      const int64_t offset = static_cast<int64_t>(splitmix64(seed_ ^ (0xabcdefULL + epoch)) %
+                                                  static_cast<uint64_t>(seq_len_));
+      const int64_t begin = offset + perm[k % n_windows_] * seq_len_;
+      if (domains) {
+        train_.copy_domains(begin, seq_len_, p + i * seq_len_);
+      } else {
+        train_.copy(begin, seq_len_, p + i * seq_len_);
+      }
+    }
+    return out;
+  }
+
+  at::Tensor val_windows(int64_t n, bool domains) {
+    const int64_t total = val_.size() / seq_len_;
+    n = std::min(n, total);
+    auto out = torch::empty({n, seq_len_}, torch::kLong);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t w = i * total / n;
+      int64_t* dst = out.data_ptr<int64_t>() + i * seq_len_;
+      if (domains) {
+        val_.copy_domains(w * seq_len_, seq_len_, dst);
+      } else {
+        val_.copy(w * seq_len_, seq_len_, dst);
+      }
+    }
+    return out;
+  }
+
   void open(const std::vector<std::string>& names, const std::string& split, Stream* s) {
     if (names.empty()) throw DataError(str(path_, "/meta.json: no ", split, " shards listed"));
     for (const auto& n : names) {
@@ -133,6 +165,10 @@ class TokenShards : public DataSource {
         throw DataError(str(r->path(), ": shard made with tokenizer ", h.tokenizer_fingerprint,
                             " (vocab ", h.vocab_size, "), dataset tokenizer is ",
                             info_.tokenizer_fingerprint, " (vocab ", info_.vocab_size, ")"));
+      }
+      if (h.n_domains != static_cast<int64_t>(info_.domains.size())) {
+        throw DataError(str(r->path(), ": shard labels ", h.n_domains, " domains, meta.json names ",
+                            info_.domains.size(), "; re-run `mixdiff data prepare --force`"));
       }
       s->add(std::move(r));
     }

@@ -257,16 +257,19 @@ int cmd_eval(const EvalArgs& a) {
   const auto t0 = std::chrono::steady_clock::now();
   NelboResult r = validation_nelbo(*model, val, o.eval_batch_size,
                                    static_cast<uint64_t>(o.eval_seed), 0, 1, {},
-                                   o.objective->validation_block());
+                                   o.objective->validation_block(), false, o.eval_final_draws,
+                                   o.eval_exact);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::cout << std::fixed << std::setprecision(4) << "eval " << ckpt << " (step "
-            << state.at("step").get<int64_t>() << "): val nelbo " << r.nelbo
-            << " nats/token | ppl <= " << std::setprecision(2) << r.ppl_bound
+            << state.at("step").get<int64_t>() << "): val nelbo " << r.nelbo << " ± " << r.se
+            << " (s.e.) nats/token | ppl <= " << std::setprecision(2) << r.ppl_bound
             << " | unigram entropy " << std::setprecision(4) << r.unigram_entropy << " | "
             << r.tokens << " tokens | " << std::setprecision(1) << secs << " s\n";
   nlohmann::json j = {{"checkpoint", ckpt},
                       {"step", state.at("step")},
                       {"val_nelbo", r.nelbo},
+                      {"val_nelbo_se", r.se},
+                      {"val_draws", r.draws},
                       {"val_ppl_bound", r.ppl_bound},
                       {"val_unigram_entropy", r.unigram_entropy},
                       {"tokens", r.tokens}};
@@ -334,7 +337,7 @@ void print_routing_summary(const std::string& run_dir) {
     std::cout << "\n";
   }
   std::cout << "  layer    tokens  max/mean      cv  dead  entropy  dropped  experts/token"
-               "  zero gate  max/mean by mask ratio\n";
+               "  zero gate    SRP    SCH  max/mean by mask ratio\n";
   for (const auto& l : last["moe"]["layers"]) {
     char buf[192];
     std::snprintf(buf, sizeof(buf), "  %5lld %9.0f %9s %7s %5lld %8s %8s %14s %10s ",
@@ -343,12 +346,50 @@ void print_routing_summary(const std::string& run_dir) {
                   static_cast<long long>(l.value("dead", 0)), num(l["entropy"], 3).c_str(),
                   num(l["dropped"], 3).c_str(), num(l["experts_per_token"], 2).c_str(),
                   num(l.value("zero_gate", nlohmann::json()), 3).c_str());
-    std::cout << buf;
+    std::cout << buf << std::setw(6) << num(l.value("segment_routing_best", nlohmann::json()), 3)
+              << " " << std::setw(6)
+              << num(l.value("segment_cache_best_hit", nlohmann::json()), 3) << " ";
     for (const auto& b : l["by_mask_ratio"]) {
       std::cout << " [" << num(b["mask_ratio"][0], 2) << "," << num(b["mask_ratio"][1], 2)
                 << ") " << num(b["max_mean"], 2);
     }
     std::cout << "\n";
+  }
+  const auto& layers = last["moe"]["layers"];
+  if (!layers.empty() && layers[0].contains("segment")) {
+    std::cout << "  SRP: segment routing best performance, SCH: segment cache best hit rate, "
+                 "segments of "
+              << layers[0]["segment"].value("length", 0) << " tokens, cache "
+              << layers[0]["segment"].value("cache", 0.0) << " x experts per token\n";
+  }
+  const auto names = last["moe"].value("domains", std::vector<std::string>{});
+  if (names.empty()) return;
+  std::cout << "expert specialisation by domain (I(expert; domain) / H(domain); 0 independent, "
+               "1 each expert one domain) and each domain's busiest experts (share of its "
+               "assignments)\n";
+  for (const auto& l : layers) {
+    std::cout << "  layer " << l.value("layer", -1) << ": specialisation "
+              << num(l.value("specialisation", nlohmann::json()), 3) << ", by mask ratio";
+    for (const auto& b : l["by_mask_ratio"]) {
+      std::cout << " [" << num(b["mask_ratio"][0], 2) << "," << num(b["mask_ratio"][1], 2)
+                << ") " << num(b.value("specialisation", nlohmann::json()), 3);
+    }
+    std::cout << "\n";
+    const auto by = l.value("by_domain", nlohmann::json::array());
+    for (size_t d = 0; d < by.size() && d < names.size(); ++d) {
+      std::vector<double> c = by[d].get<std::vector<double>>();
+      double total = 0;
+      for (double x : c) total += x;
+      std::vector<size_t> order(c.size());
+      for (size_t e = 0; e < c.size(); ++e) order[e] = e;
+      std::sort(order.begin(), order.end(), [&](size_t x, size_t y) { return c[x] > c[y]; });
+      std::cout << "    " << std::left << std::setw(12) << names[d] << std::right;
+      for (size_t i = 0; i < std::min<size_t>(4, order.size()) && total > 0; ++i) {
+        std::cout << "  expert " << order[i] << " " << std::fixed << std::setprecision(1)
+                  << 100.0 * c[order[i]] / total << "%";
+      }
+      std::cout << "  (" << static_cast<int64_t>(total) << " assignments)\n";
+    }
   }
 }
 

@@ -7,8 +7,9 @@
 // time. A cell whose run already reached its steps is skipped; one with checkpoints is resumed;
 // so an interrupted sweep continues where it stopped. SIGINT/SIGTERM are forwarded to the running
 // cells (which checkpoint) and the sweep exits with 128 + signal. Every cell's state is in
-// runs/<sweep>/<cell>/cell.json; results.csv, results.md and report.html are written at the end,
-// failed cells included with their error line.
+// runs/<sweep>/<cell>/cell.json; results.md, results.csv (per configuration: the mean over seeds
+// with its interval, and the paired difference to the baseline), cells.csv and report.html are
+// written at the end, failed cells included with their error line.
 #include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
@@ -82,7 +83,8 @@ void write_cell(const CellPlan& p, const std::string& status, const std::string&
   for (const auto& [k, v] : p.cell.values) values[k] = v;
   nlohmann::json ov = nlohmann::json::array();
   for (const auto& [k, v] : p.cell.overrides) ov.push_back(k + "=" + v);
-  nlohmann::json j = {{"index", p.cell.index}, {"name", p.cell.name}, {"values", values},
+  nlohmann::json j = {{"index", p.cell.index}, {"name", p.cell.name}, {"config", p.cell.config},
+                      {"values", values},
                       {"overrides", ov},       {"steps", p.steps},     {"status", status},
                       {"error", error},        {"wall_s", wall_s}};
   write_file_atomic(p.dir + "/cell.json", j.dump(2) + "\n");
@@ -164,7 +166,9 @@ int cmd_sweep(const SweepArgs& a) {
   fs::create_directories(root);
   nlohmann::json sj = {{"name", spec.name}, {"file", fs::absolute(spec.file).string()},
                        {"base", spec.base}, {"varied_keys", spec.varied_keys},
-                       {"cells", plan.size()}};
+                       {"cells", plan.size()}, {"configs", spec.configs},
+                       {"seeds", spec.seeds}, {"baseline", spec.baseline}};
+  if (spec.target_val_nelbo) sj["target_val_nelbo"] = *spec.target_val_nelbo;
   write_file_atomic(root + "/sweep.json", sj.dump(2) + "\n");
 
   struct sigaction sa {};
@@ -284,12 +288,15 @@ int cmd_sweep(const SweepArgs& a) {
   }
 
   auto runs = read_sweep(root);
-  write_file_atomic(root + "/results.csv", results_csv(runs, spec.varied_keys));
-  const std::string md = results_markdown(runs, spec.varied_keys);
+  const SweepDesign design = SweepDesign::read(root, runs);
+  write_file_atomic(root + "/results.csv", results_csv(runs, design));
+  write_file_atomic(root + "/cells.csv", cells_csv(runs, design.keys));
+  const std::string md = results_markdown(runs, design);
   write_file_atomic(root + "/results.md", md);
   const std::string report = write_report(root);
-  std::cout << "\n" << md << "\nresults: " << root << "/results.csv, " << root
-            << "/results.md; report: " << report << std::endl;
+  std::cout << "\n" << md << "\nresults: " << root << "/results.md, " << root
+            << "/results.csv (configurations), " << root << "/cells.csv; report: " << report
+            << std::endl;
   if (forwarded != 0) {
     std::cout << "sweep interrupted; run the same command again to continue" << std::endl;
     return 128 + forwarded;
@@ -298,7 +305,17 @@ int cmd_sweep(const SweepArgs& a) {
 }
 
 int cmd_report(const ReportArgs& a) {
-  std::cout << "report: " << write_report(a.path) << std::endl;
+  const std::string report = write_report(a.path);
+  if (!fs::exists(a.path + "/run.json")) {  // a sweep folder: its tables too
+    auto runs = read_sweep(a.path);
+    const SweepDesign design = SweepDesign::read(a.path, runs);
+    write_file_atomic(a.path + "/results.csv", results_csv(runs, design));
+    write_file_atomic(a.path + "/cells.csv", cells_csv(runs, design.keys));
+    write_file_atomic(a.path + "/results.md", results_markdown(runs, design));
+    std::cout << "results: " << a.path << "/results.md, " << a.path << "/results.csv, " << a.path
+              << "/cells.csv" << std::endl;
+  }
+  std::cout << "report: " << report << std::endl;
   return 0;
 }
 

@@ -106,7 +106,7 @@ Command sweep_command(CLI::App& app) {
 
 Command report_command(CLI::App& app) {
   auto a = std::make_shared<mixdiff::ReportArgs>();
-  auto* rp = app.add_subcommand("report", "write report.html for a run or a sweep folder");
+  auto* rp = app.add_subcommand("report", "write report.html for a run, or report.html and the result tables for a sweep folder");
   rp->add_option("path", a->path, "run folder (runs/NAME) or sweep folder (runs/SWEEP)")
       ->required();
   return {rp, [a] { return mixdiff::cmd_report(*a); }};

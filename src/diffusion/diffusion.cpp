@@ -104,29 +104,42 @@ at::Tensor masked_cross_entropy(const at::Tensor& logits_MV, const at::Tensor& t
 
 NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t batch_size,
                              uint64_t seed, int shard, int n_shards,
-                             const std::function<double(double)>& sum_over_shards,
-                             int64_t bd3_block, bool lockstep) {
+                             const std::function<void(std::vector<double>&)>& sum_over_shards,
+                             int64_t bd3_block, bool lockstep, int64_t draws, bool exact) {
+  TORCH_CHECK(draws >= 1, "validation_nelbo: draws must be >= 1");
+  TORCH_CHECK(!exact || bd3_block == 0, "validation_nelbo: exact masking is for masked diffusion");
   torch::NoGradGuard ng;
   const bool was_training = model.is_training();
   model.eval();
-  const int64_t N = x0_NL.size(0), L = x0_NL.size(1);
+  const int64_t N = x0_NL.size(0), L = x0_NL.size(1), K = N * draws;
   // The draws below stay on the host generator (the same bound on every device); each batch's
   // tokens, mask, indices and weights are moved to the model's device.
   const at::Device dev = module_device(model);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  // Stratified t in (0, 1]: one draw per stratum [i/N, (i+1)/N).
-  // Masked diffusion: one t per sequence; block diffusion: one t per (sequence, block).
+  // Stratified t in (0, 1]: one draw per stratum [k/K, (k+1)/K) of the K (window, draw) items.
+  // Masked diffusion: one t per item; block diffusion: one t per (item, block).
   const int64_t nb = bd3_block > 0 ? (L + bd3_block - 1) / bd3_block : 1;
-  auto u = 1.0 - torch::rand({N * nb}, gen).to(torch::kFloat64);  // (0, 1]
-  auto t_all = ((torch::arange(N * nb, torch::kFloat64) + u) / static_cast<double>(N * nb))
-                   .view({N, nb});
-  auto t_NL = bd3_block > 0 ? t_all.repeat_interleave(bd3_block, 1).narrow(1, 0, L).contiguous()
-                            : t_all.expand({N, L}).contiguous();
-  auto uu = torch::rand({N, L}, gen);
+  auto u = 1.0 - torch::rand({K * nb}, gen).to(torch::kFloat64);  // (0, 1]
+  auto t_all = ((torch::arange(K * nb, torch::kFloat64) + u) / static_cast<double>(K * nb))
+                   .view({K, nb});
+  if (exact) t_all = (t_all * static_cast<double>(L)).ceil().clamp(1, L) / static_cast<double>(L);
+  auto t_KL = bd3_block > 0 ? t_all.repeat_interleave(bd3_block, 1).narrow(1, 0, L).contiguous()
+                            : t_all.expand({K, L}).contiguous();
+  auto uu = torch::rand({K, L}, gen);
+  if (exact) {
+    // Exactly l = t L positions: those whose uniform ranks below l in their row (the mask test
+    // below compares (rank + 0.5) / L with t = l / L).
+    uu = (uu.argsort(/*dim=*/int64_t(1), /*descending=*/false)
+              .argsort(/*dim=*/int64_t(1), /*descending=*/false)
+              .to(torch::kFloat64) +
+          0.5) /
+         static_cast<double>(L);
+  }
   const at::Tensor bias = bd3_block > 0 ? bd3_training_bias(L, bd3_block).to(dev) : at::Tensor();
   const at::Tensor pos = torch::arange(L, torch::TensorOptions().dtype(torch::kLong).device(dev));
-  double total = 0;
-  const int64_t n_batches = (N + batch_size - 1) / batch_size;
+  // Per item: the weighted cross-entropy of its masked tokens (the ranks fill their own items).
+  std::vector<double> item(static_cast<size_t>(K), 0.0);
+  const int64_t n_batches = (K + batch_size - 1) / batch_size;
   const int64_t rounds = (n_batches + n_shards - 1) / n_shards;
   for (int64_t round = 0; round < rounds; ++round) {
     int64_t bi = round * n_shards + shard;
@@ -136,16 +149,19 @@ NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t 
     throw_if_interrupted();
     fault::delay("generate_delay_ms");
     const int64_t s = bi * batch_size;
-    const int64_t n = std::min(batch_size, N - s);
-    auto x0 = x0_NL.narrow(0, s, n).to(dev);
-    auto t = t_NL.narrow(0, s, n);
+    const int64_t n = std::min(batch_size, K - s);
+    // Item k is window k mod N.
+    auto x0 = (draws == 1 ? x0_NL.narrow(0, s, n)
+                          : x0_NL.index_select(0, torch::arange(s, s + n, torch::kLong).remainder(N)))
+                  .to(dev);
+    auto t = t_KL.narrow(0, s, n);
     auto masked = (uu.narrow(0, s, n).to(torch::kFloat64) < t).to(dev);
     auto idx = masked.reshape({-1}).nonzero().squeeze(1);
     if (idx.numel() == 0 && !lockstep) continue;
     auto xt = x0.masked_fill(masked, model.mask_id());
+    auto row = idx.div(L, "floor");
     at::Tensor logits;
     if (bd3_block > 0) {
-      auto row = idx.div(L, "floor");
       ModelInput in(torch::cat({xt, x0}, 1), row * (2 * L) + (idx - row * L));
       in.attn_bias = bias;
       in.positions_L = torch::cat({pos, pos});
@@ -156,15 +172,34 @@ NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t 
     }
     auto ce = masked_cross_entropy(logits, x0.reshape({-1}).index_select(0, idx));
     auto w = (1.0 / t.reshape({-1})).to(dev).index_select(0, idx);
-    if (!idle) total += (ce.to(torch::kFloat64) * w).sum().item<double>();
+    if (idle) continue;
+    auto per_row = torch::zeros({n}, torch::TensorOptions().dtype(torch::kFloat64).device(dev))
+                       .index_add_(0, row, ce.to(torch::kFloat64) * w)
+                       .cpu();
+    const double* pr = per_row.data_ptr<double>();
+    for (int64_t i = 0; i < n; ++i) item[static_cast<size_t>(s + i)] = pr[i];
   }
-  if (sum_over_shards) total = sum_over_shards(total);
+  if (sum_over_shards) sum_over_shards(item);
+  double total = 0;
+  for (double v : item) total += v;
+  // Collapsed strata: item k sits in stratum k; strata (2j, 2j + 1) are paired.
+  const int64_t pairs = K / 2;
+  double ss = 0;
+  for (int64_t j = 0; j < pairs; ++j) {
+    const double d = (item[static_cast<size_t>(2 * j)] - item[static_cast<size_t>(2 * j + 1)]) /
+                     static_cast<double>(L);
+    ss += d * d;
+  }
   // Unigram entropy of exactly these tokens: the NELBO of the best context-free predictor.
   auto counts = torch::bincount(x0_NL.reshape({-1})).to(torch::kFloat64);
   auto p = counts.masked_select(counts > 0) / static_cast<double>(N * L);
   NelboResult r;
   r.tokens = N * L;
-  r.nelbo = total / static_cast<double>(N * L);
+  r.draws = draws;
+  r.nelbo = total / static_cast<double>(K * L);
+  r.se = pairs > 0 ? std::sqrt(static_cast<double>(K) / (2.0 * static_cast<double>(pairs)) * ss) /
+                         static_cast<double>(K)
+                   : 0.0;
   r.ppl_bound = std::exp(r.nelbo);
   r.unigram_entropy = -(p * p.log()).sum().item<double>();
   if (was_training) model.train();

@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/config.h"
 #include "core/registry.h"
@@ -87,17 +88,30 @@ struct NelboResult {
   double nelbo = 0;            ///< nats per token (upper bound on -log p(x) / L)
   double ppl_bound = 0;        ///< exp(nelbo)
   double unigram_entropy = 0;  ///< nats per token of the same tokens (context-free baseline)
-  int64_t tokens = 0;
+  /// Standard error of `nelbo` as a Monte-Carlo estimate (collapsed strata: adjacent strata
+  /// paired, v = K / (2P) * sum_pairs (y_a - y_b)^2 / K^2 over the K (window, draw) items of P
+  /// pairs; conservative, since a pair's difference also holds its two strata's and windows'
+  /// differences).
+  double se = 0;
+  int64_t tokens = 0;  ///< windows x tokens per window (each drawn `draws` times)
+  int64_t draws = 1;
 };
 
 /// Masked-diffusion NELBO per token of `x0_NL` under the continuous-time linear schedule:
-/// t is stratified over the N sequences (t_i = (i + u_i) / N, u_i ~ U(0, 1] from `seed`),
-/// each token is masked with probability t_i and the masked cross-entropy is weighted by 1/t_i.
+/// t is stratified over the K = N x `draws` (window, draw) items (item k = d N + n, window n in
+/// its draw d, has t_k = (k + u_k) / K, u_k ~ U(0, 1] from `seed`: every window is drawn at
+/// `draws` ratios spread over (0, 1]), each token is masked with probability t_k and the masked
+/// cross-entropy is weighted by 1/t_k. `draws` = 1 is one draw per window.
+/// `exact`: the l-form of the same bound (LLaDA's evaluation, Eq. 13 of arXiv 2502.09992): item k
+/// masks exactly l_k = ceil(s_k L) positions (s_k = (k + u_k) / K, the l smallest of the row's
+/// uniforms) and weighs them L / l_k. Both forms have the same expectation (sum_l C(L,l)
+/// B(l, L-l+1) = 1/l per l masked positions), but the l-form's terms are bounded (a masked
+/// token's weight is at most L, not 1/t), so its variance is lower. Masked diffusion only.
 /// Deterministic for a given seed; independent of the training schedule (the bound is
 /// schedule-invariant) so runs with different schedules stay comparable.
 /// Data-parallel evaluation: rank `shard` of `n_shards` evaluates every n_shards-th batch of the
-/// same draws and `sum_over_shards` adds the partial sums, so the result does not depend on the
-/// number of ranks.
+/// same draws and `sum_over_shards` adds the ranks' per-item sums elementwise, so the result does
+/// not depend on the number of ranks.
 /// `bd3_block` > 0: the block-diffusion bound of a BD3-trained model, one t per block (stratified
 /// over all blocks) and the [x_t ; x_0] forward with BD3's mask, each block conditioned on the
 /// clean earlier blocks.
@@ -106,8 +120,9 @@ struct NelboResult {
 /// need (expert parallelism's all-to-all).
 NelboResult validation_nelbo(ModelBase& model, const at::Tensor& x0_NL, int64_t batch_size,
                              uint64_t seed, int shard = 0, int n_shards = 1,
-                             const std::function<double(double)>& sum_over_shards = {},
-                             int64_t bd3_block = 0, bool lockstep = false);
+                             const std::function<void(std::vector<double>&)>& sum_over_shards = {},
+                             int64_t bd3_block = 0, bool lockstep = false, int64_t draws = 1,
+                             bool exact = false);
 
 /// Cross-entropy of `logits` [M, V] against `target` [M], per position (fp32).
 at::Tensor masked_cross_entropy(const at::Tensor& logits_MV, const at::Tensor& target_M);

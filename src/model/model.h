@@ -60,6 +60,9 @@ struct ModelInput {
   /// validation forward is step 0.
   int64_t step = 0;
   int64_t micro = 0;
+  /// Optional int64 [B, L]: the data domain of each token (the corpus of its document; -1
+  /// unknown). Read by routing telemetry only (expert specialisation by domain).
+  at::Tensor domain_BL;
   /// Rotary positions of the L tokens: int64 [L], or [B, L] per row (a left-padded batch gives
   /// each row the positions it has alone); undefined: the layout indices (0..L-1 after the cache).
   at::Tensor positions_L;

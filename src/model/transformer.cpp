@@ -237,6 +237,12 @@ ModelOutput TransformerDlm::forward(const ModelInput& in) {
       ctx.mask_ratio_B = m_part.mean(1);
     }
     ctx.is_masked_T = masked.reshape({-1});
+    if (in.domain_BL.defined() && in.domain_BL.size(0) == B) {
+      // BD3's [x_t ; x_0] rows hold each token twice: the clean half has the same domains.
+      const int64_t Ld = in.domain_BL.size(1);
+      if (Ld == L) ctx.domain_T = in.domain_BL.reshape({-1});
+      if (2 * Ld == L) ctx.domain_T = in.domain_BL.repeat({1, 2}).reshape({-1});
+    }
     ctx.seq_T = torch::arange(B, lopt).repeat_interleave(L);
     ctx.n_seq = B;
     ctx.step = in.step;

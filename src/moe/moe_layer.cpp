@@ -64,6 +64,12 @@ MoeOptions MoeOptions::from(const ConfigNode& c, int64_t d_model) {
   o.dispatcher = create_named(dispatchers_registry(), c, "dispatch", "sorted", c);
   o.stat_buckets = c.get<int64_t>("stat_buckets", 4);
   if (o.stat_buckets <= 0) c.fail("stat_buckets", "expected a positive integer");
+  o.stat_segment = c.get<int64_t>("stat_segment", 32);
+  if (o.stat_segment <= 0) c.fail("stat_segment", "expected a positive segment length in tokens");
+  o.stat_cache = c.get<double>("stat_cache", 2.0);
+  if (!(o.stat_cache >= 1)) {
+    c.fail("stat_cache", "expected a cache size of at least 1 (x the experts per token)");
+  }
   return o;
 }
 

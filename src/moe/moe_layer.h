@@ -60,6 +60,11 @@ struct MoeOptions {
   std::shared_ptr<CapacityLimit> capacity;  ///< null: dropless (capacity_factor 0)
   std::shared_ptr<Dispatcher> dispatcher;  ///< registry `dispatchers`; null: sorted
   int64_t stat_buckets = 4;     ///< mask-ratio buckets of the telemetry
+  /// Local routing consistency of the telemetry (segment routing best performance and segment
+  /// cache best hit rate, observers.h): segment length in tokens and cache size in multiples of
+  /// the experts per token.
+  int64_t stat_segment = 32;
+  double stat_cache = 2.0;
   /// Reads the keys of `model.moe` that belong to one layer (not the router).
   static MoeOptions from(const ConfigNode& moe, int64_t d_model);
 };

@@ -10,6 +10,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <memory>
 #include <type_traits>
 #include <utility>
@@ -43,10 +44,35 @@ class RoutingObserver {
   virtual void on_forward(const RoutedForward& f) = 0;
 };
 
+/// Expert specialisation by domain from assignment counts n[d, e] (tokens of domain d routed to
+/// expert e): the mutual information between the chosen expert and the token's domain, over
+/// the domain's entropy,
+///   S = I(E; D) / H(D),  I = sum_{d,e} p(d,e) log(p(d,e) / (p(d) p(e))),  p(d,e) = n[d,e] / N,
+/// in [0, 1]: 0 when the expert distribution is the same for every domain, 1 when each expert
+/// serves one domain only (the expert tells the domain). NaN without counts or with one domain.
+double specialisation_score(const at::Tensor& counts_DE);
+
+/// Local routing consistency ("Not All Models Suit Expert Offloading", arXiv 2505.21079), over
+/// segments of `segment` consecutive positions of a sequence, with k the forward's kept experts
+/// per token (rounded, at least 1) and a cache of c = round(cache x k) experts (at most E):
+///   segment routing best performance  SRP = sum_s max_{|S|=k} g_s(S) / sum_s g_s(all): the share
+///       of the gate mass a segment keeps when all its tokens must use the segment's best k
+///       experts (g_s(S): the gates of the segment's assignments to experts in S);
+///   segment cache best hit rate  SCH = sum_s max_{|C|=c} n_s(C) / sum_s n_s(all): the hit rate
+///       of the best cache of c experts loaded once per segment (n_s(C): assignments to C).
+/// Returns the four sums {SRP numerator, SRP denominator, SCH hits, SCH assignments}.
+std::array<double, 4> segment_consistency_sums(const at::Tensor& token_A, const at::Tensor& expert_A,
+                                               const at::Tensor& gate_A, int64_t n_tokens,
+                                               int64_t n_seq, int64_t n_expert, int64_t segment,
+                                               double cache);
+
 /// Routing statistics accumulated over a logging interval.
 class RoutingStats {
  public:
-  RoutingStats(int64_t n_expert, int64_t buckets);
+  /// `n_domains` > 0: also the load of each expert per data domain (forwards whose context
+  /// carries domain_T) and the specialisation score, overall and per mask-ratio bucket.
+  RoutingStats(int64_t n_expert, int64_t buckets, int64_t n_domains = 0, int64_t segment = 32,
+               double cache = 2.0);
   /// `kept_expert_A`/`kept_token_A`/`kept_gate_A`: assignments after capacity; `routed` before
   /// it.
   void add(const RoutingDecision& d, const at::Tensor& kept_token_A,
@@ -57,12 +83,18 @@ class RoutingStats {
   void reduce(const StatReducer& r);
   /// tokens_per_expert, max_mean, cv, dead, entropy, dropped, experts_per_token,
   /// experts_per_token_hist, unrouted, zero_gate (tokens whose experts all got gate 0, e.g.
-  /// NormRouter rows with no positive score: the layer adds nothing for them), by_mask_ratio.
+  /// NormRouter rows with no positive score: the layer adds nothing for them), by_mask_ratio,
+  /// segment_routing_best, segment_cache_best_hit (with segment: {length, cache}); with domains
+  /// by_domain (tokens_per_expert per domain) and specialisation (also per mask-ratio bucket).
   nlohmann::json to_json() const;
   void reset();
 
  private:
-  int64_t n_expert_, buckets_;
+  int64_t n_expert_, buckets_, n_domains_, segment_;
+  double cache_;
+  at::Tensor domain_counts_DE_;   ///< fp64 [D, E]
+  at::Tensor domain_bucket_NDE_;  ///< fp64 [buckets, D, E]
+  double srp_num_ = 0, srp_den_ = 0, sch_hit_ = 0, sch_all_ = 0;
   at::Tensor counts_E_;         ///< fp64
   at::Tensor bucket_counts_NE_; ///< fp64 [buckets, E]
   at::Tensor bucket_tokens_N_;  ///< fp64 [buckets]
@@ -74,7 +106,8 @@ class RoutingStats {
 /// The layer's routing telemetry over a logging interval (training forwards only).
 class RoutingTelemetry : public RoutingObserver {
  public:
-  explicit RoutingTelemetry(const MoeLayer& layer);
+  /// `n_domains`: the data's domains (0: none), see RoutingStats.
+  explicit RoutingTelemetry(const MoeLayer& layer, int64_t n_domains = 0);
   void on_forward(const RoutedForward& f) override;
   /// Telemetry since the last call, summed over ranks by `reduce` when given (null when nothing
   /// was routed), then reset. Adds `global_lbl`, the exact global-batch load-balancing loss of

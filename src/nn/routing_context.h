@@ -24,6 +24,8 @@ struct RoutingContext {
   at::Tensor allowed_TS;    ///< bool [T, S_real], per-token slots allowed by a block routing
                             ///< policy (the token's block coreset); undefined: all
   bool probe = false;       ///< a routing pass that only informs a block policy: no state update
+  at::Tensor domain_T;      ///< int64 [T], data domain of each token (-1 unknown; telemetry
+                            ///< only, never routing); undefined: no domains
 };
 
 }  // namespace mixdiff

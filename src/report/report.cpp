@@ -3,14 +3,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <functional>
 #include <map>
+#include <optional>
 #include <sstream>
 
 #include "core/errors.h"
 #include "core/fs.h"
+#include "report/stats.h"
 
 namespace mixdiff {
 
@@ -67,6 +71,8 @@ const char* const kColors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#946
 struct Series {
   std::string name;
   std::vector<std::pair<double, double>> pts;
+  /// Optional 95% band (lo, hi) per point, drawn shaded under the line; NaN: no band there.
+  std::vector<std::pair<double, double>> band;
 };
 
 /// About five round tick values covering [lo, hi].
@@ -90,9 +96,13 @@ std::string line_chart(const std::string& title, const std::string& xlabel,
                        const std::vector<Series>& series) {
   double x0 = std::numeric_limits<double>::infinity(), x1 = -x0, y0 = x0, y1 = -x0;
   for (const auto& s : series) {
-    for (const auto& [x, y] : s.pts) {
+    for (size_t i = 0; i < s.pts.size(); ++i) {
+      const auto [x, y] = s.pts[i];
       if (!std::isfinite(y)) continue;
       x0 = std::min(x0, x), x1 = std::max(x1, x), y0 = std::min(y0, y), y1 = std::max(y1, y);
+      if (i < s.band.size() && std::isfinite(s.band[i].first)) {
+        y0 = std::min(y0, s.band[i].first), y1 = std::max(y1, s.band[i].second);
+      }
     }
   }
   std::ostringstream o;
@@ -125,6 +135,24 @@ std::string line_chart(const std::string& title, const std::string& xlabel,
     << "</text>";
   for (size_t i = 0; i < series.size(); ++i) {
     const char* c = kColors[i % 10];
+    // The band: upper edge left to right, lower edge back.
+    std::ostringstream upper, lower;
+    std::vector<std::string> low;
+    size_t nb = 0;
+    for (size_t k = 0; k < series[i].pts.size() && k < series[i].band.size(); ++k) {
+      const auto [lo, hi] = series[i].band[k];
+      if (!std::isfinite(lo) || !std::isfinite(hi)) continue;
+      const double x = px(series[i].pts[k].first);
+      upper << (nb++ ? " " : "") << x << "," << py(hi);
+      std::ostringstream l;
+      l << x << "," << py(lo);
+      low.push_back(l.str());
+    }
+    if (nb >= 2) {
+      for (auto it = low.rbegin(); it != low.rend(); ++it) lower << " " << *it;
+      o << "<polygon points=\"" << upper.str() << lower.str() << "\" fill=\"" << c
+        << "\" fill-opacity=\"0.18\" stroke=\"none\"/>";
+    }
     std::ostringstream pts;
     size_t n = 0;
     for (const auto& [x, y] : series[i].pts) {
@@ -248,7 +276,7 @@ const char* kStyle =
     "gap:12px}figure{margin:6px 0}figcaption{font-size:13px;font-weight:600;margin-bottom:2px}"
     "svg text{font-size:11px;fill:#333}.plot{fill:#fff;stroke:#999}.grid{stroke:#e5e5e5}"
     ".yt{text-anchor:end}.xt{text-anchor:middle}.xl{text-anchor:middle}.xs{text-anchor:start}"
-    ".xe{text-anchor:end}.none{color:#888;font-size:13px}";
+    ".xe{text-anchor:end}.none{color:#888;font-size:13px}td.sig{font-weight:700;background:#eef6e8}";
 
 std::string results_table_html(const std::vector<RunSummary>& runs,
                                const std::vector<std::string>& keys) {
@@ -281,6 +309,26 @@ std::string results_table_html(const std::vector<RunSummary>& runs,
   return o.str();
 }
 
+std::string table_html(const ResultTable& t) {
+  std::ostringstream o;
+  o << "<table><tr>";
+  for (size_t i = 0; i < t.header.size(); ++i) {
+    o << "<th" << (i == 0 ? " class=\"l\"" : "") << ">" << esc(t.header[i]) << "</th>";
+  }
+  o << "</tr>";
+  for (const auto& row : t.rows) {
+    o << "<tr>";
+    for (size_t i = 0; i < row.size(); ++i) {
+      const bool mark = row[i].size() > 2 && row[i].compare(row[i].size() - 2, 2, " *") == 0;
+      o << "<td" << (i == 0 ? " class=\"l\"" : mark ? " class=\"sig\"" : "") << ">"
+        << esc(row[i]) << "</td>";
+    }
+    o << "</tr>";
+  }
+  o << "</table>";
+  return o.str();
+}
+
 std::vector<std::string> varied_keys(const std::vector<RunSummary>& runs) {
   std::vector<std::string> keys;
   for (const auto& r : runs) {
@@ -292,23 +340,129 @@ std::vector<std::string> varied_keys(const std::vector<RunSummary>& runs) {
   return keys;
 }
 
-std::string html_report(const std::string& title, const std::vector<RunSummary>& runs) {
+/// Expert specialisation by domain and local routing consistency of a run's last logged
+/// interval: a table per layer (overall, per mask-ratio bucket, SRP, SCH) and each layer's load
+/// per domain as a heatmap (domains as rows, experts as columns, load / the domain's mean).
+std::string specialisation_html(const RunSummary& r) {
+  nlohmann::json last;
+  for (const auto& m : r.metrics) {
+    if (m.contains("moe")) last = m["moe"];
+  }
+  if (!last.is_object()) return "";
+  const auto names = last.value("domains", std::vector<std::string>{});
+  std::ostringstream o, maps;
+  o << "<table><tr><th class=\"l\">layer</th>";
+  if (!names.empty()) o << "<th>specialisation</th>";
+  bool header = false;
+  std::ostringstream rows;
+  for (const auto& l : last["layers"]) {
+    rows << "<tr><td class=\"l\">" << esc(layer_label(l)) << "</td>";
+    if (!names.empty()) {
+      rows << "<td>" << fmt_fixed(num(l, "specialisation", std::nan("")), 3) << "</td>";
+      for (const auto& b : l.value("by_mask_ratio", nlohmann::json::array())) {
+        if (!header) {
+          o << "<th>specialisation, mask ratio [" << fmt(b["mask_ratio"][0].get<double>(), 2)
+            << ", " << fmt(b["mask_ratio"][1].get<double>(), 2) << ")</th>";
+        }
+        rows << "<td>" << fmt_fixed(num(b, "specialisation", std::nan("")), 3) << "</td>";
+      }
+    }
+    if (!header) o << "<th>SRP</th><th>SCH</th>";
+    header = true;
+    rows << "<td>" << fmt_fixed(num(l, "segment_routing_best", std::nan("")), 3) << "</td><td>"
+         << fmt_fixed(num(l, "segment_cache_best_hit", std::nan("")), 3) << "</td></tr>";
+    if (!names.empty() && l.contains("by_domain")) {
+      std::vector<std::vector<double>> v;
+      for (const auto& row : l["by_domain"]) {
+        std::vector<double> c = row.get<std::vector<double>>();
+        double mean = 0;
+        for (double x : c) mean += x;
+        mean = c.empty() ? 0 : mean / static_cast<double>(c.size());
+        for (double& x : c) x = mean > 0 ? x / mean : std::nan("");
+        v.push_back(std::move(c));
+      }
+      std::vector<std::string> cols;
+      for (size_t e = 0; e < (v.empty() ? 0 : v[0].size()); ++e) cols.push_back("expert " + std::to_string(e));
+      maps << heatmap(layer_label(l) + ": expert load per domain (" + [&] {
+        std::string s;
+        for (size_t i = 0; i < names.size(); ++i) s += (i ? ", " : "") + std::to_string(i) + " " + names[i];
+        return s;
+      }() + ")", v, cols, "domain");
+    }
+  }
+  const nlohmann::json seg = last["layers"].empty() ? nlohmann::json() : last["layers"][0].value("segment", nlohmann::json());
+  o << "</tr>" << rows.str() << "</table><p class=\"none\">";
+  if (!names.empty()) {
+    o << "specialisation: I(expert; domain) / H(domain) of the routed assignments (0: routing "
+         "independent of the domain, 1: each expert serves one domain); ";
+  }
+  o << "SRP: share of the gate mass kept when every segment of " << seg.value("length", 0)
+    << " tokens uses its best k experts; SCH: hit rate of the best cache of " << seg.value("cache", 0.0)
+    << " x k experts per segment; last logging interval</p>";
+  if (!names.empty()) o << "<div class=\"grid-c\">" << maps.str() << "</div>";
+  return "<h3>" + esc(r.name) + ": specialisation and local routing consistency</h3>" + o.str();
+}
+
+std::string html_report(const std::string& title, const std::vector<RunSummary>& runs,
+                        const SweepDesign* design) {
   std::ostringstream o;
   o << "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>" << esc(title)
     << "</title><style>" << kStyle << "</style></head><body><h1>" << esc(title) << "</h1>";
-  o << "<h2>Results</h2>" << results_table_html(runs, varied_keys(runs));
+  // Replicates: a configuration with several seeds is drawn as its mean with a 95% band.
+  bool replicated = false;
+  if (design) {
+    std::map<std::string, int> n;
+    for (const auto& r : runs) replicated = replicated || ++n[r.config] > 1;
+  }
+  if (replicated) {
+    o << "<h2>Configurations</h2><p class=\"none\">mean ± the half-width of its 95% Student-t "
+         "interval over the seeds that finished</p>"
+      << table_html(configuration_table(runs, *design));
+    const ResultTable paired = paired_table(runs, *design);
+    if (!paired.header.empty()) {
+      o << "<h2>Paired differences to " << esc(design->baseline) << "</h2><p class=\"none\">"
+        << "same seeds, so the same data order and masks: mean [95% interval]; marked * and "
+           "shaded where the interval excludes zero</p>"
+        << table_html(paired);
+    }
+    o << "<h2>Cells</h2>";
+  } else {
+    o << "<h2>Results</h2>";
+  }
+  o << results_table_html(runs, varied_keys(runs));
 
   auto curves = [&](const char* what, auto&& value) {
     std::vector<Series> s;
-    for (const auto& r : runs) {
-      Series ser{r.name, {}};
-      for (const auto& m : r.metrics) {
-        const double v = value(m);
-        if (std::isfinite(v)) ser.pts.emplace_back(num(m, "tokens", 0) / 1e6, v);
+    if (!replicated) {
+      for (const auto& r : runs) {
+        Series ser{r.name, {}, {}};
+        for (const auto& m : r.metrics) {
+          const double v = value(m);
+          if (std::isfinite(v)) ser.pts.emplace_back(num(m, "tokens", 0) / 1e6, v);
+        }
+        s.push_back(std::move(ser));
       }
-      s.push_back(std::move(ser));
+      return line_chart(what, "training tokens (millions)", s);
     }
-    return line_chart(what, "training tokens (millions)", s);
+    for (const auto& c : design->configs) {
+      std::map<double, std::vector<double>> at;  // tokens -> the finished seeds' values
+      for (const auto& r : runs) {
+        if (r.config != c || r.status != "finished") continue;
+        for (const auto& m : r.metrics) {
+          const double v = value(m);
+          if (std::isfinite(v)) at[num(m, "tokens", 0) / 1e6].push_back(v);
+        }
+      }
+      Series ser{c, {}, {}};
+      for (const auto& [x, vs] : at) {
+        const Interval iv = mean_interval(vs);
+        ser.pts.emplace_back(x, iv.mean);
+        ser.band.emplace_back(iv.n >= 2 ? iv.lo : std::nan(""), iv.n >= 2 ? iv.hi : std::nan(""));
+      }
+      if (!ser.pts.empty()) s.push_back(std::move(ser));
+    }
+    return line_chart(std::string(what) + ", mean and 95% band over seeds",
+                      "training tokens (millions)", s);
   };
   o << "<h2>Curves</h2><div class=\"grid-c\">";
   o << curves("training loss (diffusion terms)", [](const nlohmann::json& m) {
@@ -327,7 +481,7 @@ std::string html_report(const std::string& title, const std::vector<RunSummary>&
   for (const auto& r : runs) {
     MoeTrace t = moe_trace(r);
     if (t.steps.empty()) continue;
-    Series s{r.name, {}};
+    Series s{r.name, {}, {}};
     for (size_t i = 0; i < t.steps.size(); ++i) {
       s.pts.emplace_back(static_cast<double>(t.steps[i]), t.imbalance[i]);
     }
@@ -367,6 +521,7 @@ std::string html_report(const std::string& title, const std::vector<RunSummary>&
     moe << "</tr>" << rows.str()
         << "</table><p class=\"none\">max/mean expert load of the tokens of each mask-ratio "
            "bucket, last logging interval</p>";
+    moe << specialisation_html(r);
   }
   if (!imb.empty()) {
     o << "<h2>Routing</h2>"
@@ -400,12 +555,30 @@ RunSummary RunSummary::read(const std::string& dir) {
       if (!j.is_discarded()) r.metrics.push_back(std::move(j));
     }
   }
+  r.config = r.name;
+  if (r.cell.is_object()) {
+    r.config = r.cell.value("config", r.config);
+    const auto vals = r.cell.value("values", nlohmann::json::object());
+    if (vals.contains("seed") && vals["seed"].is_string()) {
+      char* end = nullptr;
+      const std::string sv = vals["seed"].get<std::string>();
+      const long long v = std::strtoll(sv.c_str(), &end, 10);
+      if (end != sv.c_str() && *end == '\0') r.seed = v;
+    }
+  }
+  if (r.seed < 0 && r.info.is_object() && r.info.contains("seed") && r.info["seed"].is_number()) {
+    r.seed = r.info["seed"].get<int64_t>();
+  }
   std::vector<double> tps;
+  double eval_s = 0;  // evaluation seconds before the current line
   for (const auto& m : r.metrics) {
     if (m.contains("val_nelbo")) {
       const double v = m["val_nelbo"].get<double>();
       r.final_val_nelbo = v;
       r.best_val_nelbo = r.best_val_nelbo < 0 ? v : std::min(r.best_val_nelbo, v);
+      r.final_val_se = num(m, "val_nelbo_se", -1);
+      r.val_curve.push_back({num(m, "tokens", 0), num(m, "elapsed_s", 0) - eval_s, v});
+      eval_s += num(m, "val_seconds", 0);
     }
     r.tokens = std::max(r.tokens, num(m, "tokens", 0));
     r.wall_s = std::max(r.wall_s, num(m, "elapsed_s", 0));
@@ -414,15 +587,21 @@ RunSummary RunSummary::read(const std::string& dir) {
       r.final_lbl = m["aux"]["load_balance"].get<double>();
     }
     if (m.contains("moe")) {
-      double s = 0;
-      int n = 0;
-      for (const auto& l : m["moe"]["layers"]) {
-        if (l.contains("max_mean") && l["max_mean"].is_number()) {
-          s += l["max_mean"].get<double>();
-          ++n;
+      auto mean_of = [&](const char* key) {
+        double s = 0;
+        int n = 0;
+        for (const auto& l : m["moe"]["layers"]) {
+          if (l.contains(key) && l[key].is_number()) {
+            s += l[key].get<double>();
+            ++n;
+          }
         }
-      }
-      if (n) r.final_max_mean = s / n;
+        return n ? s / n : -1.0;
+      };
+      r.final_max_mean = mean_of("max_mean");
+      r.final_specialisation = mean_of("specialisation");
+      r.final_srp = mean_of("segment_routing_best");
+      r.final_sch = mean_of("segment_cache_best_hit");
     }
   }
   if (!tps.empty()) {  // the first interval includes start-up
@@ -440,6 +619,208 @@ RunSummary RunSummary::read(const std::string& dir) {
     }
   }
   return r;
+}
+
+namespace {
+
+double crossing(const std::vector<RunSummary::ValPoint>& c, double target, bool seconds) {
+  for (size_t i = 0; i < c.size(); ++i) {
+    if (!(c[i].nelbo <= target)) continue;
+    const double x1 = seconds ? c[i].train_s : c[i].tokens;
+    if (i == 0) return x1;
+    const double x0 = seconds ? c[i - 1].train_s : c[i - 1].tokens;
+    const double v0 = c[i - 1].nelbo, v1 = c[i].nelbo;
+    return v0 > v1 ? x0 + (v0 - target) / (v0 - v1) * (x1 - x0) : x1;
+  }
+  return std::nan("");
+}
+
+}  // namespace
+
+double RunSummary::tokens_to(double target) const { return crossing(val_curve, target, false); }
+double RunSummary::seconds_to(double target) const { return crossing(val_curve, target, true); }
+
+SweepDesign SweepDesign::read(const std::string& sweep_dir, const std::vector<RunSummary>& runs) {
+  SweepDesign d;
+  const nlohmann::json j = read_json(sweep_dir + "/sweep.json");
+  if (j.is_object()) {
+    d.keys = j.value("varied_keys", std::vector<std::string>{});
+    d.configs = j.value("configs", std::vector<std::string>{});
+    d.seeds = j.value("seeds", std::vector<int64_t>{});
+    d.baseline = j.value("baseline", std::string());
+    d.target_val_nelbo = j.value("target_val_nelbo", -1.0);
+  }
+  for (const auto& r : runs) {  // configurations of cells the file does not list (older sweeps)
+    if (std::find(d.configs.begin(), d.configs.end(), r.config) == d.configs.end()) {
+      d.configs.push_back(r.config);
+    }
+    if (!r.cell.is_object() || !r.cell.contains("values")) continue;
+    for (const auto& [k, v] : r.cell["values"].items()) {
+      if (std::find(d.keys.begin(), d.keys.end(), k) == d.keys.end()) d.keys.push_back(k);
+    }
+  }
+  return d;
+}
+
+namespace {
+
+/// A per-run number the configuration and paired tables summarise; NaN where a run lacks it.
+struct Metric {
+  std::string key, label;
+  int prec;
+  std::function<double(const RunSummary&)> get;
+};
+
+double pos(double v) { return v >= 0 && std::isfinite(v) ? v : std::nan(""); }
+
+std::vector<Metric> metrics_of(const std::vector<RunSummary>& runs, const SweepDesign& d) {
+  std::vector<Metric> all = {
+      {"final_val_nelbo", "final val NELBO", 4, [](const RunSummary& r) { return pos(r.final_val_nelbo); }},
+      {"best_val_nelbo", "best val NELBO", 4, [](const RunSummary& r) { return pos(r.best_val_nelbo); }},
+      {"val_nelbo_se", "val NELBO s.e.", 4, [](const RunSummary& r) { return pos(r.final_val_se); }},
+      {"max_mean_load", "max/mean load", 3, [](const RunSummary& r) { return pos(r.final_max_mean); }},
+      {"load_balance", "LBL", 4, [](const RunSummary& r) { return pos(r.final_lbl); }},
+      {"specialisation", "specialisation", 3, [](const RunSummary& r) { return pos(r.final_specialisation); }},
+      {"segment_routing_best", "SRP", 3, [](const RunSummary& r) { return pos(r.final_srp); }},
+      {"segment_cache_best_hit", "SCH", 3, [](const RunSummary& r) { return pos(r.final_sch); }},
+      {"tokens_per_s", "tokens/s", 0, [](const RunSummary& r) { return r.tokens_per_s > 0 ? r.tokens_per_s : std::nan(""); }},
+      {"wall_s", "wall s", 0, [](const RunSummary& r) { return r.wall_s > 0 ? r.wall_s : std::nan(""); }},
+  };
+  if (d.target_val_nelbo > 0) {
+    const double t = d.target_val_nelbo;
+    char b[64];
+    std::snprintf(b, sizeof(b), "%.4g", t);
+    all.push_back({"tokens_to_target", str("tokens to val NELBO ", b), 0,
+                   [t](const RunSummary& r) { return r.tokens_to(t); }});
+    all.push_back({"train_s_to_target", str("training s to val NELBO ", b), 0,
+                   [t](const RunSummary& r) { return r.seconds_to(t); }});
+  }
+  std::vector<Metric> present;  // only the metrics some run has
+  for (auto& m : all) {
+    bool any = m.key.find("_to_target") != std::string::npos;  // shown even when none reached it
+    for (const auto& r : runs) any = any || std::isfinite(m.get(r));
+    if (any) present.push_back(std::move(m));
+  }
+  return present;
+}
+
+/// The finished runs of `config`, by seed (a seed run twice keeps its last).
+std::map<int64_t, const RunSummary*> finished_by_seed(const std::vector<RunSummary>& runs,
+                                                      const std::string& config) {
+  std::map<int64_t, const RunSummary*> out;
+  for (const auto& r : runs) {
+    if (r.config == config && r.status == "finished") out[r.seed] = &r;
+  }
+  return out;
+}
+
+std::string fixed(double v, int prec) {
+  char b[64];
+  std::snprintf(b, sizeof(b), "%.*f", prec, v);
+  return b;
+}
+
+/// "mean ± half" (one value: the value); " (n of N)" when fewer runs have it than finished.
+std::string interval_text(const Interval& iv, int prec, size_t finished) {
+  std::string s = iv.n >= 2 ? fixed(iv.mean, prec) + " ± " + fixed(iv.half, prec)
+                            : fixed(iv.mean, prec);
+  if (static_cast<size_t>(iv.n) < finished) s += str(" (", iv.n, " of ", finished, ")");
+  return s;
+}
+
+struct ConfigStats {
+  std::string config;
+  std::vector<int64_t> seeds_run, missing;
+  std::vector<std::optional<Interval>> metric;  ///< per metric; none without a value
+  std::vector<std::optional<Interval>> diff;    ///< per metric, paired to the baseline
+};
+
+std::vector<ConfigStats> config_stats(const std::vector<RunSummary>& runs, const SweepDesign& d,
+                                      const std::vector<Metric>& ms) {
+  std::vector<ConfigStats> out;
+  const auto base = finished_by_seed(runs, d.baseline);
+  for (const auto& c : d.configs) {
+    ConfigStats cs;
+    cs.config = c;
+    const auto by_seed = finished_by_seed(runs, c);
+    for (const auto& [seed, r] : by_seed) cs.seeds_run.push_back(seed);
+    for (int64_t s : d.seeds) {
+      if (!by_seed.count(s)) cs.missing.push_back(s);
+    }
+    for (const auto& m : ms) {
+      std::vector<double> v, a, b;
+      for (const auto& [seed, r] : by_seed) {
+        const double x = m.get(*r);
+        if (std::isfinite(x)) v.push_back(x);
+        auto it = base.find(seed);
+        if (d.baseline.empty() || c == d.baseline || it == base.end()) continue;
+        const double y = m.get(*it->second);
+        if (std::isfinite(x) && std::isfinite(y)) a.push_back(x), b.push_back(y);
+      }
+      cs.metric.push_back(v.empty() ? std::nullopt : std::optional<Interval>(mean_interval(v)));
+      cs.diff.push_back(a.empty() ? std::nullopt
+                                  : std::optional<Interval>(paired_interval(a, b)));
+    }
+    out.push_back(std::move(cs));
+  }
+  return out;
+}
+
+std::string seeds_text(const ConfigStats& cs, const SweepDesign& d) {
+  std::string s = std::to_string(cs.seeds_run.size());
+  if (!d.seeds.empty()) s += " of " + std::to_string(d.seeds.size());
+  if (!cs.missing.empty()) {
+    s += " (missing:";
+    for (int64_t m : cs.missing) s += " " + std::to_string(m);
+    s += ")";
+  }
+  return s;
+}
+
+}  // namespace
+
+ResultTable configuration_table(const std::vector<RunSummary>& runs, const SweepDesign& d) {
+  const auto ms = metrics_of(runs, d);
+  ResultTable t;
+  t.header = {"configuration", "seeds"};
+  for (const auto& m : ms) t.header.push_back(m.label);
+  for (const auto& cs : config_stats(runs, d, ms)) {
+    std::vector<std::string> row{cs.config + (cs.config == d.baseline ? " (baseline)" : ""),
+                                 seeds_text(cs, d)};
+    for (size_t i = 0; i < ms.size(); ++i) {
+      row.push_back(cs.metric[i] ? interval_text(*cs.metric[i], ms[i].prec, cs.seeds_run.size())
+                                 : std::string(cs.seeds_run.empty() ? "" : "not reached"));
+    }
+    t.rows.push_back(std::move(row));
+  }
+  return t;
+}
+
+ResultTable paired_table(const std::vector<RunSummary>& runs, const SweepDesign& d) {
+  ResultTable t;
+  if (d.baseline.empty()) return t;
+  const auto ms = metrics_of(runs, d);
+  t.header = {"configuration - " + d.baseline, "seeds paired"};
+  for (const auto& m : ms) t.header.push_back("Δ " + m.label);
+  for (const auto& cs : config_stats(runs, d, ms)) {
+    if (cs.config == d.baseline) continue;
+    int paired = 0;
+    for (const auto& iv : cs.diff) paired = std::max(paired, iv ? iv->n : 0);
+    std::vector<std::string> row{cs.config, std::to_string(paired)};
+    for (size_t i = 0; i < ms.size(); ++i) {
+      if (!cs.diff[i]) {
+        row.emplace_back();
+        continue;
+      }
+      const Interval& iv = *cs.diff[i];
+      const int p = ms[i].prec;
+      row.push_back(iv.n >= 2 ? str(fixed(iv.mean, p), " [", fixed(iv.lo, p), ", ",
+                                    fixed(iv.hi, p), "]", iv.excludes_zero() ? " *" : "")
+                              : fixed(iv.mean, p) + " (1 seed)");
+    }
+    t.rows.push_back(std::move(row));
+  }
+  return t;
 }
 
 std::vector<RunSummary> read_sweep(const std::string& sweep_dir) {
@@ -472,16 +853,16 @@ std::string csv_field(const std::string& s) {
 std::vector<std::vector<std::string>> result_rows(const std::vector<RunSummary>& runs,
                                                   const std::vector<std::string>& keys) {
   std::vector<std::vector<std::string>> rows;
-  std::vector<std::string> head{"run"};
+  std::vector<std::string> head{"run", "configuration"};
   head.insert(head.end(), keys.begin(), keys.end());
   for (const char* h : {"status", "final_val_nelbo", "best_val_nelbo", "tokens", "tokens_per_s",
                         "parameters", "active_parameters", "train_flops_per_token", "train_flops",
-                        "max_mean_load", "load_balance", "wall_s", "error"}) {
+                        "max_mean_load", "load_balance", "specialisation", "wall_s", "error"}) {
     head.push_back(h);
   }
   rows.push_back(head);
   for (const auto& r : runs) {
-    std::vector<std::string> row{r.name};
+    std::vector<std::string> row{r.name, r.config};
     const auto vals = r.cell.is_object() ? r.cell.value("values", nlohmann::json::object())
                                          : nlohmann::json::object();
     for (const auto& k : keys) row.push_back(vals.value(k, std::string()));
@@ -497,6 +878,7 @@ std::vector<std::vector<std::string>> result_rows(const std::vector<RunSummary>&
     row.push_back(fpt > 0 && r.tokens > 0 ? fmt(fpt * r.tokens, 6) : "");
     row.push_back(fmt_fixed(r.final_max_mean, 3));
     row.push_back(fmt_fixed(r.final_lbl, 4));
+    row.push_back(fmt_fixed(r.final_specialisation, 3));
     row.push_back(fmt_fixed(r.wall_s, 0));
     row.push_back(r.error);
     rows.push_back(row);
@@ -504,21 +886,14 @@ std::vector<std::vector<std::string>> result_rows(const std::vector<RunSummary>&
   return rows;
 }
 
-}  // namespace
-
-std::string results_csv(const std::vector<RunSummary>& runs, const std::vector<std::string>& keys) {
-  std::ostringstream o;
-  for (const auto& row : result_rows(runs, keys)) {
-    for (size_t i = 0; i < row.size(); ++i) o << (i ? "," : "") << csv_field(row[i]);
-    o << "\n";
-  }
-  return o.str();
+std::string csv_line(const std::vector<std::string>& row) {
+  std::string o;
+  for (size_t i = 0; i < row.size(); ++i) o += (i ? "," : "") + csv_field(row[i]);
+  return o + "\n";
 }
 
-std::string results_markdown(const std::vector<RunSummary>& runs,
-                             const std::vector<std::string>& keys) {
+std::string markdown_table(const std::vector<std::vector<std::string>>& rows) {
   std::ostringstream o;
-  const auto rows = result_rows(runs, keys);
   for (size_t r = 0; r < rows.size(); ++r) {
     o << "|";
     for (const auto& c : rows[r]) {
@@ -537,10 +912,85 @@ std::string results_markdown(const std::vector<RunSummary>& runs,
   return o.str();
 }
 
+std::vector<std::vector<std::string>> with_header(const ResultTable& t) {
+  std::vector<std::vector<std::string>> rows{t.header};
+  rows.insert(rows.end(), t.rows.begin(), t.rows.end());
+  return rows;
+}
+
+std::string csv_number(double v) {
+  if (!std::isfinite(v)) return "";
+  char b[64];
+  std::snprintf(b, sizeof(b), "%.8g", v);
+  return b;
+}
+
+}  // namespace
+
+std::string cells_csv(const std::vector<RunSummary>& runs, const std::vector<std::string>& keys) {
+  std::string o;
+  for (const auto& row : result_rows(runs, keys)) o += csv_line(row);
+  return o;
+}
+
+std::string results_csv(const std::vector<RunSummary>& runs, const SweepDesign& d) {
+  const auto ms = metrics_of(runs, d);
+  std::vector<std::string> head{"configuration", "baseline", "seeds_finished", "seeds_expected",
+                                "missing_seeds"};
+  for (const auto& m : ms) {
+    for (const char* suf : {"_mean", "_ci95_low", "_ci95_high", "_n"}) head.push_back(m.key + suf);
+    if (d.baseline.empty()) continue;
+    for (const char* suf : {"_diff_mean", "_diff_ci95_low", "_diff_ci95_high", "_diff_n"}) {
+      head.push_back(m.key + suf);
+    }
+  }
+  std::string o = csv_line(head);
+  for (const auto& cs : config_stats(runs, d, ms)) {
+    std::string missing;
+    for (int64_t m : cs.missing) missing += (missing.empty() ? "" : " ") + std::to_string(m);
+    std::vector<std::string> row{cs.config, cs.config == d.baseline ? "yes" : "",
+                                 std::to_string(cs.seeds_run.size()),
+                                 d.seeds.empty() ? "" : std::to_string(d.seeds.size()), missing};
+    auto put = [&](const std::optional<Interval>& iv) {
+      if (!iv) {
+        row.insert(row.end(), {"", "", "", "0"});
+        return;
+      }
+      row.push_back(csv_number(iv->mean));
+      row.push_back(iv->n >= 2 ? csv_number(iv->lo) : "");
+      row.push_back(iv->n >= 2 ? csv_number(iv->hi) : "");
+      row.push_back(std::to_string(iv->n));
+    };
+    for (size_t i = 0; i < ms.size(); ++i) {
+      put(cs.metric[i]);
+      if (!d.baseline.empty()) put(cs.diff[i]);
+    }
+    o += csv_line(row);
+  }
+  return o;
+}
+
+std::string results_markdown(const std::vector<RunSummary>& runs, const SweepDesign& d) {
+  std::ostringstream o;
+  o << "Configurations: mean ± the half-width of its 95% Student-t interval over the seeds that "
+       "finished\n\n"
+    << markdown_table(with_header(configuration_table(runs, d)));
+  const ResultTable paired = paired_table(runs, d);
+  if (!paired.header.empty()) {
+    o << "\nPaired differences to " << d.baseline
+      << " (same seeds: same data order and masks): mean [95% interval]; * the interval excludes "
+         "zero\n\n"
+      << markdown_table(with_header(paired));
+  }
+  o << "\nCells\n\n" << markdown_table(result_rows(runs, d.keys));
+  return o.str();
+}
+
 std::string write_report(const std::string& dir) {
   if (!fs::is_directory(dir)) throw InputError(str(dir, ": no such run or sweep folder"));
   std::vector<RunSummary> runs;
   std::string title;
+  std::optional<SweepDesign> design;
   if (fs::exists(dir + "/run.json")) {
     runs.push_back(RunSummary::read(dir));
     title = "MixDiff run " + runs[0].name;
@@ -551,9 +1001,10 @@ std::string write_report(const std::string& dir) {
                                 "run.json or cell.json)"));
     }
     title = "MixDiff sweep " + fs::path(dir).filename().string();
+    design = SweepDesign::read(dir, runs);
   }
   const std::string path = dir + "/report.html";
-  write_file_atomic(path, html_report(title, runs));
+  write_file_atomic(path, html_report(title, runs, design ? &*design : nullptr));
   return path;
 }
 

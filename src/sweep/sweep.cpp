@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <set>
 
@@ -134,7 +135,7 @@ std::string sanitize(const std::string& s, size_t max_len = 120) {
 
 SweepSpec SweepSpec::load(const std::string& file) {
   ConfigNode root = ConfigNode::from_file(file);
-  only_keys(root, {"name", "base", "set", "axes", "seeds", "cell_name", "budget"});
+  only_keys(root, {"name", "base", "set", "axes", "seeds", "cell_name", "budget", "baseline", "target"});
   SweepSpec s;
   s.file = file;
   s.name = root.get<std::string>("name");
@@ -184,7 +185,7 @@ SweepSpec SweepSpec::load(const std::string& file) {
       cells = std::move(next);
     }
   }
-  std::vector<int64_t> seeds;
+  std::vector<int64_t> seeds;  // the `seeds:` list
   if (root.has("seeds")) {
     ConfigNode sd = root.at("seeds");
     if (!sd.is_sequence() || sd.size() == 0) root.fail("seeds", "expected a non-empty list");
@@ -211,6 +212,22 @@ SweepSpec SweepSpec::load(const std::string& file) {
     std::string label;
     for (const auto& l : p.labels) label += (label.empty() ? "" : "_") + l;
     if (!label.empty()) p.values["label"] = label;
+    // The default name joins the label and the varied values (the seeds list last); the
+    // configuration is that name without the seed.
+    std::vector<std::string> parts;
+    std::string config;
+    if (!label.empty()) parts.push_back(label);
+    for (const auto& k : varied) {
+      if (!p.values.count(k) || labelled_keys.count(k)) continue;
+      const std::string seg = k.substr(k.rfind('.') == std::string::npos ? 0 : k.rfind('.') + 1);
+      const std::string part = seg + "-" + sanitize(p.values[k], 40);
+      if (k != "seed") config += (config.empty() ? "" : "_") + part;
+      parts.push_back(part);
+    }
+    if (!label.empty()) config = label + (config.empty() ? "" : "_" + config);
+    config = sanitize(config);
+    if (config.empty()) config = "base";
+    if (!seeds.empty()) parts.push_back("s" + p.values["seed"]);
     std::string name;
     if (!tmpl.empty()) {
       size_t pos = 0;
@@ -233,14 +250,6 @@ SweepSpec SweepSpec::load(const std::string& file) {
       }
       name = sanitize(name);
     } else {
-      std::vector<std::string> parts;
-      if (!label.empty()) parts.push_back(label);
-      for (const auto& k : varied) {
-        if (!p.values.count(k) || labelled_keys.count(k)) continue;
-        const std::string seg = k.substr(k.rfind('.') == std::string::npos ? 0 : k.rfind('.') + 1);
-        parts.push_back(seg + "-" + sanitize(p.values[k], 40));
-      }
-      if (!seeds.empty()) parts.push_back("s" + p.values["seed"]);
       for (const auto& part : parts) name += (name.empty() ? "" : "_") + part;
       name = sanitize(name);
       if (name.empty()) name = "cell" + std::to_string(i);
@@ -255,7 +264,37 @@ SweepSpec SweepSpec::load(const std::string& file) {
     c.overrides = common;
     c.overrides.insert(c.overrides.end(), p.overrides.begin(), p.overrides.end());
     c.values = p.values;
+    c.config = config;
+    if (std::find(s.configs.begin(), s.configs.end(), config) == s.configs.end()) {
+      s.configs.push_back(config);
+    }
     s.cells.push_back(std::move(c));
+  }
+  // The seeds, from `seeds:` or an axis over `seed`: every configuration is expected to run each.
+  for (const auto& c : s.cells) {
+    auto it = c.values.find("seed");
+    if (it == c.values.end()) continue;
+    char* end = nullptr;
+    const int64_t v = std::strtoll(it->second.c_str(), &end, 10);
+    if (end == it->second.c_str() || *end != '\0') continue;  // the recipe check names it
+    if (std::find(s.seeds.begin(), s.seeds.end(), v) == s.seeds.end()) s.seeds.push_back(v);
+  }
+  if (root.has("baseline")) {
+    s.baseline = root.get<std::string>("baseline");
+    if (std::find(s.configs.begin(), s.configs.end(), s.baseline) == s.configs.end()) {
+      std::string known;
+      for (const auto& c : s.configs) known += (known.empty() ? "" : ", ") + c;
+      root.fail("baseline", str("'", s.baseline, "' is not a configuration of this sweep (its "
+                                "configurations: ", known, ")"));
+    }
+    if (s.configs.size() < 2) root.fail("baseline", "needs at least two configurations");
+  }
+  if (root.has("target")) {
+    ConfigNode t = root.at("target");
+    if (!t.is_map()) root.fail("target", "expected {val_nelbo: NATS}");
+    only_keys(t, {"val_nelbo"});
+    s.target_val_nelbo = t.get<double>("val_nelbo");
+    if (!(*s.target_val_nelbo > 0)) t.fail("val_nelbo", "expected a positive NELBO in nats/token");
   }
   if (root.has("budget")) {
     ConfigNode b = root.at("budget");

@@ -14,6 +14,13 @@
 //   seeds: [0, 1]                      # an axis over the recipe key `seed` (optional)
 //   cell_name: "{label}_k{model.moe.router.top_k}_s{seed}"   # optional template
 //   budget: {tokens: 1.2e6}            # or {flops: 3e15}: train.steps per cell (optional)
+//   baseline: global                   # the configuration the others are compared to (optional)
+//   target: {val_nelbo: 6.0}           # tokens and time to reach this NELBO (optional)
+//
+// Cells that differ only in `seed` are one configuration, named like a cell without its seed
+// ("global", "top_k-2_d_expert-176"; "base" when only the seed varies). Results show each
+// configuration's mean over its seeds with a 95% Student-t interval and, with `baseline:`, every
+// other configuration's paired difference to the baseline (src/report/stats.h).
 //
 // Placeholders of cell_name are `label`, `seed` and any varied dotted key; the default joins the
 // labels and the varied values. Values are YAML (scalars, lists, maps) and are applied exactly
@@ -36,6 +43,7 @@ struct SweepCell {
   std::vector<std::pair<std::string, std::string>> overrides;
   /// The varied keys and their values (flow YAML), for plans and tables; `label` when labelled.
   std::map<std::string, std::string> values;
+  std::string config;  ///< the configuration: the cell without its seed
 };
 
 struct SweepSpec {
@@ -44,6 +52,12 @@ struct SweepSpec {
   std::string base;  ///< absolute path of the base recipe
   std::vector<std::string> varied_keys;  ///< in axis order (label and seed included when present)
   std::vector<SweepCell> cells;
+  std::vector<std::string> configs;  ///< configuration names, in cell order
+  std::vector<int64_t> seeds;        ///< the `seeds:` list (empty without one)
+  std::string baseline;              ///< `baseline:` (empty without one)
+  /// `target: {val_nelbo: X}`: results add the tokens and training seconds each run took to
+  /// first reach a validation NELBO of X (interpolated between evaluations).
+  std::optional<double> target_val_nelbo;
   std::optional<double> budget_tokens, budget_flops;
 
   /// Parses and expands `file`. Unknown keys, empty or ragged axes, bad templates and duplicate

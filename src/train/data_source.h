@@ -9,6 +9,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/config.h"
 #include "core/registry.h"
@@ -30,6 +31,13 @@ class DataSource {
   virtual at::Tensor val_sequences(int64_t n) = 0;
   /// Unigram entropy (nats/token) of the whole validation split, when known (else 0).
   virtual double val_unigram_entropy() const { return 0; }
+  /// Names of the data's domains by id (the corpora a prepared dataset was made from); empty
+  /// when its tokens carry no domain.
+  virtual std::vector<std::string> domains() const { return {}; }
+  /// The domain id of every token of train_batch(first, count) / val_sequences(n): int64 of the
+  /// same shape (-1 where unknown); undefined when the source has no domains.
+  virtual at::Tensor train_domains(int64_t first, int64_t count) { return {}; }
+  virtual at::Tensor val_domains(int64_t n) { return {}; }
   virtual std::string describe() const = 0;
 };
 

@@ -109,6 +109,17 @@ TrainOptions TrainOptions::from(const ConfigNode& recipe) {
   o.eval_sequences = e.get<int64_t>("sequences", 128);
   o.eval_batch_size = e.get<int64_t>("batch_size", 32);
   o.eval_seed = e.get<int64_t>("seed", 1234);
+  o.eval_draws = e.get<int64_t>("draws", 1);
+  if (o.eval_draws < 1) e.fail("draws", "expected a positive integer (mask draws per window)");
+  o.eval_final_draws = e.get<int64_t>("final_draws", o.eval_draws);
+  if (o.eval_final_draws < 1) {
+    e.fail("final_draws", "expected a positive integer (mask draws per window, last evaluation)");
+  }
+  o.eval_exact = e.get_choice<bool>("masking", {{"bernoulli", false}, {"exact", true}}, false);
+  if (o.eval_exact && o.objective->validation_block() > 0) {
+    e.fail("masking", "'exact' is the masked-diffusion bound's l-form; the block objective's "
+                      "validation bound draws one t per block (use bernoulli)");
+  }
   if (o.eval_every < 0) e.fail("every", "expected >= 0 (0: only at the end)");
   if (o.eval_sequences <= 0) e.fail("sequences", "expected a positive integer");
   if (o.eval_batch_size <= 0) e.fail("batch_size", "expected a positive integer");
@@ -331,7 +342,9 @@ Trainer::Trainer(TrainerParts parts, std::string run_dir, std::string recipe_yam
       dp_(parts_.dp),
       run_dir_(std::move(run_dir)),
       recipe_yaml_(std::move(recipe_yaml)) {
-  telemetry_ = observe_layers<RoutingTelemetry>(parts_.model->moe_layers());
+  domains_ = parts_.data->domains();
+  telemetry_ = observe_layers<RoutingTelemetry>(parts_.model->moe_layers(),
+                                                static_cast<int64_t>(domains_.size()));
 }
 
 Trainer::~Trainer() { unobserve_layers(parts_.model->moe_layers(), telemetry_); }
@@ -651,16 +664,22 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
                  static_cast<uint64_t>(m)));
     profile::Scope data_scope("data_and_noise");
     auto x0 = parts_.data->train_batch(state_.data_cursor + r * B, B);
+    // The tokens' domains, for the routing telemetry (expert specialisation by domain).
+    at::Tensor domains = moe.empty() || domains_.empty()
+                             ? at::Tensor()
+                             : parts_.data->train_domains(state_.data_cursor + r * B, B);
     state_.data_cursor += W * B;
     if (o.random_length_prob > 0 && torch::rand({1}, gen).item<double>() < o.random_length_prob) {
       const int64_t len = torch::randint(1, x0.size(1) + 1, {1}, gen).item<int64_t>();
       x0 = x0.narrow(1, 0, len).contiguous();
+      if (domains.defined()) domains = domains.narrow(1, 0, len).contiguous();
     }
     DiffusionBatch batch = o.objective->noise(x0, *parts_.schedule, model.mask_id(), gen, W, r);
     if (!parts_.device.is_cpu()) batch = to_device(batch, parts_.device);
     ModelInput in = o.objective->input(batch, x0.to(parts_.device));
     in.step = step;
     in.micro = m;
+    if (domains.defined()) in.domain_BL = domains.to(parts_.device);
     data_scope.stop();
     lap(&StepTimes::data);
     ModelOutput out = [&] {
@@ -804,7 +823,10 @@ nlohmann::json Trainer::take_moe_stats() {
     j["layer"] = l->block_index();
     layers.push_back(std::move(j));
   }
-  return layers.empty() ? nlohmann::json() : nlohmann::json{{"layers", layers}};
+  if (layers.empty()) return nlohmann::json();
+  nlohmann::json j{{"layers", layers}};
+  if (!domains_.empty()) j["domains"] = domains_;
+  return j;
 }
 
 void Trainer::evaluate(nlohmann::json* metrics) {
@@ -814,31 +836,38 @@ void Trainer::evaluate(nlohmann::json* metrics) {
   const auto t0 = std::chrono::steady_clock::now();
   // Ranks share the evaluation batches and add their partial sums: the result does not depend
   // on the number of ranks.
-  std::function<double(double)> sum;
+  std::function<void(std::vector<double>&)> sum;
   if (dp_ && dp_->active()) {
     auto dp = dp_;
-    sum = [dp](double v) {
-      auto t = torch::tensor({v}, torch::kFloat64);
+    sum = [dp](std::vector<double>& v) {
+      auto t = torch::tensor(v, torch::kFloat64);
       dp->all_reduce_sum(t);
-      return t.item<double>();
+      std::copy(t.data_ptr<double>(), t.data_ptr<double>() + t.numel(), v.begin());
     };
   }
   NelboResult r = validation_nelbo(*parts_.model, val_seqs_, parts_.options.eval_batch_size,
                                    static_cast<uint64_t>(parts_.options.eval_seed),
                                    dp_ ? dp_->rank() : 0, static_cast<int>(world()), sum,
                                    parts_.options.objective->validation_block(),
-                                   /*lockstep=*/ep_ != nullptr);
+                                   /*lockstep=*/ep_ != nullptr,
+                                   state_.step == parts_.options.steps
+                                       ? parts_.options.eval_final_draws
+                                       : parts_.options.eval_draws,
+                                   parts_.options.eval_exact);
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   state_.last_val_nelbo = r.nelbo;
   char buf[256];
   std::snprintf(buf, sizeof(buf),
-                "eval  step %lld | val nelbo %.4f nats/token | ppl <= %.2f | unigram entropy of "
-                "these tokens %.4f | %lld tokens | %.1fs",
-                static_cast<long long>(state_.step), r.nelbo, r.ppl_bound, r.unigram_entropy,
-                static_cast<long long>(r.tokens), secs);
+                "eval  step %lld | val nelbo %.4f ± %.4f (s.e.) nats/token | ppl <= %.2f | "
+                "unigram entropy of these tokens %.4f | %lld tokens x %lld draws | %.1fs",
+                static_cast<long long>(state_.step), r.nelbo, r.se, r.ppl_bound,
+                r.unigram_entropy, static_cast<long long>(r.tokens),
+                static_cast<long long>(r.draws), secs);
   log(buf);
   (*metrics)["val_nelbo"] = r.nelbo;
+  (*metrics)["val_nelbo_se"] = r.se;
+  (*metrics)["val_seconds"] = secs;
   (*metrics)["val_ppl_bound"] = r.ppl_bound;
   (*metrics)["val_unigram_entropy"] = r.unigram_entropy;
 }
@@ -1040,7 +1069,10 @@ int Trainer::fit() {
       }
     }
     if (last || (o.eval_every > 0 && state_.step % o.eval_every == 0)) {
-      if (metrics.is_null()) metrics = {{"step", state_.step}, {"tokens", state_.tokens}};
+      if (metrics.is_null()) {
+        metrics = {{"step", state_.step}, {"tokens", state_.tokens},
+                   {"elapsed_s", state_.elapsed_s}};
+      }
       // Evaluation's exchanges are not the training steps': set the interval's aside.
       const ExchangeStats before = ep_ ? ep_->take_stats() : ExchangeStats{};
       evaluate(&metrics);

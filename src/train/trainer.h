@@ -54,6 +54,9 @@ struct TrainOptions {
   int64_t eval_sequences = 128;
   int64_t eval_batch_size = 32;
   int64_t eval_seed = 1234;
+  int64_t eval_draws = 1;  ///< mask draws per validation window (eval.draws)
+  int64_t eval_final_draws = 1;  ///< the same for the evaluation after the last step
+  bool eval_exact = false;       ///< eval.masking: exact (the bound's l-form)
   int64_t bucket_bytes = 25 << 20;  ///< gradient all-reduce bucket (dist.bucket_mb)
   double dist_timeout_s = 300;      ///< rendezvous and collective timeout (dist.timeout_s)
   /// dist.expert_parallel: N ranks share each MoE layer's routed experts (E / N each; tokens
@@ -237,6 +240,7 @@ class Trainer {
   TrainerState state_;
   at::Tensor val_seqs_;
   std::vector<std::shared_ptr<RoutingTelemetry>> telemetry_;  ///< one per MoE layer
+  std::vector<std::string> domains_;  ///< the data's domain names (telemetry by domain)
   bool parallel_ready_ = false;
   std::unique_ptr<ExpertParallel> ep_;      ///< null without expert parallelism
   std::vector<at::Tensor> expert_params_;   ///< sharded (reduced over the replica group)

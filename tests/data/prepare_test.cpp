@@ -1,5 +1,6 @@
 // Token shards, dataset preparation and the built-in corpora.
 #include <gtest/gtest.h>
+#include <torch/torch.h>
 
 #include <cmath>
 #include <filesystem>
@@ -11,6 +12,7 @@
 #include "core/errors.h"
 #include "data/prepare.h"
 #include "data/shards.h"
+#include "data/tokenizer.h"
 #include "train/data_source.h"
 #include "support/support.h"
 
@@ -143,6 +145,107 @@ TEST(UnitPrepare, MissingDataIsNamed) {
   EXPECT_NE(data_error([] { read_dataset_info("/nonexistent/data"); })
                 .find("holds no prepared dataset"),
             std::string::npos);
+}
+
+// Every token carries the domain of its document (the corpus's `domain:`), through the split,
+// the shard boundaries (tiny shards here) and the windows that training, validation and
+// data-parallel ranks read. Domain a's documents use only the letters x, y, z and domain b's only
+// q, r, s, so each token's text tells its domain.
+TEST(UnitPrepare, DomainIdsSurvivePreparationShardingAndDataParallelReading) {
+  const std::string d = test::scratch_dir("prepare_domains");
+  std::string a, b;
+  uint64_t state = 7;
+  auto word = [&](const char* letters) {
+    std::string w;
+    for (int i = 0; i < 3 + static_cast<int>(state % 4); ++i) {
+      state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+      w += letters[(state >> 33) % 3];
+    }
+    return w;
+  };
+  for (int doc = 0; doc < 150; ++doc) {
+    for (int w = 0; w < 6; ++w) a += word("xyz") + (w < 5 ? " " : "\n");
+    for (int w = 0; w < 6; ++w) b += word("qrs") + (w < 5 ? " " : "\n");
+  }
+  test::write_text(d + "/a.txt", a);
+  test::write_text(d + "/b.txt", b);
+  ConfigNode r = ConfigNode::from_string(
+      "kind: token_shards\npath: " + d + "/data\nseq_len: 16\nprepare:\n  corpora:\n"
+      "    - {kind: text_files, paths: [" + d + "/a.txt], split: line, domain: a}\n"
+      "    - {kind: text_files, paths: [" + d + "/b.txt], split: line, domain: b}\n"
+      "  tokenizer: {kind: byte_bpe, vocab_size: 300, min_frequency: 1}\n"
+      "  val_fraction: 0.2\n  shard_tokens: 97\n",
+      "domains.yaml");
+  std::ostringstream log;
+  DatasetInfo info = prepare_dataset(r, false, log);
+  EXPECT_EQ(info.domains, (std::vector<std::string>{"a", "b"}));
+  EXPECT_GT(info.train_shards.size(), 5u) << "tiny shards: the runs cross shard boundaries";
+  ASSERT_EQ(info.train_domain_tokens.size(), 2u);
+  EXPECT_EQ(info.train_domain_tokens[0] + info.train_domain_tokens[1], info.train_tokens);
+  EXPECT_EQ(info.val_domain_tokens[0] + info.val_domain_tokens[1], info.val_tokens);
+  EXPECT_NE(log.str().find("in 2 domains (a "), std::string::npos) << log.str();
+  auto src = build_data_source(r);
+  ASSERT_EQ(src->domains(), info.domains);
+  Tokenizer tok = Tokenizer::load(src->tokenizer_dir());
+  auto expect_domains = [&](const at::Tensor& x, const at::Tensor& dom, const char* what) {
+    ASSERT_TRUE(dom.defined()) << what;
+    ASSERT_EQ(x.sizes(), dom.sizes()) << what;
+    int64_t checked = 0;
+    for (int64_t i = 0; i < x.numel(); ++i) {
+      const int64_t t = x.view({-1})[i].item<int64_t>(), dm = dom.view({-1})[i].item<int64_t>();
+      ASSERT_TRUE(dm == 0 || dm == 1) << what << " token " << i << ": domain " << dm;
+      if (t == src->eos_id()) continue;
+      const std::string text = tok.decode({static_cast<int32_t>(t)});
+      const bool in_a = text.find_first_of("xyz") != std::string::npos;
+      const bool in_b = text.find_first_of("qrs") != std::string::npos;
+      if (!in_a && !in_b) continue;  // a space
+      ASSERT_NE(in_a, in_b) << what << ": token '" << text << "' mixes the domains";
+      EXPECT_EQ(dm, in_a ? 0 : 1) << what << " token " << i << " '" << text << "'";
+      ++checked;
+    }
+    EXPECT_GT(checked, x.numel() / 2) << what;
+  };
+  // Training windows over several epochs (other offsets and permutations).
+  const int64_t n_windows = info.train_tokens / 16;
+  for (int64_t first : {int64_t(0), n_windows - 3, 2 * n_windows + 5}) {
+    expect_domains(src->train_batch(first, 8), src->train_domains(first, 8), "train");
+  }
+  expect_domains(src->val_sequences(64), src->val_domains(64), "val");
+  // Data parallelism: rank r of 2 reads rows [r B, (r + 1) B) of the global micro-batch; its
+  // domains are those rows' domains.
+  auto global = src->train_domains(40, 8);
+  for (int64_t rank = 0; rank < 2; ++rank) {
+    EXPECT_TRUE(torch::equal(src->train_domains(40 + rank * 4, 4), global.narrow(0, rank * 4, 4)));
+  }
+  // Both domains appear in the training stream.
+  auto all = src->train_domains(0, n_windows);
+  EXPECT_GT((all == 0).sum().item<int64_t>(), 0);
+  EXPECT_GT((all == 1).sum().item<int64_t>(), 0);
+}
+
+TEST(UnitShards, BadDomainRunsAreRefused) {
+  const std::string d = test::scratch_dir("shards_domains");
+  ShardHeader h = header(10);
+  h.n_domains = 2;
+  h.domain_runs = {{0, 1}, {3, 0}};
+  write_shard(d + "/ok.bin", {1, 2, 3, 4, 5}, h);
+  ShardReader ok(d + "/ok.bin");
+  std::vector<int64_t> out(4);
+  ok.copy_domains(1, 4, out.data());
+  EXPECT_EQ(out, (std::vector<int64_t>{1, 1, 0, 0}));
+  h.domain_runs = {{0, 1}, {3, 0}, {2, 1}};  // not ascending
+  write_shard(d + "/desc.bin", {1, 2, 3, 4, 5}, h);
+  EXPECT_NE(data_error([&] { ShardReader r(d + "/desc.bin"); }).find("domain run 2 is [2, 1]"),
+            std::string::npos);
+  h.domain_runs = {{0, 2}};  // id out of range
+  write_shard(d + "/id.bin", {1, 2, 3}, h);
+  EXPECT_NE(data_error([&] { ShardReader r(d + "/id.bin"); }).find("ids in [0, 2)"),
+            std::string::npos);
+  // Unlabelled shards read as -1.
+  write_shard(d + "/none.bin", {1, 2}, header(10));
+  ShardReader none(d + "/none.bin");
+  none.copy_domains(0, 2, out.data());
+  EXPECT_EQ(out[0], -1);
 }
 
 // The default corpora come from Debian packages that tools/setup.sh installs.

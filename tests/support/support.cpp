@@ -170,4 +170,10 @@ void write_text(const std::string& path, const std::string& text) {
   f << text;
 }
 
+std::string write_sweep(const std::string& dir, const std::string& body) {
+  const std::string path = dir + "/sweep.yaml";
+  write_text(path, "base: " + tiny_dir("sweep") + "/recipe.yaml\n" + body);
+  return path;
+}
+
 }  // namespace mixdiff::test

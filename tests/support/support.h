@@ -46,6 +46,8 @@ std::vector<std::string> lines(const std::string& s);
 
 std::string read_text(const std::string& path);
 void write_text(const std::string& path, const std::string& text);
+/// Writes `dir`/sweep.yaml: `body` under a `base:` of the tiny fixture recipe; returns its path.
+std::string write_sweep(const std::string& dir, const std::string& body);
 
 }  // namespace mixdiff::test
 

@@ -24,11 +24,7 @@ using test::run_mixdiff;
 
 const std::string& tiny_dir() { return test::tiny_dir("sweep"); }
 
-std::string write_sweep(const std::string& dir, const std::string& body) {
-  const std::string path = dir + "/sweep.yaml";
-  test::write_text(path, "base: " + tiny_dir() + "/recipe.yaml\n" + body);
-  return path;
-}
+using test::write_sweep;
 
 TEST(UnitSweep, ExpandsGridZipListAndSeedsIntoNamedCells) {
   const std::string d = test::scratch_dir("sweep_expand");
@@ -215,22 +211,31 @@ TEST(E2ESweep, RunsEveryCellKeepsFailedOnesAndResumesWithoutRerunningFinishedCel
   auto r = run_mixdiff({"sweep", f, "--out", d + "/runs", "--jobs", "2"});
   EXPECT_EQ(r.status, 1) << r.err << r.out;  // one cell failed
   const std::string root = d + "/runs/small";
-  auto rows = csv_rows(root + "/results.csv");
-  ASSERT_EQ(rows.size(), 4u) << test::read_text(root + "/results.csv");
+  auto rows = csv_rows(root + "/cells.csv");
+  ASSERT_EQ(rows.size(), 4u) << test::read_text(root + "/cells.csv");
   EXPECT_EQ(rows[0], (std::vector<std::string>{
-                         "run", "label", "optim.lr", "status", "final_val_nelbo", "best_val_nelbo",
-                         "tokens", "tokens_per_s", "parameters", "active_parameters",
-                         "train_flops_per_token", "train_flops", "max_mean_load", "load_balance",
-                         "wall_s", "error"}));
+                         "run", "configuration", "label", "optim.lr", "status", "final_val_nelbo",
+                         "best_val_nelbo", "tokens", "tokens_per_s", "parameters",
+                         "active_parameters", "train_flops_per_token", "train_flops",
+                         "max_mean_load", "load_balance", "specialisation", "wall_s", "error"}));
   EXPECT_EQ(rows[1][0], "a");
-  EXPECT_EQ(rows[1][2], "0.01");
+  EXPECT_EQ(rows[1][1], "a");
+  EXPECT_EQ(rows[1][3], "0.01");
   EXPECT_EQ(rows[2][0], "huge");
-  EXPECT_EQ(rows[2][3], "failed");
+  EXPECT_EQ(rows[2][4], "failed");
   EXPECT_NE(rows[2].back().find("non-finite loss"), std::string::npos) << rows[2].back();
-  EXPECT_EQ(rows[1][3], "finished");
-  EXPECT_EQ(rows[3][3], "finished");
-  EXPECT_FALSE(rows[1][4].empty());  // final val NELBO
-  EXPECT_FALSE(rows[1][10].empty());  // training FLOPs per token
+  EXPECT_EQ(rows[1][4], "finished");
+  EXPECT_EQ(rows[3][4], "finished");
+  EXPECT_FALSE(rows[1][5].empty());  // final val NELBO
+  EXPECT_FALSE(rows[1][11].empty());  // training FLOPs per token
+  // One configuration per cell (no seeds): results.csv has a row each, the failed one empty.
+  auto configs = csv_rows(root + "/results.csv");
+  ASSERT_EQ(configs.size(), 4u) << test::read_text(root + "/results.csv");
+  EXPECT_EQ(configs[0][0], "configuration");
+  EXPECT_EQ(configs[0][5], "final_val_nelbo_mean");
+  EXPECT_EQ(configs[1][0], "a");
+  EXPECT_NEAR(std::stod(configs[1][5]), std::stod(rows[1][5]), 1e-4);
+  EXPECT_EQ(configs[2][2], "0");  // huge: no seed finished
   EXPECT_TRUE(fs::exists(root + "/results.md"));
   EXPECT_TRUE(fs::exists(root + "/report.html"));
   // Run again: finished cells are not re-run, the failed one is tried again.
