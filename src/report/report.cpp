@@ -717,7 +717,10 @@ std::map<int64_t, const RunSummary*> finished_by_seed(const std::vector<RunSumma
 std::string fixed(double v, int prec) {
   char b[64];
   std::snprintf(b, sizeof(b), "%.*f", prec, v);
-  return b;
+  std::string o = b;
+  // "-0.0000" is zero.
+  if (o[0] == '-' && o.find_first_not_of("-0.") == std::string::npos) o.erase(0, 1);
+  return o;
 }
 
 /// "mean ± half" (one value: the value); " (n of N)" when fewer runs have it than finished.
@@ -788,8 +791,11 @@ ResultTable configuration_table(const std::vector<RunSummary>& runs, const Sweep
     std::vector<std::string> row{cs.config + (cs.config == d.baseline ? " (baseline)" : ""),
                                  seeds_text(cs, d)};
     for (size_t i = 0; i < ms.size(); ++i) {
+      // A target no finished seed reached says so; a metric the configuration lacks (the load of
+      // a dense model) stays empty.
+      const bool target = ms[i].key.find("_to_target") != std::string::npos;
       row.push_back(cs.metric[i] ? interval_text(*cs.metric[i], ms[i].prec, cs.seeds_run.size())
-                                 : std::string(cs.seeds_run.empty() ? "" : "not reached"));
+                                 : std::string(target && !cs.seeds_run.empty() ? "not reached" : ""));
     }
     t.rows.push_back(std::move(row));
   }

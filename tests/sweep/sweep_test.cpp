@@ -281,13 +281,20 @@ TEST(E2EReport, ReportOpensInHeadlessChromiumWithoutConsoleErrors) {
       "      - {label: dense, set: {}}\n"
       "      - {label: moe, set: {model.kind: moe_dlm, model.moe: {n_expert: 4, d_expert: 16, "
       "router: {kind: token_choice, top_k: 2}}, losses: [{kind: masked_diffusion_elbo}, {kind: "
-      "load_balance, weight: 0.01}]}}\n");
-  auto r = run_mixdiff({"sweep", f, "--out", d + "/runs"});
+      "load_balance, weight: 0.01}]}}\n"
+      "seeds: [0, 1]\n"
+      "baseline: dense\n");
+  auto r = run_mixdiff({"sweep", f, "--out", d + "/runs", "--jobs", "2"});
   ASSERT_EQ(r.status, 0) << r.err << r.out;
   const std::string html = d + "/runs/rep/report.html";
   const std::string page = test::read_text(html);
+  // Two seeds per configuration: the configuration and paired tables, and mean curves with
+  // their 95% bands; the MoE cells' specialisation section (one domain in the fixture data).
   for (const char* part : {"<svg", "validation NELBO", "learning rate", "expert load / mean",
-                           "load imbalance", "mask ratio [0, 0.25)", "<table"}) {
+                           "load imbalance", "mask ratio [0, 0.25)", "<table",
+                           "<h2>Configurations</h2>", "<h2>Paired differences to dense</h2>",
+                           "mean and 95% band over seeds", "fill-opacity=\"0.18\"",
+                           "specialisation and local routing consistency"}) {
     EXPECT_NE(page.find(part), std::string::npos) << part;
   }
   EXPECT_EQ(page.find("<script"), std::string::npos);
