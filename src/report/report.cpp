@@ -445,16 +445,23 @@ std::string html_report(const std::string& title, const std::vector<RunSummary>&
       return line_chart(what, "training tokens (millions)", s);
     }
     for (const auto& c : design->configs) {
-      std::map<double, std::vector<double>> at;  // tokens -> the finished seeds' values
+      // Aligned by step (seeds differ in tokens where random lengths cut a batch): step -> the
+      // finished seeds' values and tokens.
+      std::map<double, std::pair<std::vector<double>, double>> at;
       for (const auto& r : runs) {
         if (r.config != c || r.status != "finished") continue;
         for (const auto& m : r.metrics) {
           const double v = value(m);
-          if (std::isfinite(v)) at[num(m, "tokens", 0) / 1e6].push_back(v);
+          if (!std::isfinite(v)) continue;
+          auto& slot = at[num(m, "step", 0)];
+          slot.first.push_back(v);
+          slot.second += num(m, "tokens", 0) / 1e6;
         }
       }
       Series ser{c, {}, {}};
-      for (const auto& [x, vs] : at) {
+      for (const auto& [step, vt] : at) {
+        const auto& vs = vt.first;
+        const double x = vt.second / static_cast<double>(vs.size());  // mean tokens
         const Interval iv = mean_interval(vs);
         ser.pts.emplace_back(x, iv.mean);
         ser.band.emplace_back(iv.n >= 2 ? iv.lo : std::nan(""), iv.n >= 2 ? iv.hi : std::nan(""));
