@@ -56,11 +56,19 @@ std::string fmt(double v, int prec = 4) {
   return b;
 }
 
-std::string fmt_fixed(double v, int prec) {
-  if (v < 0 || !std::isfinite(v)) return "";
+std::string fixed(double v, int prec) {
   char b[64];
   std::snprintf(b, sizeof(b), "%.*f", prec, v);
-  return b;
+  std::string o = b;
+  // "-0.0000" is zero.
+  if (o[0] == '-' && o.find_first_not_of("-0.") == std::string::npos) o.erase(0, 1);
+  return o;
+}
+
+/// `fixed` for the non-negative quantities of the tables; negative values mean "none": "".
+std::string fmt_fixed(double v, int prec) {
+  if (v < 0 || !std::isfinite(v)) return "";
+  return fixed(v, prec);
 }
 
 // ---- SVG charts ----------------------------------------------------------------------------
@@ -719,15 +727,6 @@ std::map<int64_t, const RunSummary*> finished_by_seed(const std::vector<RunSumma
     if (r.config == config && r.status == "finished") out[r.seed] = &r;
   }
   return out;
-}
-
-std::string fixed(double v, int prec) {
-  char b[64];
-  std::snprintf(b, sizeof(b), "%.*f", prec, v);
-  std::string o = b;
-  // "-0.0000" is zero.
-  if (o[0] == '-' && o.find_first_not_of("-0.") == std::string::npos) o.erase(0, 1);
-  return o;
 }
 
 /// "mean ± half" (one value: the value); " (n of N)" when fewer runs have it than finished.
