@@ -51,6 +51,12 @@ class KjvCorpus : public Corpus {
  public:
   explicit KjvCorpus(const ConfigNode& cfg) : program_(cfg.get<std::string>("program", "bible")) {}
 
+  void for_each_record(
+      const std::function<void(std::string_view, const DocumentFields&)>& fn) const override {
+    const DocumentFields f{{"corpus", "kjv"}};
+    for_each_document([&](std::string_view d) { fn(d, f); });
+  }
+
   void for_each_document(const std::function<void(std::string_view)>& fn) const override {
     // COLUMNS would make `bible -f` wrap lines; clear it.
     const std::string cmd = "env -u COLUMNS " + program_ + " -f 'gen1:1-rev22:21' 2>/dev/null";
@@ -138,6 +144,13 @@ class WordnetCorpus : public Corpus {
       : dir_(cfg.get<std::string>("dir", "/usr/share/wordnet")) {}
 
   void for_each_document(const std::function<void(std::string_view)>& fn) const override {
+    for_each_record([&](std::string_view d, const DocumentFields&) { fn(d); });
+  }
+
+  // Fields: corpus (wordnet), pos (noun, verb, adj, adv), lemmas (", "-separated), definition (the gloss before
+  // its quoted examples).
+  void for_each_record(
+      const std::function<void(std::string_view, const DocumentFields&)>& fn) const override {
     int64_t n = 0;
     for (const char* part : {"noun", "verb", "adj", "adv"}) {
       const std::string path = dir_ + "/data." + part;
@@ -173,7 +186,14 @@ class WordnetCorpus : public Corpus {
         }
         std::string gloss = line.substr(bar + 3);
         while (!gloss.empty() && gloss.back() == ' ') gloss.pop_back();
-        fn(lemmas + ": " + gloss);
+        std::string definition = gloss.substr(0, std::min(gloss.find("; \""), gloss.find(" \"")));
+        while (!definition.empty() && (definition.back() == ' ' || definition.back() == ';')) {
+          definition.pop_back();
+        }
+        fn(lemmas + ": " + gloss, {{"corpus", "wordnet"},
+                                   {"pos", part},
+                                   {"lemmas", lemmas},
+                                   {"definition", definition}});
         ++n;
       }
     }

@@ -1,4 +1,5 @@
 #include "data/prepare.h"
+#include "core/hash.h"
 
 #include <algorithm>
 #include <chrono>
@@ -33,13 +34,6 @@ namespace {
 
 // Shards hold at most this many tokens so that one file stays well below any size limit.
 constexpr int64_t kShardTokens = int64_t(1) << 26;
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
 
 struct PreparedSpec {
   std::string path;
@@ -85,6 +79,23 @@ PreparedSpec read_spec(const ConfigNode& data_cfg) {
   return s;
 }
 
+// Every non-empty document of the spec's corpora in order, with its domain id and split (a
+// seeded hash of its index: the same documents are held out whenever the spec is replayed).
+void split_documents(
+    const PreparedSpec& spec,
+    const std::function<void(std::string_view, int64_t, bool, const DocumentFields&)>& fn) {
+  int64_t doc_index = 0;
+  for (size_t c = 0; c < spec.corpora.size(); ++c) {
+    spec.corpora[c]->for_each_record([&](std::string_view d, const DocumentFields& f) {
+      if (d.empty()) return;
+      const uint64_t h = splitmix64(static_cast<uint64_t>(spec.seed) * 0x632be59bd9b4e019ULL ^
+                                    static_cast<uint64_t>(doc_index++));
+      fn(d, spec.corpus_domain[c], static_cast<double>(h >> 11) * 0x1.0p-53 < spec.val_fraction,
+         f);
+    });
+  }
+}
+
 /// Domain runs of one split: (first token, domain id), a new run where the domain changes.
 using DomainRuns = std::vector<std::pair<int64_t, int64_t>>;
 
@@ -126,6 +137,21 @@ double unigram_entropy(const std::vector<int64_t>& counts) {
 }
 
 std::string resolve_prepare_spec(const ConfigNode& data_cfg) { return read_spec(data_cfg).spec_yaml; }
+
+void for_each_split_document(const std::string& dataset_path,
+                             const std::function<void(const SplitDocument&)>& fn) {
+  const DatasetInfo info = read_dataset_info(dataset_path);
+  // {path: ..., prepare: <the spec>}: the spec's lines indented under `prepare:`.
+  std::string text = "path: " + nlohmann::json(dataset_path).dump() + "\nprepare:\n";
+  std::istringstream lines(info.spec_yaml);
+  for (std::string line; std::getline(lines, line);) text += "  " + line + "\n";
+  const ConfigNode cfg = ConfigNode::from_string(text, dataset_path + "/meta.json (spec)");
+  const PreparedSpec spec = read_spec(cfg);
+  split_documents(spec, [&](std::string_view d, int64_t domain, bool val,
+                            const DocumentFields& f) {
+    fn(SplitDocument{d, spec.domains[static_cast<size_t>(domain)], val, f});
+  });
+}
 
 DatasetInfo read_dataset_info(const std::string& path) {
   const std::string meta = path + "/meta.json";
@@ -184,18 +210,13 @@ DatasetInfo prepare_dataset(const ConfigNode& data_cfg, bool force, std::ostream
   std::vector<std::string> docs;
   std::vector<char> is_val;
   std::vector<int64_t> doc_domain;
-  int64_t doc_index = 0, bytes = 0;
-  for (size_t c = 0; c < spec.corpora.size(); ++c) {
-    spec.corpora[c]->for_each_document([&](std::string_view d) {
-      if (d.empty()) return;
-      doc_domain.push_back(spec.corpus_domain[c]);
-      const uint64_t h = splitmix64(static_cast<uint64_t>(spec.seed) * 0x632be59bd9b4e019ULL ^
-                                    static_cast<uint64_t>(doc_index++));
-      is_val.push_back(static_cast<double>(h >> 11) * 0x1.0p-53 < spec.val_fraction);
-      docs.emplace_back(d);
-      bytes += static_cast<int64_t>(d.size());
-    });
-  }
+  int64_t bytes = 0;
+  split_documents(spec, [&](std::string_view d, int64_t domain, bool val, const DocumentFields&) {
+    doc_domain.push_back(domain);
+    is_val.push_back(val);
+    docs.emplace_back(d);
+    bytes += static_cast<int64_t>(d.size());
+  });
   if (docs.empty()) throw DataError("data.prepare.corpora: the corpora yielded no documents");
   log << "data: " << docs.size() << " documents, " << std::fixed << std::setprecision(1)
       << bytes / 1e6 << " MB of text\n";

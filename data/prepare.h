@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <iosfwd>
 #include <memory>
 #include <string>
@@ -31,12 +32,22 @@
 
 namespace mixdiff {
 
+/// Named fields of a document beside its text (a WordNet synset's `pos`, `lemmas`,
+/// `definition`), for the built-in tasks and SFT pairs; empty for most corpora.
+using DocumentFields = std::map<std::string, std::string>;
+
 /// A source of plain-text documents.
 class Corpus {
  public:
   virtual ~Corpus() = default;
   /// Calls `fn` once per document, in a fixed order. Throws DataError when the source is missing.
   virtual void for_each_document(const std::function<void(std::string_view)>& fn) const = 0;
+  /// The same documents in the same order, each with its fields.
+  virtual void for_each_record(
+      const std::function<void(std::string_view, const DocumentFields&)>& fn) const {
+    const DocumentFields none;
+    for_each_document([&](std::string_view d) { fn(d, none); });
+  }
 };
 
 using CorpusRegistry = Registry<std::unique_ptr<Corpus>, const ConfigNode&>;
@@ -85,6 +96,17 @@ std::string resolve_prepare_spec(const ConfigNode& data_cfg);
 /// Prepares the dataset described by `data_cfg` (the recipe's `data` section). Does nothing when
 /// `path` already holds data made from the same spec, unless `force`. Progress goes to `log`.
 DatasetInfo prepare_dataset(const ConfigNode& data_cfg, bool force, std::ostream& log);
+
+/// Replays the documents of the dataset prepared at `dataset_path` (its corpora, from the spec
+/// in meta.json) with the split preparation gave them, per document in order. Built-in tasks and SFT pairs are made from held-out documents this way.
+struct SplitDocument {
+  std::string_view text;
+  const std::string& domain;
+  bool validation;
+  const DocumentFields& fields;
+};
+void for_each_split_document(const std::string& dataset_path,
+                             const std::function<void(const SplitDocument&)>& fn);
 
 /// Unigram entropy (nats) of a token histogram.
 double unigram_entropy(const std::vector<int64_t>& counts);

@@ -11,6 +11,7 @@
 #include <filesystem>
 
 #include "core/errors.h"
+#include "core/hash.h"
 #include "data/prepare.h"
 #include "data/shards.h"
 #include "data/tokenizer.h"
@@ -18,13 +19,6 @@
 
 namespace mixdiff {
 namespace {
-
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
 
 // A list of shards read as one stream.
 class Stream {
@@ -99,6 +93,7 @@ class TokenShards : public DataSource {
   int64_t vocab_size() const override { return info_.vocab_size; }
   int64_t eos_id() const override { return info_.eos_id; }
   std::string tokenizer_dir() const override { return path_ + "/tokenizer"; }
+  std::string task_dataset() const override { return path_; }
   double val_unigram_entropy() const override { return info_.val_unigram_entropy; }
 
   at::Tensor train_batch(int64_t first, int64_t count) override {

@@ -757,4 +757,21 @@ void Tokenizer::save(const std::string& dir) const {
   write_file_atomic((fs::path(dir) / "tokenizer.json").string(), doc.dump(2) + "\n");
 }
 
+std::pair<std::vector<int32_t>, std::vector<int32_t>> encode_pair(const Tokenizer& tok,
+                                                                  const std::string& context_in,
+                                                                  const std::string& continuation_in) {
+  size_t keep = context_in.size();
+  while (keep > 0 && context_in[keep - 1] == ' ') --keep;
+  const std::string context = context_in.substr(0, keep);
+  const std::string continuation = context_in.substr(keep) + continuation_in;
+  std::vector<int32_t> ctx = tok.encode(context), cont;
+  const std::vector<int32_t> whole = tok.encode(context + continuation);
+  if (whole.size() > ctx.size()) {
+    cont.assign(whole.begin() + static_cast<std::ptrdiff_t>(ctx.size()), whole.end());
+  } else {
+    cont = tok.encode(continuation);
+  }
+  return {std::move(ctx), std::move(cont)};
+}
+
 }  // namespace mixdiff

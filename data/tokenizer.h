@@ -118,4 +118,12 @@ class Tokenizer {
   ByteLevelBpe bpe_;
 };
 
+/// The tokens of a (context, continuation) pair as lm-eval makes them: trailing spaces of the
+/// context move to the continuation; the context's tokens are encode(context), the
+/// continuation's those of encode(context + continuation) after them (encode(continuation) when
+/// that leaves none). SFT pairs and likelihood requests are tokenised this way.
+std::pair<std::vector<int32_t>, std::vector<int32_t>> encode_pair(const Tokenizer& tok,
+                                                                  const std::string& context,
+                                                                  const std::string& continuation);
+
 }  // namespace mixdiff

@@ -17,8 +17,9 @@ class BlockObjective : public DiffusionObjective {
     if (block_ <= 0) c.fail("block_size", "expected a positive block size");
   }
   DiffusionBatch noise(const at::Tensor& x0_BL, const NoiseSchedule& schedule, int64_t mask_id,
-                       at::Generator& gen, int64_t world, int64_t rank) const override {
-    return training_noise(x0_BL, schedule, mask_id, gen, world, rank, block_);
+                       at::Generator& gen, int64_t world, int64_t rank,
+                       const at::Tensor& maskable_BL) const override {
+    return training_noise(x0_BL, schedule, mask_id, gen, world, rank, block_, maskable_BL);
   }
   ModelInput input(const DiffusionBatch& batch, const at::Tensor& x0_BL) const override {
     const int64_t L = x0_BL.size(1);

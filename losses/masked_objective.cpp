@@ -10,8 +10,9 @@ namespace {
 class MaskedObjective : public DiffusionObjective {
  public:
   DiffusionBatch noise(const at::Tensor& x0_BL, const NoiseSchedule& schedule, int64_t mask_id,
-                       at::Generator& gen, int64_t world, int64_t rank) const override {
-    return training_noise(x0_BL, schedule, mask_id, gen, world, rank, /*block=*/0);
+                       at::Generator& gen, int64_t world, int64_t rank,
+                       const at::Tensor& maskable_BL) const override {
+    return training_noise(x0_BL, schedule, mask_id, gen, world, rank, /*block=*/0, maskable_BL);
   }
   ModelInput input(const DiffusionBatch& batch, const at::Tensor&) const override {
     return ModelInput(batch.xt_BL, batch.index_M);

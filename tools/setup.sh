@@ -12,7 +12,8 @@
 #            libFuzzer/sanitizer runtimes (tools/fuzz.sh)
 #   torch2:  with --torch2 also PyTorch 2.x from PyPI (the newest it serves; the CUDA wheel, which
 #            runs on the CPU too) in the project-local virtual environment .venv/, for the
-#            LibTorch 2.x build (MIXDIFF_TORCH=2 tools/build.sh)
+#            LibTorch 2.x build (MIXDIFF_TORCH=2 tools/build.sh), and the tests' Python packages
+#            pinned in tools/requirements-tests.txt (lm-eval)
 # Usage: tools/setup.sh [--tests] [--torch2]   (as root, or with sudo available)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,12 +40,28 @@ if [ "$torch2" = 1 ]; then PACKAGES+=(python3-venv); fi
 
 install_torch2() {
   [ "$torch2" = 1 ] || return 0
-  .venv/bin/python -c 'import torch, yaml, numpy' >/dev/null 2>&1 && return 0
-  echo "setup: installing PyTorch 2.x from PyPI into .venv (several GB)"
-  python3 -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q torch pyyaml numpy  # numpy and pyyaml: the PyTorch reference
-  echo "setup: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)' 2>/dev/null)"
+  if ! .venv/bin/python -c 'import torch, yaml, numpy' >/dev/null 2>&1; then
+    echo "setup: installing PyTorch 2.x from PyPI into .venv (several GB)"
+    python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q torch pyyaml numpy  # numpy and pyyaml: the PyTorch reference
+    echo "setup: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)' 2>/dev/null)"
+  fi
+  # The tests' Python packages (tools/requirements-tests.txt), when a pinned one is missing.
+  if ! .venv/bin/python - <<'PY' >/dev/null 2>&1
+import importlib.metadata as m, sys
+for line in open("tools/requirements-tests.txt"):
+    line = line.split("#")[0].strip()
+    if not line:
+        continue
+    name, _, version = line.partition("==")
+    if m.version(name) != version:
+        sys.exit(1)
+PY
+  then
+    echo "setup: installing tools/requirements-tests.txt into .venv"
+    .venv/bin/pip install -q -r tools/requirements-tests.txt
+  fi
 }
 
 missing=()

@@ -4,22 +4,28 @@
 #include <malloc.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iomanip>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <sstream>
 
 #include "core/compat.h"
 #include "core/errors.h"
 #include "core/fs.h"
+#include "core/json_util.h"
 #include "core/safetensors.h"
 #include "dist/dist.h"
 #include "dist/expert_parallel.h"
 #include "data/prepare.h"
+#include "data/sft.h"
+#include "eval/likelihood.h"
+#include "eval/tasks.h"
 #include "data/tokenizer.h"
 #include "infer/sampler.h"
 #include "moe/capacity.h"
@@ -87,6 +93,7 @@ int cmd_train(const TrainArgs& a) {
   TrainerParts parts = build_trainer_parts(recipe);
   const std::string name = parts.name;
   GenerateSettings::from(recipe);  // validated now so a bad sampler fails before training
+  const TaskSettings tasks = TaskSettings::from_recipe(recipe);
   recipe.check_unknown_keys();
   const std::string resolved = recipe.to_yaml();
 
@@ -136,7 +143,14 @@ int cmd_train(const TrainArgs& a) {
   } else {
     trainer.initialize_from_checkpoint();
   }
-  return trainer.fit();
+  const int rc = trainer.fit();
+  if (rc != 0 || env.rank != 0 || tasks.run.empty()) return rc;
+  // tasks.run: the named tasks on the final checkpoint, into RUN/eval_tasks.json (a sweep's
+  // tables and report show their accuracies).
+  EvalArgs ea;
+  ea.ckpt = run_dir;
+  ea.tasks = tasks.run;
+  return cmd_eval(ea);
 }
 
 int cmd_generate(const GenerateArgs& a) {
@@ -226,6 +240,87 @@ int cmd_generate(const GenerateArgs& a) {
   return 0;
 }
 
+namespace {
+
+// lm-eval's requests (tools/lm_eval_mixdiff.py), one JSON object per line:
+//   {"request_type": "loglikelihood", "context": "...", "continuation": "..."}
+//   {"request_type": "loglikelihood_rolling", "context": "...", "continuation": ""}: the whole
+//       text scored as a continuation of nothing (it must fit model.max_seq_len)
+//   {"request_type": "generate_until", "context": "...", "until": ["\n"], "max_gen_toks": 32}
+// Answers, in order: {"loglikelihood": x, "is_greedy": b, "se": s} or {"text": "..."}.
+void answer_requests(ModelBase& model, const Tokenizer& tok, const TaskSettings& ts,
+                     const std::string& in_path, const std::string& out_path) {
+  std::vector<nlohmann::json> reqs;
+  for_each_json_line(read_file(in_path, "requests file"), "requests file " + in_path,
+                     [&](const nlohmann::json& j, int64_t n) {
+    const std::string type = j.value("request_type", "");
+    if (type != "loglikelihood" && type != "loglikelihood_rolling" && type != "generate_until") {
+      throw InputError(str("requests file ", in_path, " line ", n, ": request_type '", type,
+                           "' (expected loglikelihood, loglikelihood_rolling or generate_until)"));
+    }
+    if (!j.contains("context") || !j["context"].is_string()) {
+      throw InputError(str("requests file ", in_path, " line ", n, ": expected a string context"));
+    }
+    reqs.push_back(j);
+  });
+  std::vector<nlohmann::json> answers(reqs.size());
+  std::vector<LoglikRequest> ll;
+  std::vector<size_t> ll_at;
+  std::map<int64_t, std::vector<size_t>> gen_by_len;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    const auto& j = reqs[i];
+    const std::string type = j["request_type"];
+    if (type == "generate_until") {
+      gen_by_len[j.value("max_gen_toks", int64_t{32})].push_back(i);
+    } else if (type == "loglikelihood_rolling") {
+      ll.push_back(encode_pair(tok, "", j["context"].get<std::string>(), model.max_seq_len()));
+      ll_at.push_back(i);
+    } else {
+      ll.push_back(encode_pair(tok, j["context"].get<std::string>(),
+                               j.value("continuation", std::string()), model.max_seq_len()));
+      ll_at.push_back(i);
+    }
+  }
+  LoglikOptions lo = ts.options.loglik;
+  lo.greedy = true;
+  const auto res = conditional_loglik(model, ll, lo);
+  for (size_t k = 0; k < res.size(); ++k) {
+    answers[ll_at[k]] = {{"loglikelihood", res[k].loglik},
+                         {"is_greedy", res[k].greedy},
+                         {"se", res[k].se}};
+  }
+  for (const auto& [G, idx] : gen_by_len) {
+    if (G < 1) throw InputError(str("requests file ", in_path, ": max_gen_toks ", G, " < 1"));
+    std::vector<std::string> contexts;
+    for (size_t i : idx) contexts.push_back(reqs[i]["context"].get<std::string>());
+    const auto texts = generate_texts(model, tok, contexts, G, lo.cfg_scale, lo.seed,
+                                      ts.options.generation_batch);
+    for (size_t q = 0; q < idx.size(); ++q) {
+      std::string t = texts[q];
+      for (const auto& u : reqs[idx[q]].value("until", std::vector<std::string>{})) {
+        const size_t at = u.empty() ? std::string::npos : t.find(u);
+        if (at != std::string::npos) t.resize(at);
+      }
+      answers[idx[q]] = {{"text", t}};
+    }
+  }
+  std::string out;
+  for (const auto& a : answers) out += a.dump() + "\n";
+  write_file_atomic(out_path, out);
+  std::cout << "eval: answered " << answers.size() << " requests (" << ll.size()
+            << " log-likelihoods with " << lo.samples << " samples each, "
+            << answers.size() - ll.size() << " generations) -> " << out_path << std::endl;
+}
+
+// The run folder of a checkpoint folder (RUN/checkpoints/step_N -> RUN).
+std::string run_of(const std::string& ckpt) {
+  const fs::path p(ckpt);
+  if (p.parent_path().filename() == "checkpoints") return p.parent_path().parent_path().string();
+  return p.parent_path().string();
+}
+
+}  // namespace
+
 int cmd_eval(const EvalArgs& a) {
   install_stop_handlers();
   enable_interrupt_exceptions();
@@ -233,9 +328,23 @@ int cmd_eval(const EvalArgs& a) {
   nlohmann::json state = verify_checkpoint(ckpt);
   ConfigNode recipe = load_recipe(ckpt + "/recipe.yaml", a.overrides);
   auto model = load_checkpoint_model(ckpt, recipe);
+  const TaskSettings ts = TaskSettings::from_recipe(recipe);
+  Tokenizer tok = Tokenizer::load(ckpt + "/tokenizer");
+  if (tok.vocab_size() != model->vocab_size()) {
+    throw CheckpointError(str(ckpt, "/tokenizer: ", tok.vocab_size(), " tokens, the model has ",
+                              model->vocab_size()));
+  }
+  if (!a.requests.empty()) {
+    if (a.out.empty()) throw InputError("eval --requests: expected --out FILE for the answers");
+    recipe.check_overrides_used();
+    answer_requests(*model, tok, ts, a.requests, a.out);
+    return 0;
+  }
+  const bool only_nelbo = a.tasks.size() == 1 && a.tasks[0] == "none";
+  const bool nelbo = a.tasks.empty() || only_nelbo;
   auto data = build_data_source(recipe.at("data"));
   TrainOptions o = TrainOptions::from(recipe);
-  const bool blocks = recipe.has("infer");
+  const bool blocks = nelbo && recipe.has("infer");
   BlockEvalSettings bs;
   std::optional<GenerateSettings> g;
   if (blocks) {
@@ -253,31 +362,111 @@ int cmd_eval(const EvalArgs& a) {
     throw DataError(str("data.path: the dataset's tokenizer has ", data->vocab_size(),
                         " tokens, the checkpoint's model ", model->vocab_size()));
   }
-  auto val = data->val_sequences(o.eval_sequences).to(module_device(*model));
-  const auto t0 = std::chrono::steady_clock::now();
-  NelboResult r = validation_nelbo(*model, val, o.eval_batch_size,
-                                   static_cast<uint64_t>(o.eval_seed), 0, 1, {},
-                                   o.objective->validation_block(), false, o.eval_final_draws,
-                                   o.eval_exact);
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  std::cout << std::fixed << std::setprecision(4) << "eval " << ckpt << " (step "
-            << state.at("step").get<int64_t>() << "): val nelbo " << r.nelbo << " ± " << r.se
-            << " (s.e.) nats/token | ppl <= " << std::setprecision(2) << r.ppl_bound
-            << " | unigram entropy " << std::setprecision(4) << r.unigram_entropy << " | "
-            << r.tokens << " tokens | " << std::setprecision(1) << secs << " s\n";
-  nlohmann::json j = {{"checkpoint", ckpt},
-                      {"step", state.at("step")},
-                      {"val_nelbo", r.nelbo},
-                      {"val_nelbo_se", r.se},
-                      {"val_draws", r.draws},
-                      {"val_ppl_bound", r.ppl_bound},
-                      {"val_unigram_entropy", r.unigram_entropy},
-                      {"tokens", r.tokens}};
+  // The tasks, read before the long part so that a bad file fails at once.
+  std::vector<Task> tasks;
+  if (!only_nelbo) {
+    const std::string dataset = ts.from.empty() ? data->task_dataset() : ts.from;
+    std::vector<Task> builtin;
+    const auto names = builtin_task_names();
+    const bool wants_builtin =
+        a.tasks.empty() || std::any_of(a.tasks.begin(), a.tasks.end(), [&](const std::string& t) {
+          return std::find(names.begin(), names.end(), t) != names.end();
+        });
+    if (wants_builtin && !dataset.empty()) builtin = builtin_tasks(dataset, ts.max_items);
+    if (a.tasks.empty()) {
+      tasks = builtin;
+    } else {
+      for (const auto& t : a.tasks) {
+        if (std::find(names.begin(), names.end(), t) == names.end()) {
+          tasks.push_back(read_task(t));
+          continue;
+        }
+        auto it = std::find_if(builtin.begin(), builtin.end(),
+                               [&](const Task& b) { return b.name == t; });
+        if (it == builtin.end()) {
+          throw InputError(str("eval --task ", t, ": the built-in task needs a prepared dataset "
+                               "with its corpus (",
+                               dataset.empty() ? "this run's data names none; set tasks.from"
+                                               : "'" + dataset + "' has none",
+                               ")"));
+        }
+        tasks.push_back(*it);
+      }
+    }
+  }
+  nlohmann::json j = {{"checkpoint", ckpt}, {"step", state.at("step")}};
+  if (nelbo) {
+    auto val = data->val_sequences(o.eval_sequences).to(module_device(*model));
+    auto resp = data->val_response(o.eval_sequences);
+    const auto t0 = std::chrono::steady_clock::now();
+    if (resp.defined()) {  // prompt/response data: the SFT validation bound
+      LoglikOptions lo;
+      lo.samples = o.eval_final_draws;
+      lo.seed = static_cast<uint64_t>(o.eval_seed);
+      lo.batch_size = o.eval_batch_size;
+      const SftValidation v = sft_validation(*model, val, resp, lo);
+      const double secs =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      std::cout << std::fixed << std::setprecision(4) << "eval " << ckpt << " (step "
+                << state.at("step").get<int64_t>() << "): val response nelbo " << v.nelbo
+                << " ± " << v.se << " (s.e.) nats/response token | " << v.pairs << " pairs, "
+                << v.response_tokens << " response tokens x " << lo.samples << " samples | "
+                << std::setprecision(1) << secs << " s\n";
+      j.update({{"val_nelbo", v.nelbo},
+                {"val_nelbo_se", v.se},
+                {"val_draws", lo.samples},
+                {"val_pairs", v.pairs},
+                {"tokens", v.response_tokens}});
+    } else {
+      NelboResult r = validation_nelbo(*model, val, o.eval_batch_size,
+                                       static_cast<uint64_t>(o.eval_seed), 0, 1, {},
+                                       o.objective->validation_block(), false,
+                                       o.eval_final_draws, o.eval_exact);
+      const double secs =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      std::cout << std::fixed << std::setprecision(4) << "eval " << ckpt << " (step "
+                << state.at("step").get<int64_t>() << "): val nelbo " << r.nelbo << " ± " << r.se
+                << " (s.e.) nats/token | ppl <= " << std::setprecision(2) << r.ppl_bound
+                << " | unigram entropy " << std::setprecision(4) << r.unigram_entropy << " | "
+                << r.tokens << " tokens | " << std::setprecision(1) << secs << " s\n";
+      j.update({{"val_nelbo", r.nelbo},
+                {"val_nelbo_se", r.se},
+                {"val_draws", r.draws},
+                {"val_ppl_bound", r.ppl_bound},
+                {"val_unigram_entropy", r.unigram_entropy},
+                {"tokens", r.tokens}});
+    }
+  }
   if (blocks) {
-    Tokenizer tok = Tokenizer::load(ckpt + "/tokenizer");
     // MoE models: token-level vs block-routed (with each cache mode); dense ones: the caches.
     j[model->moe_layers().empty() ? "decoding" : "block_routing"] =
         run_block_eval(*model, *data, bs, *g, tok);
+  }
+  if (!tasks.empty()) {
+    nlohmann::json results = nlohmann::json::array();
+    for (const auto& t : tasks) {
+      nlohmann::json r = run_task(*model, tok, t, ts.options);
+      const auto ci = r["acc_ci95"];
+      std::cout << std::fixed << std::setprecision(4) << "task " << t.name << " (" << t.kind
+                << "): acc " << r["acc"].get<double>() << " [" << ci[0].get<double>() << ", "
+                << ci[1].get<double>() << "] (95% Wilson) over " << r["n"].get<int64_t>()
+                << " items, chance " << r["chance"].get<double>();
+      if (r.contains("acc_norm")) std::cout << ", acc_norm " << r["acc_norm"].get<double>();
+      std::cout << " | " << std::setprecision(1) << r["seconds"].get<double>() << " s\n";
+      results.push_back(std::move(r));
+    }
+    j["tasks"] = results;
+    nlohmann::json file = {{"checkpoint", ckpt},
+                           {"step", state.at("step")},
+                           {"options",
+                            {{"samples", ts.options.loglik.samples},
+                             {"seed", ts.options.loglik.seed},
+                             {"cfg_scale", ts.options.loglik.cfg_scale},
+                             {"limit", ts.options.limit}}},
+                           {"tasks", results}};
+    const std::string path = run_of(ckpt) + "/eval_tasks.json";
+    write_file_atomic(path, file.dump(2) + "\n");
+    std::cout << "tasks: " << path << "\n";
   }
   std::cout << j.dump() << std::endl;
   return 0;
@@ -406,6 +595,7 @@ int cmd_inspect(const InspectArgs& a) {
     ConfigNode recipe = load_recipe(a.recipe, a.overrides);
     TrainerParts parts = build_trainer_parts(recipe);
     GenerateSettings::from(recipe);
+    TaskSettings::from_recipe(recipe);
     recipe.check_unknown_keys();
     if (a.memory) {
       ParallelLayout(a.world, static_cast<int>(parts.options.expert_parallel), 0);
@@ -455,8 +645,14 @@ int cmd_data_prepare(const PrepareArgs& a) {
   ConfigNode recipe = load_recipe(a.recipe, a.overrides);
   ConfigNode data = recipe.at("data");
   const std::string kind = data.get<std::string>("kind");
+  if (kind == "sft_jsonl") {  // the built-in prompt/response pairs
+    prepare_sft_pairs(data, a.force, std::cout);
+    recipe.check_overrides_used();
+    return 0;
+  }
   if (kind != "token_shards") {
-    data.fail("kind", "data prepare writes token_shards; got '" + kind + "'");
+    data.fail("kind", "data prepare writes token_shards or the built-in sft_jsonl pairs; got '" +
+                          kind + "'");
   }
   // Validate everything `prepare` reads before the long part starts.
   resolve_prepare_spec(data);

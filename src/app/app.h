@@ -36,6 +36,11 @@ int cmd_generate(const GenerateArgs& a);
 struct EvalArgs {
   std::string ckpt;
   std::vector<std::string> overrides;
+  /// Task files or built-in task names; empty: the validation NELBO and every built-in task;
+  /// "none": the NELBO only. With tasks named, the NELBO is skipped.
+  std::vector<std::string> tasks;
+  std::string requests;  ///< lm-eval requests (JSON Lines) to answer instead
+  std::string out;       ///< where the answers go (with --requests)
 };
 int cmd_eval(const EvalArgs& a);
 

@@ -33,6 +33,7 @@
 #include "core/fs.h"
 #include "core/process.h"
 #include "data/prepare.h"
+#include "eval/tasks.h"
 #include "dist/expert_parallel.h"
 #include "infer/sampler.h"
 #include "report/report.h"
@@ -126,6 +127,7 @@ int cmd_sweep(const SweepArgs& a) {
       ConfigNode r = build(false, 0);
       TrainerParts parts = build_trainer_parts(r);
       GenerateSettings::from(r);
+      TaskSettings::from_recipe(r);
       r.check_unknown_keys();
       // The cell's parallel layout must fit the workers it will get.
       ParallelLayout(world, static_cast<int>(parts.options.expert_parallel), 0);

@@ -55,9 +55,17 @@ Command generate_command(CLI::App& app) {
 
 Command eval_command(CLI::App& app) {
   auto a = std::make_shared<mixdiff::EvalArgs>();
-  auto* e = app.add_subcommand("eval", "validation NELBO of a checkpoint");
+  auto* e = app.add_subcommand("eval", "validation NELBO and downstream tasks of a checkpoint");
   e->add_option("--ckpt", a->ckpt, "run folder or checkpoint folder")->required();
-  e->add_option("--set", a->overrides, kSetHelp + std::string(", e.g. eval.sequences=512"))
+  e->add_option("--task", a->tasks,
+                "a task file (JSON Lines) or built-in task (wordnet_mc, kjv_cloze); repeatable; "
+                "'none': the NELBO only. Default: the NELBO and every built-in task")
+      ->allow_extra_args(false);
+  e->add_option("--requests", a->requests,
+                "answer lm-eval requests (JSON Lines; tools/lm_eval_mixdiff.py) instead");
+  e->add_option("--out", a->out, "where --requests writes its answers (JSON Lines)");
+  e->add_option("--set", a->overrides,
+                kSetHelp + std::string(", e.g. eval.sequences=512 or tasks.samples=32"))
       ->allow_extra_args(false);
   return {e, [a] { return mixdiff::cmd_eval(*a); }};
 }

@@ -3,8 +3,12 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
+
+#include "core/errors.h"
 
 namespace mixdiff {
 
@@ -15,6 +19,27 @@ inline int64_t json_int(const nlohmann::json& j, const char* key) {
     throw nlohmann::json::type_error::create(302, std::string("'") + key + "' must be an integer", &v);
   }
   return v.get<int64_t>();
+}
+
+/// JSON Lines: fn(object, line number) for every non-blank line of `text`; a line that is not a
+/// JSON object throws Error("WHERE line N: ...") (task files, requests, SFT pairs).
+template <class Error = InputError>
+void for_each_json_line(const std::string& text, const std::string& where,
+                        const std::function<void(const nlohmann::json&, int64_t)>& fn) {
+  std::istringstream in(text);
+  int64_t n = 0;
+  for (std::string line; std::getline(in, line);) {
+    ++n;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(str(where, " line ", n, ": not valid JSON (", e.what(), ")"));
+    }
+    if (!j.is_object()) throw Error(str(where, " line ", n, ": expected a JSON object per line"));
+    fn(j, n);
+  }
 }
 
 }  // namespace mixdiff

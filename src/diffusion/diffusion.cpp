@@ -26,18 +26,19 @@ at::Tensor sample_t(int64_t B, const NoiseSchedule& s, at::Generator& gen) {
 }
 
 DiffusionBatch training_noise(const at::Tensor& x0, const NoiseSchedule& s, int64_t mask_id,
-                              at::Generator& gen, int64_t W, int64_t r, int64_t block) {
+                              at::Generator& gen, int64_t W, int64_t r, int64_t block,
+                              const at::Tensor& maskable) {
   const int64_t B = x0.size(0), Lb = x0.size(1);
   if (block <= 0) {
     auto t = sample_t(W * B, s, gen);
     auto u = torch::rand({W * B, Lb}, gen);
-    return corrupt_with(x0, t.narrow(0, r * B, B), u.narrow(0, r * B, B), s, mask_id);
+    return corrupt_with(x0, t.narrow(0, r * B, B), u.narrow(0, r * B, B), s, mask_id, maskable);
   }
   const int64_t nb = (Lb + block - 1) / block;
   auto t = sample_t(W * B * nb, s, gen).view({W * B, nb});
   auto u = torch::rand({W * B, Lb}, gen);
   auto t_BL = t.narrow(0, r * B, B).repeat_interleave(block, 1).narrow(1, 0, Lb).contiguous();
-  DiffusionBatch batch = corrupt_per_token(x0, t_BL, u.narrow(0, r * B, B), s, mask_id);
+  DiffusionBatch batch = corrupt_per_token(x0, t_BL, u.narrow(0, r * B, B), s, mask_id, maskable);
   // The noisy half's masked positions within the [x_t ; x_0] input of length 2 Lb.
   const auto row = batch.index_M.div(Lb, "floor");
   batch.index_M = row * (2 * Lb) + (batch.index_M - row * Lb);
@@ -50,9 +51,30 @@ DiffusionBatch corrupt(const at::Tensor& x0_BL, const at::Tensor& t_B, const Noi
   return corrupt_with(x0_BL, t_B, torch::rand({x0_BL.size(0), x0_BL.size(1)}, gen), s, mask_id);
 }
 
+namespace {
+
+// Restricts a batch's mask to `maskable` (SFT's response positions) and records the rows'
+// response lengths; then the masked positions' indices, targets and rows.
+void finish_mask(DiffusionBatch& b, const at::Tensor& maskable_in) {
+  if (maskable_in.defined()) {
+    TORCH_CHECK(maskable_in.sizes() == b.x0_BL.sizes(),
+                "[corrupt] expected maskable_BL of x0_BL's shape ", b.x0_BL.sizes(), ", got ",
+                maskable_in.sizes());
+    const at::Tensor maskable = maskable_in.to(b.x0_BL.device(), torch::kBool);
+    b.masked_BL = b.masked_BL & maskable;
+    b.response_len_B = maskable.sum(1).to(torch::kFloat32);
+  }
+  const int64_t L = b.x0_BL.size(1);
+  b.index_M = b.masked_BL.reshape({-1}).nonzero().squeeze(1);
+  b.target_M = b.x0_BL.reshape({-1}).index_select(0, b.index_M);
+  b.row_M = b.index_M.div(L, "floor");
+}
+
+}  // namespace
+
 DiffusionBatch corrupt_per_token(const at::Tensor& x0_BL, const at::Tensor& t_BL_in,
                                  const at::Tensor& u_BL_in, const NoiseSchedule& s,
-                                 int64_t mask_id) {
+                                 int64_t mask_id, const at::Tensor& maskable) {
   TORCH_CHECK(t_BL_in.sizes() == x0_BL.sizes() && u_BL_in.sizes() == x0_BL.sizes(),
               "[corrupt_per_token] expected x0_BL, t_BL and u_BL of one shape");
   // Times and uniforms are drawn on a host generator; the batch lives where x0 does.
@@ -65,16 +87,16 @@ DiffusionBatch corrupt_per_token(const at::Tensor& x0_BL, const at::Tensor& t_BL
   auto p_BL = s.mask_prob(t_BL.reshape({-1})).view({B, L});
   b.p_B = p_BL.mean(1);
   b.masked_BL = u_BL < p_BL;
+  finish_mask(b, maskable);
   b.xt_BL = x0_BL.masked_fill(b.masked_BL, mask_id);
-  b.index_M = b.masked_BL.reshape({-1}).nonzero().squeeze(1);
-  b.target_M = x0_BL.reshape({-1}).index_select(0, b.index_M);
   b.weight_M = s.elbo_weight(t_BL.reshape({-1})).index_select(0, b.index_M);
   b.n_slots = B * L;
   return b;
 }
 
 DiffusionBatch corrupt_with(const at::Tensor& x0_BL, const at::Tensor& t_B_in,
-                            const at::Tensor& u_BL_in, const NoiseSchedule& s, int64_t mask_id) {
+                            const at::Tensor& u_BL_in, const NoiseSchedule& s, int64_t mask_id,
+                            const at::Tensor& maskable) {
   TORCH_CHECK(x0_BL.dim() == 2 && t_B_in.dim() == 1 && t_B_in.size(0) == x0_BL.size(0) &&
                   u_BL_in.sizes() == x0_BL.sizes(),
               "[corrupt] expected x0_BL [B, L], t_B [B] and u_BL [B, L], got ", x0_BL.sizes(),
@@ -87,11 +109,10 @@ DiffusionBatch corrupt_with(const at::Tensor& x0_BL, const at::Tensor& t_B_in,
   b.t_B = t_B;
   b.p_B = s.mask_prob(t_B);
   b.masked_BL = u_BL < b.p_B.unsqueeze(1);
+  finish_mask(b, maskable);
   b.xt_BL = x0_BL.masked_fill(b.masked_BL, mask_id);
-  b.index_M = b.masked_BL.reshape({-1}).nonzero().squeeze(1);
-  b.target_M = x0_BL.reshape({-1}).index_select(0, b.index_M);
   auto w_B = s.elbo_weight(t_B);
-  b.weight_M = w_B.index_select(0, b.index_M.div(L, "floor"));
+  b.weight_M = w_B.index_select(0, b.row_M);
   b.n_slots = B * L;
   return b;
 }

@@ -51,6 +51,10 @@ struct DiffusionBatch {
   at::Tensor index_M;     ///< int64 flattened positions (b * L + i) of masked tokens
   at::Tensor target_M;    ///< int64 clean tokens at those positions
   at::Tensor weight_M;    ///< fp32 ELBO weight of each masked position's sequence
+  at::Tensor row_M;       ///< int64 sequence (row) of each masked position
+  /// Prompt/response data (SFT): fp32 [B] number of maskable (response) positions per row, the
+  /// normaliser of LLaDA's SFT loss; undefined when every position is maskable.
+  at::Tensor response_len_B;
   int64_t n_slots = 0;    ///< B * L, the normaliser of LLaDA's pre-training loss
 };
 
@@ -60,14 +64,17 @@ DiffusionBatch corrupt(const at::Tensor& x0_BL, const at::Tensor& t_B,
 
 /// The same with the mask uniforms given (u_BL in [0, 1)): a position is masked when
 /// u < p(t). Data-parallel ranks draw the global batch's uniforms and take their rows.
+/// `maskable_BL` (bool [B, L], optional): only these positions may be masked (SFT: the
+/// response; the prompt stays clean, LLaDA's SFT forward process).
 DiffusionBatch corrupt_with(const at::Tensor& x0_BL, const at::Tensor& t_B, const at::Tensor& u_BL,
-                            const NoiseSchedule& schedule, int64_t mask_id);
+                            const NoiseSchedule& schedule, int64_t mask_id,
+                            const at::Tensor& maskable_BL = {});
 
 /// With a diffusion time per token (block diffusion: one t per block): t_BL [B, L]. The ELBO
 /// weight of a masked position is its own t's.
 DiffusionBatch corrupt_per_token(const at::Tensor& x0_BL, const at::Tensor& t_BL,
                                  const at::Tensor& u_BL, const NoiseSchedule& schedule,
-                                 int64_t mask_id);
+                                 int64_t mask_id, const at::Tensor& maskable_BL = {});
 
 /// t_B ~ U[t_min, t_max] from `gen`, independent or stratified (NoiseSchedule::stratified).
 at::Tensor sample_t(int64_t B, const NoiseSchedule& schedule, at::Generator& gen);
@@ -79,9 +86,11 @@ at::Tensor sample_t(int64_t B, const NoiseSchedule& schedule, at::Generator& gen
 ///   block > 0:  BD3-LM, one t per (sequence, block of `block` positions), stratified over all
 ///               blocks of the global batch when the schedule is; index_M then addresses the
 ///               noisy half of the [x_t ; x_0] input of length 2 L.
+/// `maskable_BL` (this rank's rows, optional): only those positions may be masked (SFT).
 DiffusionBatch training_noise(const at::Tensor& x0_BL, const NoiseSchedule& schedule,
                               int64_t mask_id, at::Generator& gen, int64_t world = 1,
-                              int64_t rank = 0, int64_t block = 0);
+                              int64_t rank = 0, int64_t block = 0,
+                              const at::Tensor& maskable_BL = {});
 
 /// Result of the validation NELBO.
 struct NelboResult {

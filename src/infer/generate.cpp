@@ -47,6 +47,29 @@ at::Tensor DecodeLayout::columns(int64_t from, int64_t len, int64_t slice_from,
       .reshape({-1});
 }
 
+at::Tensor guided_logits(ModelBase& model, const ModelInput& in, const at::Tensor& uncond_tokens,
+                         double cfg_scale, KVCache* uncond_cache) {
+  at::Tensor cond = model.forward(in).logits;
+  if (cfg_scale == 0) return cond;
+  TORCH_CHECK(uncond_tokens.sizes() == in.tokens_BL.sizes(),
+              "[guided_logits] the unconditional tokens must have the input's shape");
+  ModelInput u = in;
+  u.tokens_BL = uncond_tokens;
+  if (in.cache) {
+    TORCH_CHECK(uncond_cache != nullptr, "[guided_logits] a cached forward needs an unconditional "
+                                         "cache");
+    u.cache = uncond_cache;
+  }
+  at::Tensor uncond = model.forward(u).logits;
+  return uncond + (cfg_scale + 1.0) * (cond - uncond);
+}
+
+at::Tensor mask_prompt(const at::Tensor& x_BL, int64_t P, int64_t mask_id) {
+  at::Tensor u = x_BL.clone();
+  if (P > 0) u.narrow(1, 0, P).fill_(mask_id);
+  return u;
+}
+
 GenerateSettings GenerateSettings::from(const ConfigNode& recipe) {
   GenerateSettings g;
   ConfigNode c = recipe.section("generate");

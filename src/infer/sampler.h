@@ -64,6 +64,17 @@ struct DecodeLayout {
 DecodeLayout decode_layout(const at::Tensor& prompt_BP, const at::Tensor& valid_BP, int64_t G,
                            int64_t mask_id, const at::Device& device);
 
+/// Unsupervised classifier-free guidance (LLaDA, arXiv 2502.09992 App. B; algorithms.md 1.5):
+/// the logits of `in` and of the same input with the prompt masked (`uncond_tokens_BL`, the same
+/// shape as in.tokens_BL; `uncond_cache` replaces in.cache for it), combined as
+/// u + (scale + 1) (c - u). Scale 0 runs one forward and returns its logits unchanged.
+at::Tensor guided_logits(ModelBase& model, const ModelInput& in, const at::Tensor& uncond_tokens_BL,
+                         double cfg_scale, KVCache* uncond_cache = nullptr);
+
+/// `x_BL` with its first P columns (the prompt, padding included) set to [MASK]: the input of the
+/// unconditional branch.
+at::Tensor mask_prompt(const at::Tensor& x_BL, int64_t P, int64_t mask_id);
+
 using SamplerRegistry = Registry<std::shared_ptr<SamplerBase>, const ConfigNode&>;
 SamplerRegistry& samplers_registry();
 

@@ -23,10 +23,15 @@ class DiffusionObjective {
  public:
   virtual ~DiffusionObjective() = default;
   /// The noise of one micro-batch of x0_BL on data-parallel rank `rank` of `world` (host tensors;
-  /// training_noise with this objective's blocks).
+  /// training_noise with this objective's blocks); `maskable_BL` (optional): the positions that
+  /// may be masked (SFT data: the responses).
   virtual DiffusionBatch noise(const at::Tensor& x0_BL, const NoiseSchedule& schedule,
-                               int64_t mask_id, at::Generator& gen, int64_t world,
-                               int64_t rank) const = 0;
+                               int64_t mask_id, at::Generator& gen, int64_t world, int64_t rank,
+                               const at::Tensor& maskable_BL) const = 0;
+  DiffusionBatch noise(const at::Tensor& x0_BL, const NoiseSchedule& schedule, int64_t mask_id,
+                       at::Generator& gen, int64_t world, int64_t rank) const {
+    return noise(x0_BL, schedule, mask_id, gen, world, rank, at::Tensor());
+  }
   /// The model input of a noised batch (batch and x0_BL on the model's device).
   virtual ModelInput input(const DiffusionBatch& batch, const at::Tensor& x0_BL) const = 0;
   /// Block size of the validation bound (validation_nelbo's bd3_block; 0: the masked bound).

@@ -10,6 +10,7 @@
 #include <functional>
 #include <map>
 #include <optional>
+#include <set>
 #include <sstream>
 
 #include "core/errors.h"
@@ -619,6 +620,16 @@ RunSummary RunSummary::read(const std::string& dir) {
       r.final_sch = mean_of("segment_cache_best_hit");
     }
   }
+  if (fs::exists(dir + "/eval_tasks.json")) {
+    const auto j = nlohmann::json::parse(read_file(dir + "/eval_tasks.json"), nullptr, false);
+    if (j.is_object() && j.contains("tasks") && j["tasks"].is_array()) {
+      for (const auto& t : j["tasks"]) {
+        if (t.contains("task") && t["task"].is_string() && t.contains("acc") && t["acc"].is_number()) {
+          r.task_acc[t["task"].get<std::string>()] = t["acc"].get<double>();
+        }
+      }
+    }
+  }
   if (!tps.empty()) {  // the first interval includes start-up
     double s = 0;
     for (size_t i = tps.size() > 1 ? 1 : 0; i < tps.size(); ++i) s += tps[i];
@@ -709,6 +720,16 @@ std::vector<Metric> metrics_of(const std::vector<RunSummary>& runs, const SweepD
                    [t](const RunSummary& r) { return r.tokens_to(t); }});
     all.push_back({"train_s_to_target", str("training s to val NELBO ", b), 0,
                    [t](const RunSummary& r) { return r.seconds_to(t); }});
+  }
+  std::set<std::string> task_names;
+  for (const auto& r : runs) {
+    for (const auto& [name, acc] : r.task_acc) task_names.insert(name);
+  }
+  for (const auto& name : task_names) {
+    all.push_back({"acc_" + name, "acc " + name, 3, [name](const RunSummary& r) {
+                     auto it = r.task_acc.find(name);
+                     return it == r.task_acc.end() ? std::nan("") : it->second;
+                   }});
   }
   std::vector<Metric> present;  // only the metrics some run has
   for (auto& m : all) {

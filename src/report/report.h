@@ -17,6 +17,7 @@
 // The report draws each configuration's mean curve with its 95% band when it has several seeds.
 #pragma once
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,8 @@ struct RunSummary {
   /// Last logged expert specialisation by domain and local routing consistency (segment routing
   /// best performance, segment cache best hit rate), each the mean over MoE layers.
   double final_specialisation = -1, final_srp = -1, final_sch = -1;
+  /// Accuracy per task of RUN/eval_tasks.json (`mixdiff eval`, or `tasks.run` after training).
+  std::map<std::string, double> task_acc;
   std::string config;          ///< the configuration (cell.json "config"; else the name)
   int64_t seed = -1;           ///< the cell's seed (cell.json values, else run.json), -1 unknown
   /// Validation NELBO over training: (tokens, training seconds without evaluation, NELBO).

@@ -1,5 +1,6 @@
 #include "report/stats.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -112,6 +113,34 @@ Interval paired_interval(const std::vector<double>& a, const std::vector<double>
   std::vector<double> d(a.size());
   for (size_t i = 0; i < a.size(); ++i) d[i] = a[i] - b[i];
   return mean_interval(d, level);
+}
+
+double normal_quantile(double p) {
+  if (!(p > 0 && p < 1)) throw std::invalid_argument("normal_quantile: p must be in (0, 1)");
+  // Bisection on the CDF 0.5 erfc(-x / sqrt 2): 200 halvings of [-40, 40] reach double precision.
+  double lo = -40, hi = 40;
+  for (int i = 0; i < 200; ++i) {
+    const double mid = 0.5 * (lo + hi);
+    if (0.5 * std::erfc(-mid / std::sqrt(2.0)) < p) lo = mid; else hi = mid;
+  }
+  return 0.5 * (lo + hi);
+}
+
+Proportion wilson_interval(int64_t k, int64_t n, double level) {
+  Proportion r;
+  r.k = k;
+  r.n = n;
+  if (n <= 0) {
+    r.p = r.lo = r.hi = std::nan("");
+    return r;
+  }
+  const double z = normal_quantile(0.5 + level / 2), nn = static_cast<double>(n);
+  r.p = static_cast<double>(k) / nn;
+  const double z2 = z * z, denom = 1 + z2 / nn, centre = r.p + z2 / (2 * nn);
+  const double half = z * std::sqrt(r.p * (1 - r.p) / nn + z2 / (4 * nn * nn));
+  r.lo = std::max(0.0, (centre - half) / denom);
+  r.hi = std::min(1.0, (centre + half) / denom);
+  return r;
 }
 
 }  // namespace mixdiff

@@ -9,6 +9,7 @@
 // hi < 0.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -35,5 +36,17 @@ Interval mean_interval(const std::vector<double>& x, double level = 0.95);
 /// Interval of the mean paired difference a_i - b_i; a and b have the same length.
 Interval paired_interval(const std::vector<double>& a, const std::vector<double>& b,
                          double level = 0.95);
+
+/// Wilson score interval of a binomial proportion k / n (accuracy over n items), `level`
+/// two-sided: (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n), z the normal quantile.
+/// Unlike the normal approximation it stays in [0, 1] and is sound at 0 or n successes.
+struct Proportion {
+  int64_t k = 0, n = 0;
+  double p = 0, lo = 0, hi = 0;  ///< NaN when n = 0
+};
+Proportion wilson_interval(int64_t k, int64_t n, double level = 0.95);
+
+/// Quantile of the standard normal distribution (0 < p < 1).
+double normal_quantile(double p);
 
 }  // namespace mixdiff

@@ -38,6 +38,14 @@ class DataSource {
   /// same shape (-1 where unknown); undefined when the source has no domains.
   virtual at::Tensor train_domains(int64_t first, int64_t count) { return {}; }
   virtual at::Tensor val_domains(int64_t n) { return {}; }
+  /// Prompt/response data (SFT): bool [count, seq_len] / [n', seq_len], true at the positions
+  /// of each row's response (EOS padding included): the only positions the forward process may
+  /// mask and the loss counts. Undefined for pre-training data (every position).
+  virtual at::Tensor train_response(int64_t first, int64_t count) { return {}; }
+  virtual at::Tensor val_response(int64_t n) { return {}; }
+  /// The prepared dataset (data prepare) whose held-out documents the built-in tasks are made
+  /// from; "" when there is none.
+  virtual std::string task_dataset() const { return ""; }
   virtual std::string describe() const = 0;
 };
 

@@ -126,7 +126,8 @@ Probe probe(TrainerParts& p, int64_t b, int64_t micro) {
     for (int64_t m = 0; m < micro; ++m) {
       auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(17 + m));
       auto x0 = p.data->train_batch(m * b, b);
-      DiffusionBatch batch = o.objective->noise(x0, *p.schedule, model.mask_id(), gen, 1, 0);
+      DiffusionBatch batch = o.objective->noise(x0, *p.schedule, model.mask_id(), gen, 1, 0,
+                                                p.data->train_response(m * b, b));
       ModelInput in = o.objective->input(batch, x0);
       marks.clear();
       ModelOutput out = model.forward(in);

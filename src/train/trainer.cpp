@@ -22,6 +22,7 @@
 #include "core/profile.h"
 #include "dist/expert_parallel.h"
 #include "dist/zero.h"
+#include "eval/likelihood.h"
 #include "moe/moe_layer.h"
 #include "moe/observers.h"
 #include "report/report.h"
@@ -191,7 +192,7 @@ UpcycleOptions UpcycleOptions::from(const ConfigNode& c) {
 DiffusionBatch to_device(const DiffusionBatch& b, const at::Device& device) {
   DiffusionBatch o = b;
   for (at::Tensor* t : {&o.x0_BL, &o.xt_BL, &o.masked_BL, &o.t_B, &o.t_BL, &o.p_B, &o.index_M,
-                        &o.target_M, &o.weight_M}) {
+                        &o.target_M, &o.weight_M, &o.row_M, &o.response_len_B}) {
     if (t->defined()) *t = t->to(device);
   }
   return o;
@@ -303,6 +304,10 @@ TrainerParts build_trainer_parts(const ConfigNode& recipe, std::unique_ptr<DataS
   p.options = TrainOptions::from(recipe);
   if (const std::string why = p.options.objective->refuses(*p.model); !why.empty()) {
     recipe.at("diffusion").fail("objective", why);
+  }
+  if (p.options.objective->validation_block() > 0 && p.data->val_response(1).defined()) {
+    recipe.at("diffusion").fail("objective", "prompt/response (SFT) data trains with the masked "
+                                             "objective; block diffusion SFT is not implemented");
   }
   if (const std::string why = p.model->set_activation_checkpointing(p.options.activation_checkpointing);
       !why.empty()) {
@@ -668,13 +673,18 @@ StepResult Trainer::run_step(int64_t step, StepTimes* times) {
     at::Tensor domains = moe.empty() || domains_.empty()
                              ? at::Tensor()
                              : parts_.data->train_domains(state_.data_cursor + r * B, B);
+    // Prompt/response data (SFT): only the responses may be masked.
+    const at::Tensor response = parts_.data->train_response(state_.data_cursor + r * B, B);
     state_.data_cursor += W * B;
-    if (o.random_length_prob > 0 && torch::rand({1}, gen).item<double>() < o.random_length_prob) {
+    // LLaDA's random-length truncation is for pre-training windows (it would cut responses).
+    if (o.random_length_prob > 0 && torch::rand({1}, gen).item<double>() < o.random_length_prob &&
+        !response.defined()) {
       const int64_t len = torch::randint(1, x0.size(1) + 1, {1}, gen).item<int64_t>();
       x0 = x0.narrow(1, 0, len).contiguous();
       if (domains.defined()) domains = domains.narrow(1, 0, len).contiguous();
     }
-    DiffusionBatch batch = o.objective->noise(x0, *parts_.schedule, model.mask_id(), gen, W, r);
+    DiffusionBatch batch =
+        o.objective->noise(x0, *parts_.schedule, model.mask_id(), gen, W, r, response);
     if (!parts_.device.is_cpu()) batch = to_device(batch, parts_.device);
     ModelInput in = o.objective->input(batch, x0.to(parts_.device));
     in.step = step;
@@ -832,8 +842,36 @@ nlohmann::json Trainer::take_moe_stats() {
 void Trainer::evaluate(nlohmann::json* metrics) {
   if (!val_seqs_.defined()) {
     val_seqs_ = parts_.data->val_sequences(parts_.options.eval_sequences).to(parts_.device);
+    val_response_ = parts_.data->val_response(parts_.options.eval_sequences);
   }
   const auto t0 = std::chrono::steady_clock::now();
+  const int64_t draws = state_.step == parts_.options.steps ? parts_.options.eval_final_draws
+                                                            : parts_.options.eval_draws;
+  if (val_response_.defined()) {
+    // Prompt/response data: the held-out pairs' response NELBO per response token (the SFT
+    // loss's expectation). Every rank evaluates every pair (the same draws: the same result).
+    LoglikOptions lo;
+    lo.samples = draws;
+    lo.seed = static_cast<uint64_t>(parts_.options.eval_seed);
+    lo.batch_size = parts_.options.eval_batch_size;
+    const SftValidation v = sft_validation(*parts_.model, val_seqs_, val_response_, lo);
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    state_.last_val_nelbo = v.nelbo;
+    char buf[256];
+    std::snprintf(buf, sizeof(buf),
+                  "eval  step %lld | val response nelbo %.4f ± %.4f (s.e.) nats/response token | "
+                  "%lld pairs, %lld response tokens x %lld samples | %.1fs",
+                  static_cast<long long>(state_.step), v.nelbo, v.se,
+                  static_cast<long long>(v.pairs), static_cast<long long>(v.response_tokens),
+                  static_cast<long long>(draws), secs);
+    log(buf);
+    (*metrics)["val_nelbo"] = v.nelbo;
+    (*metrics)["val_nelbo_se"] = v.se;
+    (*metrics)["val_seconds"] = secs;
+    (*metrics)["val_ppl_bound"] = std::exp(v.nelbo);
+    return;
+  }
   // Ranks share the evaluation batches and add their partial sums: the result does not depend
   // on the number of ranks.
   std::function<void(std::vector<double>&)> sum;
@@ -849,10 +887,7 @@ void Trainer::evaluate(nlohmann::json* metrics) {
                                    static_cast<uint64_t>(parts_.options.eval_seed),
                                    dp_ ? dp_->rank() : 0, static_cast<int>(world()), sum,
                                    parts_.options.objective->validation_block(),
-                                   /*lockstep=*/ep_ != nullptr,
-                                   state_.step == parts_.options.steps
-                                       ? parts_.options.eval_final_draws
-                                       : parts_.options.eval_draws,
+                                   /*lockstep=*/ep_ != nullptr, draws,
                                    parts_.options.eval_exact);
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -239,6 +239,7 @@ class Trainer {
   std::string recipe_yaml_;
   TrainerState state_;
   at::Tensor val_seqs_;
+  at::Tensor val_response_;  ///< prompt/response data: the held-out rows' response positions
   std::vector<std::shared_ptr<RoutingTelemetry>> telemetry_;  ///< one per MoE layer
   std::vector<std::string> domains_;  ///< the data's domain names (telemetry by domain)
   bool parallel_ready_ = false;

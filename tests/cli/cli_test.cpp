@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/config.h"
 #include "support/support.h"
 
 namespace mixdiff {
@@ -124,10 +125,22 @@ TEST(E2ECli, EveryShippedRecipeTrainsAndGenerates) {
   }
   ASSERT_GE(recipes.size(), 3u);
   // Experiment recipes (minutes to hours) are validated as `mixdiff train` would build them.
+  // SFT recipes read prompt/response pairs: a few made here, in the fixture's tokenizer.
+  test::write_text(d + "/sft_pairs.jsonl",
+                   "{\"prompt\": \"The cat\", \"response\": \" sat on the mat.\"}\n"
+                   "{\"messages\": [{\"role\": \"user\", \"content\": \"The dog\"}, "
+                   "{\"role\": \"assistant\", \"content\": \"ran.\"}]}\n");
   for (const auto& e : fs::directory_iterator(test::source_dir() + "/recipes/experiments")) {
-    auto v = run_mixdiff({"inspect", "--recipe", e.path().string(), "--set",
-                          "data.path=" + d + "/data", "--set", "data.prepare=null", "--set",
-                          "init=null"});
+    const bool sft = ConfigNode::from_file(e.path().string()).at("data").get<std::string>("kind") ==
+                     "sft_jsonl";
+    const std::string data =
+        sft ? "data={kind: sft_jsonl, train: " + d + "/sft_pairs.jsonl, val: " + d +
+                  "/sft_pairs.jsonl, tokenizer: " + d + "/data/tokenizer, seq_len: 32}"
+            : "data.path=" + d + "/data";
+    std::vector<std::string> args{"inspect", "--recipe", e.path().string(), "--set", data,
+                                  "--set", "init=null"};
+    if (!sft) args.insert(args.end(), {"--set", "data.prepare=null"});
+    auto v = run_mixdiff(args);
     EXPECT_EQ(v.status, 0) << e.path() << ": " << v.err;
   }
   for (const auto& r : recipes) {

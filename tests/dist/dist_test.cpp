@@ -63,14 +63,15 @@ test::CmdResult train(const std::string& run, int workers, int batch,
   return run_mixdiff(args);
 }
 
-// `later` is the tolerance after the first step (the first is always held to 1e-5).
-void expect_same_run(const std::string& a, const std::string& b, double later = 1e-5) {
+// `later` is the tolerance after the first step, `first` the first step's.
+void expect_same_run(const std::string& a, const std::string& b, double later = 1e-5,
+                     double first = 1e-5) {
   const auto ma = metrics(a), mb = metrics(b);
   ASSERT_EQ(ma.size(), mb.size());
   ASSERT_GE(ma.size(), 5u);
   for (size_t i = 0; i < ma.size(); ++i) {
     SCOPED_TRACE(testing::Message() << "step " << ma[i]["step"]);
-    const double tol = i == 0 ? 1e-5 : later;
+    const double tol = i == 0 ? first : later;
     EXPECT_EQ(ma[i]["step"], mb[i]["step"]);
     EXPECT_EQ(ma[i]["tokens"], mb[i]["tokens"]);
     EXPECT_NEAR(ma[i]["loss"].get<double>(), mb[i]["loss"].get<double>(), tol);
@@ -197,6 +198,7 @@ TEST(DistributedTrain, ExpertParallelLayoutsEqualOneProcessOnTheGlobalBatch) {
     double later = 1e-5;
     bool four = true;  ///< also DP 2 x EP 2 on 4 processes
     std::vector<std::string> ep_sets = {};  ///< only for the expert-parallel runs
+    double first = 1e-5;  ///< the first step's tolerance
   } cases[] = {
       {"token_choice", kMoe},
       // Least-loaded dispatch moves rows whenever a rank holds more than the mean: same numbers.
@@ -218,7 +220,11 @@ TEST(DistributedTrain, ExpertParallelLayoutsEqualOneProcessOnTheGlobalBatch) {
                          "model.moe={n_expert: 4, d_expert: 16, router: {kind: expert_choice, "
                          "capacity: {kind: linear, k_min: 1, k_max: 3}}}",
                          "losses=[" + elbo + "]"},
-       1e-3},  // see EveryModelKindAndRouterFamilyEqualsOneProcessOnTheGlobalBatch
+       // See EveryModelKindAndRouterFamilyEqualsOneProcessOnTheGlobalBatch. The first step too
+       // differs by float rounding alone: the expert-parallel ranks multiply matrices of other
+       // shapes than the one process, and the first step's loss differed by 1.06e-5 (6.03013 vs
+       // 6.03014) on an AMD EPYC VM on 2026-12-02, by less on others.
+       1e-3, true, {}, 5e-5},
       {"capacity_probability", {"model.kind=moe_dlm",
                                 "model.moe={n_expert: 4, d_expert: 16, capacity_factor: 0.6, "
                                 "router: {kind: token_choice, top_k: 2}}",
@@ -246,7 +252,7 @@ TEST(DistributedTrain, ExpertParallelLayoutsEqualOneProcessOnTheGlobalBatch) {
     ASSERT_EQ(ep.status, 0) << ep.err << ep.out;
     EXPECT_NE(ep.out.find("1 data-parallel replicas x 2 expert-parallel ranks; each rank holds 2 "
                           "of 4 routed experts"), std::string::npos) << ep.out;
-    expect_same_run(base + "/one", base + "/ep2", c.later);
+    expect_same_run(base + "/one", base + "/ep2", c.later, c.first);
     // The exchange's costs are logged; least-loaded dispatch borrowed experts.
     double borrowed = 0;
     for (const auto& m : metrics(base + "/ep2")) {
@@ -260,7 +266,7 @@ TEST(DistributedTrain, ExpertParallelLayoutsEqualOneProcessOnTheGlobalBatch) {
     if (!c.four) continue;
     auto dpep = train(base + "/dp2ep2", 4, 8, sets);
     ASSERT_EQ(dpep.status, 0) << dpep.err << dpep.out;
-    expect_same_run(base + "/one", base + "/dp2ep2", c.later);
+    expect_same_run(base + "/one", base + "/dp2ep2", c.later, c.first);
     // Whole expert tensors in the checkpoint, and every rank agreed on them.
     for (const char* run : {"/ep2", "/dp2ep2"}) {
       const std::string ck = base + run + "/checkpoints/step_5";

@@ -200,6 +200,26 @@ TEST(UnitReport, ConfigurationAndPairedTablesOfAHandMadeSweep) {
   // LBL: d = -0.10, -0.20: mean -0.15, s 0.0707107, half 12.7062047 * 0.05 = 0.6353.
   EXPECT_EQ(p.rows[0][col(p, "Δ LBL")], "-0.1500 [-0.7853, 0.4853]");
 
+  // Task accuracies (RUN/eval_tasks.json, `tasks.run` after training) are columns too: micro
+  // 0.30, 0.40, 0.35 -> 0.350 ± 4.3026527 * 0.05 / sqrt(3) = 0.124; paired over seeds 0 and 1 with
+  // global 0.40, 0.45: d = 0.10, 0.05, mean 0.075, half 12.7062047 * 0.025 = 0.318.
+  const double micro_acc[] = {0.30, 0.40, 0.35}, global_acc[] = {0.40, 0.45};
+  for (int sd = 0; sd < 3; ++sd) {
+    test::write_text(root + "/micro_s" + std::to_string(sd) + "/eval_tasks.json",
+                     nlohmann::json{{"tasks", {{{"task", "wordnet_mc"}, {"acc", micro_acc[sd]}}}}}.dump());
+    if (sd < 2) {
+      test::write_text(root + "/global_s" + std::to_string(sd) + "/eval_tasks.json",
+                       nlohmann::json{{"tasks", {{{"task", "wordnet_mc"}, {"acc", global_acc[sd]}}}}}.dump());
+    }
+  }
+  {
+    auto with_tasks = read_sweep(root);
+    const ResultTable ct = configuration_table(with_tasks, d);
+    EXPECT_EQ(ct.rows[0][col(ct, "acc wordnet_mc")], "0.350 ± 0.124");
+    const ResultTable pt = paired_table(with_tasks, d);
+    EXPECT_EQ(pt.rows[0][col(pt, "Δ acc wordnet_mc")], "0.075 [-0.243, 0.393]");
+  }
+
   // The CSV holds the same numbers per configuration; markdown holds all three tables.
   const std::string csv = results_csv(runs, d);
   EXPECT_NE(csv.find("micro,yes,3,3,,5.1,4.8515862,5.3484138,3"), std::string::npos) << csv;

@@ -28,6 +28,9 @@
 // position before it is decoded; its remaining masks become EOS; generation ends when every row is
 // done. Several prompts decode as one left-padded batch, each row as it would alone (padding is
 // hidden from attention and routing, positions are the row's own).
+// cfg_scale > 0: LLaDA's unsupervised classifier-free guidance: every forward runs twice, the
+// second with the prompt masked and against its own cache (built, truncated and extended exactly
+// as the conditional one), and the logits are combined as u + (scale + 1)(c - u).
 #include <torch/torch.h>
 
 #include <chrono>
@@ -50,6 +53,7 @@ struct BlockOptions {
   std::optional<double> threshold;
   std::string cache = "auto";
   int64_t refresh_every = 0;
+  double cfg_scale = 0.0;
 
   static BlockOptions from(const ConfigNode& c) {
     BlockOptions o;
@@ -73,6 +77,8 @@ struct BlockOptions {
       c.fail("cache", "expected auto, prefix, dual or none, got '" + o.cache + "'");
     }
     if (o.refresh_every < 0) c.fail("refresh_every", "expected >= 0 steps (0: once per block)");
+    o.cfg_scale = c.get<double>("cfg_scale", 0.0);
+    if (!(o.cfg_scale >= 0)) c.fail("cfg_scale", "expected >= 0 (0: no guidance)");
     return o;
   }
 };
@@ -116,20 +122,24 @@ class BlockDiffusionSampler : public SamplerBase {
     at::Tensor x = lay.x_BL;  // shares storage with the layout: commits are seen by input()
     auto done = torch::zeros({B}, bopt);
     SampleResult res;
-    KVCache kv;
-    auto run = [&](ModelInput in, int64_t step) {
+    KVCache kv, ukv;  // ukv: the unconditional branch's cache (classifier-free guidance)
+    const bool cfg = o_.cfg_scale > 0;
+    // One forward of columns [from, from + in's length) (two with guidance).
+    auto run = [&](ModelInput in, int64_t step, int64_t from) {
       in.step = step;  // the denoising step inside the block (interval-refresh block routing)
-      ++res.forwards;
+      res.forwards += cfg ? 2 : 1;
       throw_if_interrupted();
       fault::delay("generate_delay_ms");
-      return model.forward(in).logits;
+      at::Tensor uncond;
+      if (cfg) uncond = mask_prompt(x, P, mask_id).narrow(1, from, in.tokens_BL.size(1));
+      return guided_logits(model, in, uncond, o_.cfg_scale, &ukv);
     };
     // Exact cache: the prompt is encoded once (its blocks end at the prompt's end).
     if (cache == "exact" && P > 0) {
       ModelInput in = lay.input(0, P);
       in.cache = &kv;
       in.cache_append = true;
-      run(in, 0);
+      run(in, 0, 0);
     }
     const auto t0 = std::chrono::steady_clock::now();
     const int64_t n_blocks = (G + Bk - 1) / Bk;
@@ -147,24 +157,28 @@ class BlockDiffusionSampler : public SamplerBase {
           ModelInput in = lay.input(0, Lt, lay.columns(start, len, 0, Lt));
           if (cache != "none") {  // the full forward that (re)builds a Fast-dLLM cache
             kv.clear();
+            ukv.clear();
             in.cache = &kv;
             in.cache_append = true;
           }
-          logits = run(in, s);
-          if (cache == "prefix") kv.truncate(start);
+          logits = run(in, s, 0);
+          if (cache == "prefix") {
+            kv.truncate(start);
+            if (cfg) ukv.truncate(start);
+          }
         } else if (cache == "exact") {
           ModelInput in = lay.input(start, len);
           in.cache = &kv;
-          logits = run(in, s);
+          logits = run(in, s, start);
         } else if (cache == "prefix") {  // the block and every later position
           ModelInput in = lay.input(start, Lt - start, lay.columns(start, len, start, Lt - start));
           in.cache = &kv;
-          logits = run(in, s);
+          logits = run(in, s, start);
         } else {  // dual: the block alone, between the cached prefix and suffix
           ModelInput in = lay.input(start, len);
           in.cache = &kv;
           in.cache_at = start;
-          logits = run(in, s);
+          logits = run(in, s, start);
         }
         commit(logits.view({B, len, -1}).to(torch::kFloat64), blk, is_mask, n_masked, s, gen);
       }
@@ -174,7 +188,7 @@ class BlockDiffusionSampler : public SamplerBase {
         ModelInput in = lay.input(start, len);
         in.cache = &kv;
         in.cache_append = true;
-        run(in, s);
+        run(in, s, start);
       }
     }
     const double secs =
@@ -238,7 +252,7 @@ MIXDIFF_REGISTER(samplers_registry(), "block_diffusion",
                  "block diffusion decoding with a KV cache (exact for block-causal models; "
                  "Fast-dLLM's prefix or dual cache otherwise), threshold commits, EOS early stop, "
                  "padded batches; keys: gen_length, block_length, steps, threshold, temperature, "
-                 "cache (auto|prefix|dual|none), refresh_every",
+                 "cache (auto|prefix|dual|none), refresh_every, cfg_scale",
                  [](const ConfigNode& c) -> std::shared_ptr<SamplerBase> {
                    return std::make_shared<BlockDiffusionSampler>(BlockOptions::from(c));
                  });

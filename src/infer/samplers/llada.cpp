@@ -14,7 +14,8 @@
 // diffusion sampling). Confidence is the probability of the chosen token under the un-noised
 // softmax. Committed tokens are never re-masked. Only the current block's logits are computed
 // (the head is the largest matmul of a small model); positions after the block are never
-// committed early.
+// committed early. cfg_scale > 0: LLaDA's unsupervised classifier-free guidance, a second
+// forward with the prompt masked per step (infer/sampler.h guided_logits).
 #include <torch/torch.h>
 
 #include <cmath>
@@ -35,6 +36,7 @@ struct LladaOptions {
   double temperature = 0.0;
   std::string remasking = "low_confidence";
   std::optional<double> threshold;
+  double cfg_scale = 0.0;  ///< unsupervised classifier-free guidance (0: off)
 
   static LladaOptions from(const ConfigNode& c, bool threshold_mode) {
     LladaOptions o;
@@ -47,6 +49,8 @@ struct LladaOptions {
                                  "), got ", o.block_length));
     }
     if (o.temperature < 0) c.fail("temperature", "expected >= 0 (0 is greedy)");
+    o.cfg_scale = c.get<double>("cfg_scale", 0.0);
+    if (!(o.cfg_scale >= 0)) c.fail("cfg_scale", "expected >= 0 (0: no guidance)");
     if (threshold_mode) {
       o.threshold = c.get<double>("threshold", 0.9);
       if (!(*o.threshold > 0 && *o.threshold <= 1)) c.fail("threshold", "expected a number in (0, 1]");
@@ -109,8 +113,12 @@ class LladaSampler : public SamplerBase {
         fault::delay("generate_delay_ms");
         ModelInput in = lay.input(0, Lt, index);
         in.step = s;  // the denoising step inside the block (interval-refresh block routing)
-        auto logits = model.forward(in).logits.view({B, Bk, -1}).to(torch::kFloat64);
-        ++res.forwards;
+        at::Tensor uncond;
+        if (o_.cfg_scale > 0) uncond = mask_prompt(x, P, mask_id);
+        auto logits = guided_logits(model, in, uncond, o_.cfg_scale)
+                          .view({B, Bk, -1})
+                          .to(torch::kFloat64);
+        res.forwards += o_.cfg_scale > 0 ? 2 : 1;
         at::Tensor pred;
         if (o_.temperature > 0) {
           // argmax(logits + T * Gumbel) samples softmax(logits / T).
@@ -161,14 +169,14 @@ class LladaSampler : public SamplerBase {
 MIXDIFF_REGISTER(samplers_registry(), "llada",
                  "LLaDA semi-autoregressive remasking (blocks from the prompt's end; padded "
                  "batches); keys: gen_length, steps, block_length, temperature, remasking "
-                 "(low_confidence|random)",
+                 "(low_confidence|random), cfg_scale",
                  [](const ConfigNode& c) -> std::shared_ptr<SamplerBase> {
                    return std::make_shared<LladaSampler>(LladaOptions::from(c, false));
                  });
 MIXDIFF_REGISTER(samplers_registry(), "confidence_threshold",
                  "Fast-dLLM parallel decoding: commit all masked tokens with confidence >= "
                  "threshold (at least one) per step; keys: gen_length, block_length, temperature, "
-                 "threshold",
+                 "threshold, cfg_scale",
                  [](const ConfigNode& c) -> std::shared_ptr<SamplerBase> {
                    return std::make_shared<LladaSampler>(LladaOptions::from(c, true));
                  });
