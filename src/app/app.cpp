@@ -289,8 +289,17 @@ void answer_requests(ModelBase& model, const Tokenizer& tok, const TaskSettings&
                          {"is_greedy", res[k].greedy},
                          {"se", res[k].se}};
   }
-  for (const auto& [G, idx] : gen_by_len) {
-    if (G < 1) throw InputError(str("requests file ", in_path, ": max_gen_toks ", G, " < 1"));
+  for (const auto& [G_asked, idx] : gen_by_len) {
+    if (G_asked < 1) {
+      throw InputError(str("requests file ", in_path, ": max_gen_toks ", G_asked, " < 1"));
+    }
+    // lm-eval's default max_gen_toks (256) can exceed a small model's window: at most half of
+    // it is generated, said once on stderr.
+    const int64_t G = std::min<int64_t>(G_asked, model.max_seq_len() / 2);
+    if (G < G_asked) {
+      std::cerr << "warning: max_gen_toks " << G_asked << " cut to " << G << " (half of "
+                << "model.max_seq_len " << model.max_seq_len() << ")" << std::endl;
+    }
     std::vector<std::string> contexts;
     for (size_t i : idx) contexts.push_back(reqs[i]["context"].get<std::string>());
     const auto texts = generate_texts(model, tok, contexts, G, lo.cfg_scale, lo.seed,
@@ -372,7 +381,16 @@ int cmd_eval(const EvalArgs& a) {
         a.tasks.empty() || std::any_of(a.tasks.begin(), a.tasks.end(), [&](const std::string& t) {
           return std::find(names.begin(), names.end(), t) != names.end();
         });
-    if (wants_builtin && !dataset.empty()) builtin = builtin_tasks(dataset, ts.max_items);
+    if (wants_builtin && !dataset.empty()) {
+      try {
+        builtin = builtin_tasks(dataset, ts.max_items);
+      } catch (const DataError& e) {
+        // Without --task the built-in tasks are extras: a dataset whose corpora cannot be
+        // replayed here (not installed) still gets its NELBO.
+        if (!a.tasks.empty()) throw;
+        std::cerr << "warning: built-in tasks skipped: " << e.what() << std::endl;
+      }
+    }
     if (a.tasks.empty()) {
       tasks = builtin;
     } else {
