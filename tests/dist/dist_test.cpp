@@ -126,6 +126,38 @@ TEST(DistributedTrain, MoeRoutingStateAndGlobalBatchStatisticsAgreeAcrossRanks) 
   EXPECT_EQ(st["replicas_identical"], true);
 }
 
+// SFT data (prompt/response rows, response-only masking, LLaDA's SFT loss) with an MoE model and
+// a global-batch routing loss: two workers equal one process with the global batch, and the
+// held-out pairs' response NELBO (every rank evaluates every pair) agrees.
+TEST(DistributedTrain, SftOnAnMoeModelEqualsOneProcessOnTheGlobalBatch) {
+  const std::string d = test::scratch_dir("dist_sft");
+  std::string pairs;
+  const std::vector<std::string> words{"cat", "dog", "bird", "fish", "tree", "stone", "river",
+                                       "cloud"};
+  for (size_t i = 0; i < 40; ++i) {
+    pairs += nlohmann::json{{"prompt", "The " + words[i % 8] + " (" + std::to_string(i) + "):"},
+                            {"response", " it sat on the mat near the " + words[(i * 3) % 8]}}
+                 .dump() +
+             "\n";
+  }
+  test::write_text(d + "/pairs.jsonl", pairs);
+  std::vector<std::string> sets = {
+      "data={kind: sft_jsonl, train: " + d + "/pairs.jsonl, val_fraction: 0.2, tokenizer: " +
+          tiny_dir() + "/data/tokenizer, seq_len: 64}",
+      "model.kind=moe_dlm",
+      "model.moe={n_expert: 4, d_expert: 16, n_shared: 1, router: {kind: token_choice, top_k: 2}}",
+      "losses=[{kind: sft_elbo}, {kind: load_balance, scope: global, weight: 0.01}]",
+      "train.steps=5", "train.grad_accum=2", "train.log_every=1", "eval.sequences=8",
+      "eval.draws=2"};
+  auto one = train(d + "/one", 1, 8, sets);
+  ASSERT_EQ(one.status, 0) << one.err;
+  EXPECT_NE(one.out.find("val response nelbo"), std::string::npos) << one.out;
+  auto two = train(d + "/two", 2, 8, sets);
+  ASSERT_EQ(two.status, 0) << two.err << two.out;
+  expect_same_run(d + "/one", d + "/two");
+  ASSERT_TRUE(metrics(d + "/two").back().contains("val_nelbo"));
+}
+
 // Every shipped model kind and router family: two workers equal one process with the global
 // batch (losses, routing losses, telemetry and validation NELBO to 1e-5). Micro-batch-scope LBL is
 // left out on purpose: it is defined on each rank's own micro-batch, so it differs by design.
