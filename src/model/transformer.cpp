@@ -39,8 +39,8 @@ TransformerOptions TransformerOptions::from(const ConfigNode& c) {
   o.qk_norm = c.get<bool>("qk_norm", false);
   o.tie_embeddings = c.get<bool>("tie_embeddings", true);
   o.attention = c.get<std::string>("attention", "full");
-  if (o.attention != "full" && o.attention != "block_causal") {
-    c.fail("attention", "expected full or block_causal, got '" + o.attention + "'");
+  if (o.attention != "full" && o.attention != "block_causal" && o.attention != "causal") {
+    c.fail("attention", "expected full, block_causal or causal, got '" + o.attention + "'");
   }
   o.block_size = c.get<int64_t>("block_size", 32);
   if (o.block_size <= 0) c.fail("block_size", "expected a positive integer");
@@ -197,6 +197,9 @@ ModelOutput TransformerDlm::forward(const ModelInput& in) {
     bias = first == 0 && !replace && in.block_origin == 0
                ? block_causal_bias(L, o_.block_size).to(dev)
                : block_causal_bias(q_idx - in.block_origin, k_idx - in.block_origin, o_.block_size);
+  } else if (o_.attention == "causal") {  // an autoregressive model: blocks of one token
+    bias = first == 0 && !replace ? block_causal_bias(L, 1).to(dev)
+                                  : block_causal_bias(q_idx, k_idx, 1);
   }
   // Padding keys are hidden from every query but their own (a query that sees no key at all would
   // turn into NaN and leak through the values).

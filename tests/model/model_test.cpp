@@ -60,6 +60,42 @@ TEST(ComponentModel, BlockCausalBlockDoesNotDependOnLaterBlocks) {
   EXPECT_GT(max_diff(m->forward({z, {}}).logits.narrow(1, 4, 8), a.narrow(1, 4, 8)), 1e-5);
 }
 
+// model.attention: causal (an autoregressive model, to check an imported checkpoint against its
+// source): position i sees positions <= i only, as block_causal with blocks of one token does,
+// and decoding token by token against the KV cache gives the full forward's logits.
+TEST(ComponentModel, CausalAttentionSeesOnlyEarlierTokensAndDecodesWithTheCache) {
+  torch::NoGradGuard ng;
+  auto m = tiny_model("causal");
+  auto x = torch::randint(0, 50, {2, 12}, torch::kLong);
+  auto a = m->forward({x, {}}).logits;
+  for (int64_t i : {0, 5, 11}) {
+    auto y = x.clone();
+    y[1][i] = (x[1][i].item<int64_t>() + 1) % 50;
+    auto b = m->forward({y, {}}).logits;
+    if (i > 0) EXPECT_LT(max_diff(a.narrow(1, 0, i), b.narrow(1, 0, i)), 1e-6) << i;
+    EXPECT_GT(max_diff(a.narrow(1, i, 12 - i), b.narrow(1, i, 12 - i)), 1e-5) << i;
+  }
+  torch::manual_seed(0);
+  ConfigNode c = ConfigNode::from_string(
+      "kind: dense_dlm\nvocab_size: 50\nd_model: 32\nn_layer: 2\nn_head: 4\nn_kv_head: 2\n"
+      "qk_norm: true\nd_ff: 48\nmax_seq_len: 16\nblock_size: 1\nattention: block_causal\n",
+      "model.yaml");
+  auto blocks_of_one = build_model(c);
+  EXPECT_LT(max_diff(blocks_of_one->forward({x, {}}).logits, a), 1e-6);
+  KVCache kv;
+  ModelInput prefix(x.narrow(1, 0, 8).contiguous());
+  prefix.cache = &kv;
+  prefix.cache_append = true;
+  EXPECT_LT(max_diff(m->forward(prefix).logits, a.narrow(1, 0, 8)), 1e-5);
+  for (int64_t i = 8; i < 12; ++i) {
+    ModelInput next(x.narrow(1, i, 1).contiguous());
+    next.cache = &kv;
+    next.cache_append = true;
+    EXPECT_LT(max_diff(m->forward(next).logits, a.narrow(1, i, 1)), 1e-5) << i;
+  }
+  EXPECT_EQ(m->attention(), "causal");
+}
+
 TEST(ComponentModel, FullAttentionSeesEveryPosition) {
   torch::NoGradGuard ng;
   auto m = tiny_model("full");
