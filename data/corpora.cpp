@@ -147,13 +147,15 @@ class WordnetCorpus : public Corpus {
     for_each_record([&](std::string_view d, const DocumentFields&) { fn(d); });
   }
 
-  // Fields: corpus (wordnet), pos (noun, verb, adj, adv), lemmas (", "-separated), definition (the gloss before
+  // Fields: corpus (wordnet), pos (noun, verb, adjective, adverb), lemmas (", "-separated), definition (the gloss before
   // its quoted examples).
   void for_each_record(
       const std::function<void(std::string_view, const DocumentFields&)>& fn) const override {
     int64_t n = 0;
-    for (const char* part : {"noun", "verb", "adj", "adv"}) {
-      const std::string path = dir_ + "/data." + part;
+    const char* parts[] = {"noun", "verb", "adj", "adv"};
+    const char* pos_names[] = {"noun", "verb", "adjective", "adverb"};
+    for (size_t p = 0; p < 4; ++p) {
+      const std::string path = dir_ + "/data." + parts[p];
       std::ifstream in(path);
       if (!in) {
         throw DataError("corpus 'wordnet': " + path +
@@ -191,7 +193,7 @@ class WordnetCorpus : public Corpus {
           definition.pop_back();
         }
         fn(lemmas + ": " + gloss, {{"corpus", "wordnet"},
-                                   {"pos", part},
+                                   {"pos", pos_names[p]},
                                    {"lemmas", lemmas},
                                    {"definition", definition}});
         ++n;

@@ -250,12 +250,6 @@ class SftJsonl : public DataSource {
   int64_t perm_epoch_ = -1;
 };
 
-const char* pos_name(const std::string& pos) {
-  if (pos == "adj") return "adjective";
-  if (pos == "adv") return "adverb";
-  return pos == "verb" ? "verb" : "noun";
-}
-
 MIXDIFF_REGISTER(data_sources_registry(), "sft_jsonl",
                  "prompt/response pairs for SFT (JSON Lines, EOS-padded rows; data/sft.h); keys: "
                  "train, val, val_fraction, from, tokenizer, seq_len, template, seed, builtin",
@@ -287,7 +281,7 @@ void prepare_sft_pairs(const ConfigNode& c, bool force, std::ostream& log) {
     const std::string def = d.fields.at("definition");
     if (def.empty()) return;
     const std::string line =
-        nlohmann::json{{"prompt", word + " (" + pos_name(d.fields.at("pos")) + "):"},
+        nlohmann::json{{"prompt", word + " (" + d.fields.at("pos") + "):"},
                        {"response", " " + def}}
             .dump() +
         "\n";

@@ -181,20 +181,10 @@ int cmd_generate(const GenerateArgs& a) {
   if (g.sampler->supports_padding() && prompts.size() > 1) {
     // One left-padded batch of every prompt (x num_samples).
     std::vector<std::vector<int32_t>> enc;
-    size_t P = 0;
-    for (const auto& p : prompts) {
-      enc.push_back(tok.encode(p));
-      P = std::max(P, enc.back().size());
-    }
-    const int64_t B = static_cast<int64_t>(prompts.size()) * g.num_samples;
-    auto x = torch::full({B, static_cast<int64_t>(P)}, tok.eos_id(), torch::kLong);
-    auto valid = torch::zeros({B, static_cast<int64_t>(P)}, torch::kBool);
-    for (int64_t r = 0; r < B; ++r) {
-      const auto& ids = enc[static_cast<size_t>(r / g.num_samples)];
-      const int64_t pad = static_cast<int64_t>(P - ids.size());
-      for (size_t i = 0; i < ids.size(); ++i) x[r][pad + static_cast<int64_t>(i)] = ids[i];
-      valid[r].narrow(0, pad, static_cast<int64_t>(ids.size())).fill_(true);
-    }
+    for (const auto& p : prompts) enc.push_back(tok.encode(p));
+    const auto [x, valid] = left_pad(enc, tok.eos_id(), g.num_samples);
+    const int64_t B = x.size(0);
+    const size_t P = static_cast<size_t>(x.size(1));
     const auto t0 = std::chrono::steady_clock::now();
     SampleResult res = g.sampler->generate_padded(*model, x.to(module_device(*model)),
                                                   valid.to(module_device(*model)), gen);

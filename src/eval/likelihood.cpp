@@ -118,10 +118,14 @@ std::vector<LoglikResult> conditional_loglik(ModelBase& model,
       ModelInput in(x.to(dev), idx.to(dev));
       at::Tensor uncond;
       if (o.cfg_scale > 0) uncond = x.masked_fill(ctx, mask_id).to(dev);
-      auto logits = guided_logits(model, in, uncond, o.cfg_scale).to(torch::kFloat64).cpu();
+      // The cross-entropy on the model's device; only [M] values come back.
+      auto logits = guided_logits(model, in, uncond, o.cfg_scale).to(torch::kFloat64);
+      const auto tgt_dev = tgt.to(logits.device());
       auto ce = torch::nn::functional::cross_entropy(
-          logits, tgt, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone));
-      auto hit = logits.argmax(-1).eq(tgt);
+                    logits, tgt_dev,
+                    torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone))
+                    .cpu();
+      auto hit = logits.argmax(-1).eq(tgt_dev).cpu();
       const double* cp = ce.data_ptr<double>();
       const bool* hp = hit.data_ptr<bool>();
       std::vector<double> row_ce(static_cast<size_t>(B), 0.0);

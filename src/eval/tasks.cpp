@@ -78,12 +78,6 @@ size_t count_words(const std::string& s) {
   return n;
 }
 
-const char* pos_name(const std::string& pos) {
-  if (pos == "adj") return "adjective";
-  if (pos == "adv") return "adverb";
-  return pos == "verb" ? "verb" : "noun";
-}
-
 struct Synset {
   std::string pos, lemma, definition;
   std::vector<std::string> lemmas;
@@ -120,7 +114,7 @@ Task make_wordnet_mc(const std::vector<Synset>& val, const std::vector<Synset>& 
     std::swap(words[0], words[gold]);
     ChoiceItem item;
     for (const auto& w : words) {
-      item.contexts.push_back(w + " (" + pos_name(s.pos) + "):");
+      item.contexts.push_back(w + " (" + s.pos + "):");
       item.continuations.push_back(" " + s.definition);
     }
     item.gold = static_cast<int64_t>(gold);
@@ -410,24 +404,15 @@ std::vector<std::string> generate_texts(ModelBase& model, const Tokenizer& tok,
   for (size_t s = 0; s < contexts.size(); s += static_cast<size_t>(batch)) {
     const size_t e = std::min(contexts.size(), s + static_cast<size_t>(batch));
     std::vector<std::vector<int32_t>> prompts;
-    int64_t P = 1;
     for (size_t q = s; q < e; ++q) {
       auto ids = tok.encode(contexts[q]);
       if (static_cast<int64_t>(ids.size()) > room) {
         ids.erase(ids.begin(), ids.end() - static_cast<std::ptrdiff_t>(room));
       }
-      P = std::max<int64_t>(P, static_cast<int64_t>(ids.size()));
       prompts.push_back(std::move(ids));
     }
-    const int64_t B = static_cast<int64_t>(prompts.size());
-    auto x = torch::full({B, P}, tok.eos_id(), torch::kLong);
-    auto valid = torch::zeros({B, P}, torch::kBool);
-    for (int64_t b = 0; b < B; ++b) {
-      const auto& ids = prompts[static_cast<size_t>(b)];
-      const int64_t pad = P - static_cast<int64_t>(ids.size());
-      for (size_t i = 0; i < ids.size(); ++i) x[b][pad + static_cast<int64_t>(i)] = ids[i];
-      valid[b].narrow(0, pad, static_cast<int64_t>(ids.size())).fill_(true);
-    }
+    const auto [x, valid] = left_pad(prompts, tok.eos_id());
+    const int64_t B = x.size(0), P = x.size(1);
     auto res = sampler->generate_padded(model, x.to(dev), valid.to(dev), gen).tokens_BL.cpu();
     for (int64_t b = 0; b < B; ++b) {
       std::vector<int32_t> ids;

@@ -2,6 +2,8 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
+
 #include "core/errors.h"
 
 namespace mixdiff {
@@ -29,6 +31,26 @@ DecodeLayout decode_layout(const at::Tensor& prompt_BP, const at::Tensor& valid_
     d.pos_BL = (torch::arange(d.P + G, lopt).unsqueeze(0) - pad_B.unsqueeze(1)).clamp_min(0);
   }
   return d;
+}
+
+std::pair<at::Tensor, at::Tensor> left_pad(const std::vector<std::vector<int32_t>>& rows,
+                                           int64_t pad_id, int64_t repeat) {
+  int64_t P = 0;
+  for (const auto& r : rows) P = std::max<int64_t>(P, static_cast<int64_t>(r.size()));
+  const int64_t B = static_cast<int64_t>(rows.size()) * repeat;
+  auto x = torch::full({B, P}, pad_id, torch::kLong);
+  auto valid = torch::zeros({B, P}, torch::kBool);
+  auto xa = x.accessor<int64_t, 2>();
+  auto va = valid.accessor<bool, 2>();
+  for (int64_t b = 0; b < B; ++b) {
+    const auto& ids = rows[static_cast<size_t>(b / repeat)];
+    const int64_t pad = P - static_cast<int64_t>(ids.size());
+    for (size_t i = 0; i < ids.size(); ++i) {
+      xa[b][pad + static_cast<int64_t>(i)] = ids[i];
+      va[b][pad + static_cast<int64_t>(i)] = true;
+    }
+  }
+  return {x, valid};
 }
 
 ModelInput DecodeLayout::input(int64_t from, int64_t len, at::Tensor index) const {

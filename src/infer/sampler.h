@@ -7,6 +7,8 @@
 
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "core/config.h"
 #include "core/registry.h"
@@ -58,6 +60,11 @@ struct DecodeLayout {
   /// columns that starts at `slice_from`.
   at::Tensor columns(int64_t from, int64_t len, int64_t slice_from, int64_t width) const;
 };
+
+/// Token rows of different lengths as one left-padded batch: int64 [B, P] (P the longest row,
+/// padding `pad_id`) and bool [B, P], false at padding; every row repeated `repeat` times.
+std::pair<at::Tensor, at::Tensor> left_pad(const std::vector<std::vector<int32_t>>& rows,
+                                           int64_t pad_id, int64_t repeat = 1);
 
 /// `prompt_BP` (rows padded on the left where `valid_BP` is false; undefined: no padding) and
 /// G masks, on `device`.
