@@ -314,6 +314,15 @@ class Gpt2FilesBuilder : public TokenizerBuilder {
   std::string dir_, encoder_, merges_, eos_;
 };
 
+class FolderBuilder : public TokenizerBuilder {
+ public:
+  explicit FolderBuilder(const ConfigNode& cfg) : dir_(cfg.get<std::string>("dir")) {}
+  Tokenizer build() override { return Tokenizer::load(dir_); }
+
+ private:
+  std::string dir_;
+};
+
 MIXDIFF_REGISTER(tokenizer_builders(), "byte_bpe",
                  "byte-level BPE trained on the training split; keys: vocab_size, min_frequency",
                  [](const ConfigNode& c) -> std::unique_ptr<TokenizerBuilder> {
@@ -324,6 +333,12 @@ MIXDIFF_REGISTER(tokenizer_builders(), "gpt2",
                  "eos",
                  [](const ConfigNode& c) -> std::unique_ptr<TokenizerBuilder> {
                    return std::make_unique<Gpt2FilesBuilder>(c);
+                 });
+MIXDIFF_REGISTER(tokenizer_builders(), "folder",
+                 "a MixDiff tokenizer folder (tokenizer.json + encoder.json + vocab.bpe), e.g. "
+                 "the one import-hf writes; keys: dir",
+                 [](const ConfigNode& c) -> std::unique_ptr<TokenizerBuilder> {
+                   return std::make_unique<FolderBuilder>(c);
                  });
 
 }  // namespace

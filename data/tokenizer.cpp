@@ -177,16 +177,17 @@ struct Pretokenizer::Impl {
   }
 };
 
-Pretokenizer::Pretokenizer() : impl_(std::make_unique<Impl>()) {
+Pretokenizer::Pretokenizer(const std::string& pattern) : impl_(std::make_unique<Impl>()) {
   int error_code = 0;
   PCRE2_SIZE error_offset = 0;
-  impl_->code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(kPattern), PCRE2_ZERO_TERMINATED,
+  const std::string& p = pattern.empty() ? std::string(kPattern) : pattern;
+  impl_->code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(p.c_str()), PCRE2_ZERO_TERMINATED,
                               PCRE2_UTF | PCRE2_UCP, &error_code, &error_offset, nullptr);
   if (!impl_->code) {
     PCRE2_UCHAR message[256];
     pcre2_get_error_message(error_code, message, sizeof message);
-    throw std::runtime_error(str("Pretokenizer: PCRE2 rejected the GPT-2 pattern at offset ",
-                                 error_offset, ": ", reinterpret_cast<const char*>(message)));
+    throw DataError(str("pre-tokenizer pattern ", quote(p), ": PCRE2 rejects it at offset ",
+                        error_offset, ": ", reinterpret_cast<const char*>(message)));
   }
   // JIT is an optimisation only: some builds or platforms lack it, and the interpreter gives the
   // same matches.
@@ -196,6 +197,8 @@ Pretokenizer::Pretokenizer() : impl_(std::make_unique<Impl>()) {
 }
 
 Pretokenizer::~Pretokenizer() = default;
+Pretokenizer::Pretokenizer(Pretokenizer&&) noexcept = default;
+Pretokenizer& Pretokenizer::operator=(Pretokenizer&&) noexcept = default;
 
 std::vector<std::string_view> Pretokenizer::split(std::string_view text) const {
   std::vector<std::string_view> pieces;
@@ -272,8 +275,11 @@ struct ByteLevelBpe::Impl {
   std::string eos;
   int32_t eos_id = -1;
   std::string fingerprint;
+  std::string base_fingerprint;  // of (encoder, merges, eos); `fingerprint` adds the pre-tokenizer
 
   Pretokenizer pretokenizer;
+  std::string pattern;         // empty: GPT-2's
+  bool ignore_merges = false;  // a piece that is a token is that token (Llama-3's tokenizer.json)
   // encode() is const but memoises per piece and reuses scratch buffers. The mutex makes
   // concurrent calls on one shared tokenizer safe (they run one at a time); an uncontended lock
   // costs nothing next to an encode, and threads that need parallel encoding load their own copy.
@@ -406,6 +412,7 @@ std::unique_ptr<ByteLevelBpe::Impl> ByteLevelBpe::Impl::build(
   char hex[17];
   std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h.h));
   impl->fingerprint = hex;
+  impl->base_fingerprint = hex;
 
   impl->encoder = std::move(encoder);
   impl->merges = std::move(merges);
@@ -426,6 +433,16 @@ void ByteLevelBpe::Impl::bpe(std::string_view piece, size_t offset,
                         offset, ": expected pre-tokens below 2 GiB"));
   }
   const int32_t n = static_cast<int32_t>(piece.size());
+  if (ignore_merges) {
+    const ByteAlphabet& alphabet = byte_alphabet();
+    std::string symbols;
+    for (char c : piece) symbols += alphabet.symbol[static_cast<unsigned char>(c)];
+    auto it = encoder.find(symbols);
+    if (it != encoder.end() && it->second != eos_id) {
+      out.push_back(it->second);
+      return;
+    }
+  }
   nodes.resize(n);
   for (int32_t i = 0; i < n; ++i) {
     const unsigned char c = static_cast<unsigned char>(piece[i]);
@@ -650,6 +667,37 @@ int32_t ByteLevelBpe::vocab_size() const { return static_cast<int32_t>(impl_->to
 int32_t ByteLevelBpe::eos_id() const { return impl_->eos_id; }
 size_t ByteLevelBpe::num_merges() const { return impl_->merges.size(); }
 std::string ByteLevelBpe::fingerprint() const { return impl_->fingerprint; }
+const std::string& ByteLevelBpe::pattern() const { return impl_->pattern; }
+bool ByteLevelBpe::ignore_merges() const { return impl_->ignore_merges; }
+const std::vector<std::pair<std::string, std::string>>& ByteLevelBpe::merges() const {
+  return impl_->merges;
+}
+
+std::string ByteLevelBpe::token_symbols(int32_t id) const {
+  if (id < 0 || id >= vocab_size()) {
+    throw DataError(str("token id ", id, " is outside [0, ", vocab_size(), ")"));
+  }
+  return impl_->tokens[id];
+}
+
+void ByteLevelBpe::set_pretokenizer(const std::string& pattern, bool ignore_merges) {
+  Pretokenizer p(pattern);  // throws on a bad pattern before anything changes
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  impl_->pretokenizer = std::move(p);
+  impl_->pattern = pattern == kPattern ? std::string() : pattern;
+  impl_->ignore_merges = ignore_merges;
+  impl_->cache.clear();
+  impl_->fingerprint = impl_->base_fingerprint;
+  if (!impl_->pattern.empty() || ignore_merges) {  // GPT-2 tokenizers keep their fingerprint
+    Fnv1a64 h;
+    h.text(impl_->base_fingerprint);
+    h.text(impl_->pattern);
+    h.u64(ignore_merges ? 1 : 0);
+    char hex[17];
+    std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h.h));
+    impl_->fingerprint = hex;
+  }
+}
 
 std::string ByteLevelBpe::token_bytes(int32_t id) const {
   if (id < 0 || id >= vocab_size()) {
@@ -684,14 +732,17 @@ void ByteLevelBpe::save_files(const std::string& dir) const {
 // Tokenizer
 
 namespace {
-bool known_kind(const std::string& kind) { return kind == "byte_bpe" || kind == "gpt2"; }
+bool known_kind(const std::string& kind) {
+  return kind == "byte_bpe" || kind == "gpt2" || kind == "hf_bpe";
+}
 }  // namespace
 
 Tokenizer::Tokenizer(std::string kind, ByteLevelBpe bpe)
     : kind_(std::move(kind)), bpe_(std::move(bpe)) {
   if (!known_kind(kind_)) {
     throw ConfigError(
-        str("tokenizer kind ", quote(kind_), " is unknown, expected \"byte_bpe\" or \"gpt2\""));
+        str("tokenizer kind ", quote(kind_),
+            " is unknown, expected \"byte_bpe\", \"gpt2\" or \"hf_bpe\""));
   }
 }
 
@@ -707,12 +758,14 @@ Tokenizer Tokenizer::load(const std::string& dir) {
   if (!doc.is_object()) {
     throw DataError(str(path, ": expected a JSON object, got ", doc.type_name()));
   }
-  static const char* const kKeys[] = {"kind", "format_version", "encoder", "merges", "eos"};
+  static const char* const kKeys[] = {"kind",  "format_version", "encoder",      "merges",
+                                      "eos",   "pattern",        "ignore_merges"};
   // Unknown keys are errors so that a typo ("merge") is not silently replaced by nothing.
   for (auto it = doc.begin(); it != doc.end(); ++it) {
     if (std::find(std::begin(kKeys), std::end(kKeys), it.key()) == std::end(kKeys)) {
       throw DataError(str(path, ": unknown key ", quote(it.key()),
-                          ", expected kind, format_version, encoder, merges, eos"));
+                          ", expected kind, format_version, encoder, merges, eos, pattern, "
+                          "ignore_merges"));
     }
   }
   auto get_string = [&](const char* key) {
@@ -727,7 +780,7 @@ Tokenizer Tokenizer::load(const std::string& dir) {
   const std::string kind = get_string("kind");
   if (!known_kind(kind)) {
     throw DataError(str(path, ": key \"kind\": unknown tokenizer kind ", quote(kind),
-                        ", expected \"byte_bpe\" or \"gpt2\""));
+                        ", expected \"byte_bpe\", \"gpt2\" or \"hf_bpe\""));
   }
   auto version = doc.find("format_version");
   if (version == doc.end()) throw DataError(str(path, ": missing key \"format_version\""));
@@ -741,6 +794,22 @@ Tokenizer Tokenizer::load(const std::string& dir) {
   // Relative paths are relative to the folder, so the folder can be moved as a whole.
   ByteLevelBpe bpe = ByteLevelBpe::from_files((fs::path(dir) / encoder).string(),
                                               (fs::path(dir) / merges).string(), eos);
+  const std::string pattern = doc.contains("pattern") ? get_string("pattern") : std::string();
+  bool ignore = false;
+  if (auto it = doc.find("ignore_merges"); it != doc.end()) {
+    if (!it->is_boolean()) {
+      throw DataError(str(path, ": key \"ignore_merges\": expected true or false, got ",
+                          json_type_and_value(*it)));
+    }
+    ignore = it->get<bool>();
+  }
+  if (!pattern.empty() || ignore) {
+    try {
+      bpe.set_pretokenizer(pattern, ignore);
+    } catch (const DataError& e) {
+      throw DataError(str(path, ": key \"pattern\": ", e.what()));
+    }
+  }
   return Tokenizer(kind, std::move(bpe));
 }
 
@@ -753,6 +822,8 @@ void Tokenizer::save(const std::string& dir) const {
   doc["encoder"] = "encoder.json";
   doc["merges"] = "vocab.bpe";
   doc["eos"] = bpe_.token_bytes(bpe_.eos_id());
+  if (!bpe_.pattern().empty()) doc["pattern"] = bpe_.pattern();
+  if (bpe_.ignore_merges()) doc["ignore_merges"] = true;
   // Written last: a folder with a tokenizer.json always has the files it names.
   write_file_atomic((fs::path(dir) / "tokenizer.json").string(), doc.dump(2) + "\n");
 }

@@ -9,9 +9,12 @@
 // Invalid UTF-8 in the input is not an error: such bytes are split as single-byte pieces, so
 // every byte string round-trips through encode/decode.
 //
-// A tokenizer folder holds `tokenizer.json` ({"kind": "byte_bpe"|"gpt2", "format_version": 1,
-// "encoder": "encoder.json", "merges": "vocab.bpe", "eos": "<|endoftext|>"}) next to the two GPT-2
-// files. The mask token of the diffusion model is not part of the tokenizer: the model reserves id
+// Another pre-tokenizer pattern can be set (a Hugging Face tokenizer.json's Split regex: Qwen2/3,
+// Llama-3), and `ignore_merges` (a pre-token that is itself a token is encoded as that token).
+//
+// A tokenizer folder holds `tokenizer.json` ({"kind": "byte_bpe"|"gpt2"|"hf_bpe",
+// "format_version": 1, "encoder": "encoder.json", "merges": "vocab.bpe", "eos": "<|endoftext|>",
+// optional "pattern": "...", "ignore_merges": true}) next to the two GPT-2 files. The mask token of the diffusion model is not part of the tokenizer: the model reserves id
 // `vocab_size()` for it.
 #pragma once
 
@@ -25,11 +28,15 @@
 
 namespace mixdiff {
 
-/// Splits text into pre-tokens with GPT-2's regex (PCRE2). Thread-compatible (one per thread).
+/// Splits text into pre-tokens with GPT-2's regex or `pattern` (PCRE2; text between matches is a
+/// piece too, as Hugging Face's Split with behavior "Isolated" does). Thread-compatible.
 class Pretokenizer {
  public:
-  Pretokenizer();
+  /// Throws DataError when PCRE2 rejects the pattern. Empty: GPT-2's.
+  explicit Pretokenizer(const std::string& pattern = {});
   ~Pretokenizer();
+  Pretokenizer(Pretokenizer&&) noexcept;
+  Pretokenizer& operator=(Pretokenizer&&) noexcept;
   Pretokenizer(const Pretokenizer&) = delete;
   Pretokenizer& operator=(const Pretokenizer&) = delete;
   /// Pieces are views into `text`; their concatenation equals `text`.
@@ -70,6 +77,15 @@ class ByteLevelBpe {
   /// Writes `encoder.json` and `vocab.bpe` (header `#version: 0.2`) into `dir`.
   void save_files(const std::string& dir) const;
   size_t num_merges() const;
+  /// Token `id` in byte-to-unicode form (as encoder.json spells it).
+  std::string token_symbols(int32_t id) const;
+  /// Ranked merges in byte-to-unicode form.
+  const std::vector<std::pair<std::string, std::string>>& merges() const;
+  /// Replaces the pre-tokenizer (empty pattern: GPT-2's). The fingerprint then covers the pattern
+  /// and flag; a GPT-2 pattern without ignore_merges keeps the fingerprint of the tables.
+  void set_pretokenizer(const std::string& pattern, bool ignore_merges);
+  const std::string& pattern() const;  ///< empty: GPT-2's
+  bool ignore_merges() const;
 
  private:
   struct Impl;
@@ -117,6 +133,21 @@ class Tokenizer {
   std::string kind_;
   ByteLevelBpe bpe_;
 };
+
+/// A Hugging Face `tokenizer.json` of a byte-level BPE (model BPE; pre-tokenizer ByteLevel, or a
+/// Split regex followed by ByteLevel without its regex; no byte fallback) as a MixDiff tokenizer
+/// of kind hf_bpe. Added tokens join the encoder at their ids; ids below `vocab_size` that nothing
+/// names become reserved tokens "<|reserved_N|>" (models pad their vocabulary). `eos` names the
+/// end-of-text token (empty: tokenizer_config.json's eos_token). What the reader cannot follow is
+/// refused with DataError naming the file and field; a normalizer of NFC is accepted with a note
+/// in `notes` (text already in NFC, which is most text, encodes identically).
+Tokenizer read_hf_tokenizer(const std::string& tokenizer_json, const std::string& eos,
+                            int64_t vocab_size, std::vector<std::string>* notes);
+
+/// Writes `tokenizer.json` (and tokenizer_config.json) for Hugging Face's `tokenizers` /
+/// PreTrainedTokenizerFast: the same vocabulary, merges and pre-tokenizer; the end-of-text token
+/// and, when `mask_token` is not empty, a mask token with id vocab_size() as special tokens.
+void write_hf_tokenizer(const Tokenizer& tok, const std::string& dir, const std::string& mask_token);
 
 /// The tokens of a (context, continuation) pair as lm-eval makes them: trailing spaces of the
 /// context move to the continuation; the context's tokens are encode(context), the

@@ -138,6 +138,23 @@ struct UpcycleArgs {
 /// `mixdiff upcycle`: dense -> MoE or E -> mE, written as a resumable run (src/app/upcycle.cpp).
 int cmd_upcycle(const UpcycleArgs& a);
 
+struct ImportHfArgs {
+  std::string dir;         ///< Hugging Face model folder
+  std::string out;         ///< run folder to write
+  std::string recipe_out;  ///< where to write the adaptation recipe (empty: not written)
+  std::string attention;   ///< full or causal; empty: full (an export-hf folder: its own)
+};
+/// `mixdiff import-hf` (src/app/hf_interchange.cpp).
+int cmd_import_hf(const ImportHfArgs& a);
+
+struct ExportHfArgs {
+  std::string ckpt;
+  std::string out;
+  std::string as = "auto";  ///< auto, causal or mixdiff
+};
+/// `mixdiff export-hf` (src/app/hf_interchange.cpp).
+int cmd_export_hf(const ExportHfArgs& a);
+
 struct LaunchArgs {
   int nnodes = 1;
   int node_rank = 0;

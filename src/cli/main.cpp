@@ -134,6 +134,34 @@ Command upcycle_command(CLI::App& app) {
   return {uc, [a] { return mixdiff::cmd_upcycle(*a); }};
 }
 
+Command import_hf_command(CLI::App& app) {
+  auto a = std::make_shared<mixdiff::ImportHfArgs>();
+  auto* c = app.add_subcommand(
+      "import-hf", "a Hugging Face model folder (llama, qwen3, mixtral, qwen3_moe, or an export-hf "
+                   "folder) as a MixDiff checkpoint, with a diffusion adaptation recipe");
+  c->add_option("dir", a->dir, "folder with config.json, safetensors and tokenizer.json")->required();
+  c->add_option("--out", a->out, "run folder to write")->required();
+  c->add_option("--recipe-out", a->recipe_out,
+                "write the adaptation recipe here (init: names the imported checkpoint)");
+  c->add_option("--attention", a->attention,
+                "full (diffusion, default) or causal (to check against the source)");
+  c->footer("Then: mixdiff data prepare R.yaml && mixdiff train R.yaml (R.yaml from --recipe-out); "
+            "mixdiff generate/eval --ckpt OUT read the imported checkpoint directly.");
+  return {c, [a] { return mixdiff::cmd_import_hf(*a); }};
+}
+
+Command export_hf_command(CLI::App& app) {
+  auto a = std::make_shared<mixdiff::ExportHfArgs>();
+  auto* c = app.add_subcommand("export-hf", "a checkpoint as a folder that transformers loads");
+  c->add_option("--ckpt", a->ckpt, "run folder or checkpoint folder")->required();
+  c->add_option("--out", a->out, "folder to write")->required();
+  c->add_option("--as", a->as,
+                "auto (default: a causal architecture when the model is causal and one fits, "
+                "else mixdiff), causal, or mixdiff (config + modeling_mixdiff.py, "
+                "trust_remote_code)");
+  return {c, [a] { return mixdiff::cmd_export_hf(*a); }};
+}
+
 /// `worker`: the command line after the first "--".
 Command launch_command(CLI::App& app, const std::vector<std::string>& worker) {
   auto a = std::make_shared<mixdiff::LaunchArgs>();
@@ -253,6 +281,8 @@ int run(int argc, char** argv) {
   commands.push_back(sweep_command(app));
   commands.push_back(report_command(app));
   commands.push_back(upcycle_command(app));
+  commands.push_back(import_hf_command(app));
+  commands.push_back(export_hf_command(app));
   const Command launch = launch_command(app, worker);
   commands.push_back(launch);
   auto* bench = app.add_subcommand("bench", "benchmarks measured side by side in one process");
