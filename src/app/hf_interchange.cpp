@@ -1,15 +1,20 @@
 // `mixdiff import-hf` and `mixdiff export-hf`: Hugging Face model folders <-> MixDiff checkpoints.
 //
 // Families whose math the backbone covers (pre-norm RMSNorm blocks, rotary attention with grouped
-// KV heads and optional per-head QK-norm, SwiGLU, token-choice MoE of SwiGLU experts, no biases):
-//   llama (LlamaForCausalLM), qwen3 (Qwen3ForCausalLM), mixtral (MixtralForCausalLM), qwen3_moe
-//   (Qwen3MoeForCausalLM), and mixdiff (the folders export-hf writes for diffusion models).
+// KV heads, an optional q/k/v bias, optional QK-norm per head or over the projection, SwiGLU,
+// token-choice MoE of SwiGLU experts with optional gated shared experts):
+//   llama (LlamaForCausalLM), qwen2 (Qwen2ForCausalLM: q/k/v bias), qwen3 (Qwen3ForCausalLM: QK-norm
+//   per head), mixtral (MixtralForCausalLM), qwen2_moe (Qwen2MoeForCausalLM: q/k/v bias, a shared
+//   expert behind a sigmoid gate), qwen3_moe (Qwen3MoeForCausalLM), olmoe (OlmoeForCausalLM:
+//   QK-norm over the whole projection), and mixdiff (the folders export-hf writes for diffusion
+//   models).
 // Tensor names (HF -> MixDiff): model.embed_tokens -> embed (plus the [MASK] row, the mean of the
 // rows: a neutral start for adaptation), lm_head -> head (absent when tied), input_layernorm ->
 // attn_norm, post_attention_layernorm -> ffn_norm, q/k/v_proj -> the rows [q; k; v] of
-// attn.wqkv, o_proj -> attn.wo, q_norm/k_norm -> attn.q_norm/k_norm, mlp.{gate,up,down}_proj ->
-// ffn.w_gate/w_up/w_down, router gate -> ffn.router.weight, expert e's gate/up/down (Mixtral's
-// w1/w3/w2) -> row e of ffn.experts.w_gate/w_up/w_down, model.norm -> norm. Both use rotate_half
+// attn.wqkv (their biases: attn.bqkv), o_proj -> attn.wo, q_norm/k_norm -> attn.q_norm/k_norm,
+// mlp.{gate,up,down}_proj -> ffn.w_gate/w_up/w_down, router gate -> ffn.router.weight, expert
+// e's gate/up/down (Mixtral's w1/w3/w2) -> row e of ffn.experts.w_gate/w_up/w_down,
+// shared_expert -> ffn.shared, shared_expert_gate -> ffn.shared_gate, model.norm -> norm. Both use rotate_half
 // rotary, so no permutation. What a family needs that MixDiff lacks is refused naming the field
 // (config keys an importer does not know are refused too: nothing is approximated silently).
 #include <torch/torch.h>
@@ -40,11 +45,15 @@ using json = nlohmann::json;
 
 namespace {
 
+enum class QkNorm { kNone, kHead, kProjection };
+
 struct Family {
   const char* type;
   const char* architecture;
   bool moe;
-  bool qk_norm;
+  QkNorm qk;
+  bool bias;               ///< q/k/v biases
+  bool shared;             ///< one shared expert behind a sigmoid gate (Qwen2-MoE)
   const char* moe_prefix;  ///< module of the MoE block under model.layers.i
   const char* gate;        ///< expert projection names
   const char* up;
@@ -52,17 +61,17 @@ struct Family {
 };
 
 const Family kFamilies[] = {
-    {"llama", "LlamaForCausalLM", false, false, "mlp", "gate_proj", "up_proj", "down_proj"},
-    {"qwen3", "Qwen3ForCausalLM", false, true, "mlp", "gate_proj", "up_proj", "down_proj"},
-    {"mixtral", "MixtralForCausalLM", true, false, "block_sparse_moe", "w1", "w3", "w2"},
-    {"qwen3_moe", "Qwen3MoeForCausalLM", true, true, "mlp", "gate_proj", "up_proj", "down_proj"},
+    {"llama", "LlamaForCausalLM", false, QkNorm::kNone, false, false, "mlp", "gate_proj", "up_proj", "down_proj"},
+    {"qwen2", "Qwen2ForCausalLM", false, QkNorm::kNone, true, false, "mlp", "gate_proj", "up_proj", "down_proj"},
+    {"qwen3", "Qwen3ForCausalLM", false, QkNorm::kHead, false, false, "mlp", "gate_proj", "up_proj", "down_proj"},
+    {"mixtral", "MixtralForCausalLM", true, QkNorm::kNone, false, false, "block_sparse_moe", "w1", "w3", "w2"},
+    {"qwen2_moe", "Qwen2MoeForCausalLM", true, QkNorm::kNone, true, true, "mlp", "gate_proj", "up_proj", "down_proj"},
+    {"qwen3_moe", "Qwen3MoeForCausalLM", true, QkNorm::kHead, false, false, "mlp", "gate_proj", "up_proj", "down_proj"},
+    {"olmoe", "OlmoeForCausalLM", true, QkNorm::kProjection, false, false, "mlp", "gate_proj", "up_proj", "down_proj"},
 };
 
 /// Families whose math MixDiff lacks, with the field that says so.
 const std::pair<const char*, const char*> kRefused[] = {
-    {"qwen2", "attention biases (self_attn.q_proj/k_proj/v_proj.bias): MixDiff's attention has none"},
-    {"qwen2_moe", "attention biases and the sigmoid mlp.shared_expert_gate: MixDiff has neither"},
-    {"olmoe", "q_norm/k_norm normalise the whole q/k projection; MixDiff's qk_norm is per head"},
     {"deepseek_v3", "kv_lora_rank: multi-head latent attention (MLA) is not in MixDiff's backbone"},
     {"deepseek_v2", "kv_lora_rank: multi-head latent attention (MLA) is not in MixDiff's backbone"},
 };
@@ -248,8 +257,8 @@ int cmd_import_hf(const ImportHfArgs& a) {
     if (type == f.type) fam = &f;
   }
   if (!fam && !native) {
-    cfg.refuse("model_type", str("'", type, "' is not supported (llama, qwen3, mixtral, "
-                                 "qwen3_moe, mixdiff)"));
+    cfg.refuse("model_type", str("'", type, "' is not supported (llama, qwen2, qwen3, mixtral, "
+                                 "qwen2_moe, qwen3_moe, olmoe, mixdiff)"));
   }
   TensorMap hf = load_hf_tensors(a.dir);
   // An export-hf folder counts [MASK] in vocab_size (the embedding's rows, as transformers reads
@@ -270,7 +279,7 @@ int cmd_import_hf(const ImportHfArgs& a) {
     model = cfg.raw()["mixdiff_model"];
     cfg.get<json>("mixdiff_model");
     for (const char* k : {"d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff",
-                          "max_seq_len", "rope_theta", "qk_norm", "tie_embeddings", "attention",
+                          "max_seq_len", "rope_theta", "qk_norm", "qkv_bias", "tie_embeddings", "attention",
                           "block_size", "norm_eps", "moe"}) {
       cfg.get<json>(k, json());
     }
@@ -285,7 +294,15 @@ int cmd_import_hf(const ImportHfArgs& a) {
                 "hidden_dropout", "keys_to_ignore_at_inference"});
     const std::string act = cfg.get<std::string>("hidden_act", std::string("silu"));
     if (act != "silu" && act != "swish") cfg.refuse("hidden_act", str("'", act, "': MixDiff's FFN is SwiGLU (silu)"));
-    cfg.expect_false("attention_bias", "attention biases: MixDiff's attention has none");
+    bool bias = fam->bias;
+    if (std::string(fam->type) == "qwen2_moe") {
+      bias = cfg.get<bool>("qkv_bias", true);
+    } else if (!fam->bias) {
+      cfg.expect_false("attention_bias", "attention biases: MixDiff has q/k/v biases (Qwen2) only");
+    }
+    if (std::string(fam->type) == "olmoe") {
+      cfg.expect_null("clip_qkv", "clipping q/k/v is not in MixDiff's attention");
+    }
     cfg.expect_false("mlp_bias", "MLP biases: MixDiff's SwiGLU has none");
     cfg.expect_null("rope_scaling", "rope scaling is not in MixDiff's rotary embedding");
     double theta = 10000.0;
@@ -335,7 +352,9 @@ int cmd_import_hf(const ImportHfArgs& a) {
              {"d_ff", cfg.get<int64_t>("intermediate_size")},
              {"max_seq_len", cfg.get<int64_t>("max_position_embeddings")},
              {"rope_theta", theta},
-             {"qk_norm", fam->qk_norm},
+             {"qk_norm", fam->qk == QkNorm::kNone ? json(false)
+                         : fam->qk == QkNorm::kHead ? json(true) : json("projection")},
+             {"qkv_bias", bias},
              {"tie_embeddings", tied},
              {"norm_eps", cfg.get<double>("rms_norm_eps")},
              {"attention", attention}};
@@ -347,9 +366,10 @@ int cmd_import_hf(const ImportHfArgs& a) {
       const int64_t K = cfg.get<int64_t>("num_experts_per_tok");
       int64_t F = 0;
       bool normalize = true;
-      if (std::string(fam->type) == "mixtral") {
+      if (std::string(fam->type) == "mixtral" || std::string(fam->type) == "olmoe") {
         F = cfg.get<int64_t>("intermediate_size");
         pattern.assign(static_cast<size_t>(NL), 'M');
+        if (std::string(fam->type) == "olmoe") normalize = cfg.get<bool>("norm_topk_prob", false);
       } else {
         F = cfg.get<int64_t>("moe_intermediate_size");
         normalize = cfg.get<bool>("norm_topk_prob", false);
@@ -365,6 +385,11 @@ int cmd_import_hf(const ImportHfArgs& a) {
                       {"layer_pattern", pattern},
                       {"router", {{"kind", "token_choice"}, {"top_k", K}, {"score", "softmax"},
                                   {"normalize", normalize}}}};
+      if (fam->shared) {
+        model["moe"]["n_shared"] = 1;
+        model["moe"]["d_shared"] = cfg.get<int64_t>("shared_expert_intermediate_size");
+        model["moe"]["shared_gate"] = true;
+      }
       if (pattern.find('M') == std::string::npos) cfg.refuse("mlp_only_layers", "no MoE layer is left");
     }
     cfg.check_all_read(fam->type);
@@ -384,7 +409,12 @@ int cmd_import_hf(const ImportHfArgs& a) {
                                         take(hf, p + "self_attn.k_proj.weight", a.dir),
                                         take(hf, p + "self_attn.v_proj.weight", a.dir)}, 0);
       mt[q + "attn.wo"] = take(hf, p + "self_attn.o_proj.weight", a.dir);
-      if (fam->qk_norm) {
+      if (bias) {
+        mt[q + "attn.bqkv"] = torch::cat({take(hf, p + "self_attn.q_proj.bias", a.dir),
+                                          take(hf, p + "self_attn.k_proj.bias", a.dir),
+                                          take(hf, p + "self_attn.v_proj.bias", a.dir)}, 0);
+      }
+      if (fam->qk != QkNorm::kNone) {
         mt[q + "attn.q_norm.weight"] = take(hf, p + "self_attn.q_norm.weight", a.dir);
         mt[q + "attn.k_norm.weight"] = take(hf, p + "self_attn.k_norm.weight", a.dir);
       }
@@ -406,6 +436,12 @@ int cmd_import_hf(const ImportHfArgs& a) {
         mt[q + "ffn.experts.w_gate"] = torch::stack(g);
         mt[q + "ffn.experts.w_up"] = torch::stack(u);
         mt[q + "ffn.experts.w_down"] = torch::stack(d);
+        if (fam->shared) {
+          mt[q + "ffn.shared.w_gate"] = take(hf, m + "shared_expert.gate_proj.weight", a.dir);
+          mt[q + "ffn.shared.w_up"] = take(hf, m + "shared_expert.up_proj.weight", a.dir);
+          mt[q + "ffn.shared.w_down"] = take(hf, m + "shared_expert.down_proj.weight", a.dir);
+          mt[q + "ffn.shared_gate"] = take(hf, m + "shared_expert_gate.weight", a.dir);
+        }
       }
     }
     for (auto it = hf.begin(); it != hf.end();) {  // stale rotary tables of old checkpoints
@@ -555,27 +591,41 @@ int cmd_export_hf(const ExportHfArgs& a) {
   // Which architecture: a standard causal one when the model is causal and one exists for it.
   std::string why_not;
   const Family* fam = nullptr;
+  const QkNorm qk = !o.qk_norm ? QkNorm::kNone : o.qk_norm_projection ? QkNorm::kProjection : QkNorm::kHead;
+  const bool all_moe = pattern.find('D') == std::string::npos;
   if (o.attention != "causal") {
     why_not = str("model.attention is ", o.attention, " (a causal architecture needs causal)");
   } else if (kind == "dense_dlm") {
-    fam = &kFamilies[o.qk_norm ? 1 : 0];
+    for (const auto& f : kFamilies) {
+      if (!f.moe && f.qk == qk && f.bias == o.qkv_bias) fam = &f;
+    }
+    if (!fam) why_not = "no transformers architecture has this attention (QK-norm and bias)";
   } else {
-    ConfigNode r = mc.at("moe").at("router");
+    ConfigNode m = mc.at("moe"), r = m.at("router");
     const bool softmax = r.get<std::string>("score", "softmax") == "softmax";
     const bool after = r.get<std::string>("softmax", "before_topk") == "after_topk";
     const bool normalize = after || r.get<bool>("normalize", !softmax);
+    const int64_t n_shared = m.get<int64_t>("n_shared", 0);
+    const bool gated_one = n_shared == 1 && m.get<bool>("shared_gate", false);
     if (!softmax || r.get<double>("scaling", 1.0) != 1.0 || r.get<int64_t>("n_group", 1) > 1 ||
         r.get<int64_t>("n_null", 0) > 0 ||
         (r.has("balancer") && r.at("balancer").get<std::string>("kind", "none") != "none") ||
-        mc.at("moe").get<int64_t>("n_shared", 0) > 0) {
-      why_not = "the router or shared experts go beyond softmax top-k (Mixtral, Qwen3-MoE)";
-    } else if (o.qk_norm) {
-      fam = &kFamilies[3];
-      moe["norm_topk_prob"] = normalize;
-    } else if (normalize && pattern.find('D') == std::string::npos) {
-      fam = &kFamilies[2];
+        (n_shared > 0 && !gated_one)) {
+      why_not = "the router or the shared experts go beyond softmax top-k (Mixtral, Qwen2-MoE, "
+                "Qwen3-MoE, OLMoE)";
     } else {
-      why_not = "without qk_norm only Mixtral fits, which renormalises and has no dense blocks";
+      for (const auto& f : kFamilies) {
+        if (!f.moe || f.qk != qk || f.bias != o.qkv_bias || f.shared != gated_one) continue;
+        const std::string t = f.type;
+        if (t == "mixtral" && !(normalize && all_moe)) continue;
+        if (t == "olmoe" && !all_moe) continue;
+        fam = &f;
+      }
+      moe["norm_topk_prob"] = normalize;
+      if (!fam) {
+        why_not = "no transformers MoE architecture has this attention, shared-expert and "
+                  "dense-block layout";
+      }
     }
   }
   if (a.as == "causal" && !fam) throw InputError(str(ckpt, ": --as causal: ", why_not));
@@ -585,7 +635,8 @@ int cmd_export_hf(const ExportHfArgs& a) {
   json config;
   TensorMap out;
   if (fam) {
-    const bool mixtral = std::string(fam->type) == "mixtral";
+    const std::string t = fam->type;
+    const bool mixtral = t == "mixtral";
     config = {{"architectures", {fam->architecture}},
               {"model_type", fam->type},
               {"vocab_size", V},
@@ -602,14 +653,17 @@ int cmd_export_hf(const ExportHfArgs& a) {
               {"hidden_act", "silu"},
               {"eos_token_id", tok.eos_id()},
               {"dtype", "float32"}};
-    if (!mixtral) config["attention_bias"] = false;
+    if (t == "llama" || t == "qwen3" || t == "qwen3_moe" || t == "olmoe") config["attention_bias"] = false;
+    if (t == "qwen2_moe") config["qkv_bias"] = true;
     if (fam->moe) {
       ConfigNode m = mc.at("moe");
       config[mixtral ? "num_local_experts" : "num_experts"] = m.get<int64_t>("n_expert");
       config["num_experts_per_tok"] = m.at("router").get<int64_t>("top_k");
-      if (mixtral) {
+      if (mixtral || t == "olmoe") {
         config["intermediate_size"] = m.get<int64_t>("d_expert");
+        if (t == "olmoe") config["norm_topk_prob"] = moe["norm_topk_prob"];
       } else {
+        if (fam->shared) config["shared_expert_intermediate_size"] = m.get<int64_t>("d_shared");
         config["moe_intermediate_size"] = m.get<int64_t>("d_expert");
         config["norm_topk_prob"] = moe["norm_topk_prob"];
         config["decoder_sparse_step"] = 1;
@@ -633,6 +687,12 @@ int cmd_export_hf(const ExportHfArgs& a) {
       out[p + "self_attn.k_proj.weight"] = w.narrow(0, qn, kn).contiguous();
       out[p + "self_attn.v_proj.weight"] = w.narrow(0, qn + kn, kn).contiguous();
       out[p + "self_attn.o_proj.weight"] = state.at(q + "attn.wo");
+      if (o.qkv_bias) {
+        const at::Tensor& b = state.at(q + "attn.bqkv");
+        out[p + "self_attn.q_proj.bias"] = b.narrow(0, 0, qn).contiguous();
+        out[p + "self_attn.k_proj.bias"] = b.narrow(0, qn, kn).contiguous();
+        out[p + "self_attn.v_proj.bias"] = b.narrow(0, qn + kn, kn).contiguous();
+      }
       if (o.qk_norm) {
         out[p + "self_attn.q_norm.weight"] = state.at(q + "attn.q_norm.weight");
         out[p + "self_attn.k_norm.weight"] = state.at(q + "attn.k_norm.weight");
@@ -651,6 +711,12 @@ int cmd_export_hf(const ExportHfArgs& a) {
           out[x + fam->gate + ".weight"] = g[e].contiguous();
           out[x + fam->up + ".weight"] = u[e].contiguous();
           out[x + fam->down + ".weight"] = d[e].contiguous();
+        }
+        if (fam->shared) {
+          out[m + "shared_expert.gate_proj.weight"] = state.at(q + "ffn.shared.w_gate");
+          out[m + "shared_expert.up_proj.weight"] = state.at(q + "ffn.shared.w_up");
+          out[m + "shared_expert.down_proj.weight"] = state.at(q + "ffn.shared.w_down");
+          out[m + "shared_expert_gate.weight"] = state.at(q + "ffn.shared_gate");
         }
       }
     }
@@ -671,7 +737,8 @@ int cmd_export_hf(const ExportHfArgs& a) {
               {"d_ff", o.d_ff},
               {"max_seq_len", o.max_seq_len},
               {"rope_theta", o.rope_theta},
-              {"qk_norm", o.qk_norm},
+              {"qk_norm", o.qk_norm_projection ? json("projection") : json(o.qk_norm)},
+              {"qkv_bias", o.qkv_bias},
               {"tie_embeddings", o.tie_embeddings},
               {"attention", o.attention},
               {"block_size", o.block_size},

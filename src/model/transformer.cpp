@@ -36,7 +36,14 @@ TransformerOptions TransformerOptions::from(const ConfigNode& c) {
   o.d_ff = c.get<int64_t>("d_ff", (8 * o.d_model / 3 + 63) / 64 * 64);
   o.max_seq_len = c.get<int64_t>("max_seq_len");
   o.rope_theta = c.get<double>("rope_theta", 10000.0);
-  o.qk_norm = c.get<bool>("qk_norm", false);
+  // qk_norm: false, true (= head: per head, Qwen3) or projection (the whole projection, OLMoE).
+  const std::string qk = c.get<std::string>("qk_norm", "false");
+  if (qk != "false" && qk != "true" && qk != "head" && qk != "projection") {
+    c.fail("qk_norm", "expected false, true (per head), head or projection, got '" + qk + "'");
+  }
+  o.qk_norm = qk != "false";
+  o.qk_norm_projection = qk == "projection";
+  o.qkv_bias = c.get<bool>("qkv_bias", false);
   o.tie_embeddings = c.get<bool>("tie_embeddings", true);
   o.attention = c.get<std::string>("attention", "full");
   if (o.attention != "full" && o.attention != "block_causal" && o.attention != "causal") {
@@ -111,7 +118,8 @@ TransformerDlm::TransformerDlm(const TransformerOptions& o, const FeedForwardFac
                                std::string kind, const SharedModules& shared)
     : o_(o), kind_(std::move(kind)) {
   for (const auto& [name, m] : shared) register_module(name, m);
-  AttentionOptions a{o.d_model, o.n_head, o.n_kv_head, o.head_dim, o.qk_norm, o.norm_eps};
+  AttentionOptions a{o.d_model,   o.n_head,   o.n_kv_head,          o.head_dim,
+                     o.qk_norm,   o.norm_eps, o.qk_norm_projection, o.qkv_bias};
   embed_ = register_parameter("embed", torch::empty({o.vocab_size + 1, o.d_model}));
   auto layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t i = 0; i < o.n_layer; ++i) {

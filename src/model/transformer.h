@@ -32,6 +32,8 @@ struct TransformerOptions {
   int64_t max_seq_len = 256;
   double rope_theta = 10000.0;
   bool qk_norm = false;
+  bool qk_norm_projection = false;  ///< qk_norm: projection (one norm over all heads)
+  bool qkv_bias = false;
   bool tie_embeddings = true;
   std::string attention = "full";
   int64_t block_size = 32;

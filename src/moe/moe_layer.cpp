@@ -52,6 +52,8 @@ MoeOptions MoeOptions::from(const ConfigNode& c, int64_t d_model) {
   o.n_shared = c.get<int64_t>("n_shared", 0);
   if (o.n_shared < 0) c.fail("n_shared", "expected >= 0");
   o.d_shared = c.get<int64_t>("d_shared", o.n_shared * o.d_expert);
+  o.shared_gate = c.get<bool>("shared_gate", false);
+  if (o.shared_gate && o.n_shared == 0) c.fail("shared_gate", "needs shared experts (n_shared > 0)");
   if (o.d_shared < 0 || (o.n_shared > 0 && o.d_shared == 0)) {
     c.fail("d_shared", "expected a positive width when n_shared > 0");
   }
@@ -97,6 +99,7 @@ MoeLayer::MoeLayer(const MoeOptions& o, std::shared_ptr<RouterBase> router,
   } else if (o.n_shared > 0) {
     shared_ = register_module("shared", std::make_shared<SwiGLU>(o.d_model, o.d_shared));
   }
+  if (o.shared_gate) shared_gate_ = register_parameter("shared_gate", torch::empty({1, o.d_model}));
 }
 
 std::string MoeLayer::describe() const {
@@ -104,7 +107,9 @@ std::string MoeLayer::describe() const {
   return str(o_.n_expert, !slots_->pool() ? " experts x " : str(" slots of a shared pool of ",
                                                                  pool_->n_expert(), " experts x "),
              o_.d_expert,
-             o_.n_shared > 0 ? str(" + ", o_.n_shared, " shared (", o_.d_shared, ")") : "",
+             o_.n_shared > 0 ? str(" + ", o_.n_shared, o_.shared_gate ? " gated" : "", " shared (",
+                                   o_.d_shared, ")")
+                             : "",
              extra.empty() ? "" : str(", ", extra), ", ", router_->describe(), ", ",
              o_.capacity ? o_.capacity->describe() : "dropless");
 }
@@ -171,7 +176,13 @@ at::Tensor MoeLayer::forward(const at::Tensor& x_BLD, const RoutingContext* ctx_
   }
   const at::Tensor pool_expert_A = slots_->pool_experts(kept.slot_A);
   auto y_TD = pool_->forward(x_TD, kept.token_A, pool_expert_A, kept.gate_A, *o_.dispatcher);
-  if (shared_) y_TD = y_TD + shared_->forward(x_TD, nullptr);
+  if (shared_) {
+    at::Tensor s = shared_->forward(x_TD, nullptr);
+    if (shared_gate_.defined()) {
+      s = s * torch::sigmoid(torch::nn::functional::linear(x_TD, shared_gate_.to(x_TD.scalar_type())));
+    }
+    y_TD = y_TD + s;
+  }
   profile::Scope stats_scope("routing_stats_and_aux");
   // A training forward counts the global-batch statistics once (a checkpointed region: in its
   // first forward) and attaches the routing losses where the graph is built (a checkpointed

@@ -57,6 +57,9 @@ struct MoeOptions {
   int64_t d_expert = 0;         ///< routed expert width F
   int64_t n_shared = 0;         ///< always-active shared experts
   int64_t d_shared = 0;         ///< their total width (default n_shared * d_expert)
+  /// The shared experts' output scaled by sigmoid(x . w) with a learned w (`shared_gate` [1, D];
+  /// Qwen2-MoE's shared_expert_gate).
+  bool shared_gate = false;
   std::shared_ptr<CapacityLimit> capacity;  ///< null: dropless (capacity_factor 0)
   std::shared_ptr<Dispatcher> dispatcher;  ///< registry `dispatchers`; null: sorted
   int64_t stat_buckets = 4;     ///< mask-ratio buckets of the telemetry
@@ -134,6 +137,7 @@ class MoeLayer : public FeedForward {
   std::shared_ptr<RouterBase> router_;
   std::shared_ptr<ExpertPool> pool_;
   std::shared_ptr<SwiGLU> shared_;
+  at::Tensor shared_gate_;  ///< [1, D] with MoeOptions::shared_gate
   std::shared_ptr<SlotMap> slots_;
   std::vector<WeightedRoutingLoss> aux_;
   std::vector<double> aux_values_;

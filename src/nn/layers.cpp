@@ -173,9 +173,14 @@ Attention::Attention(const AttentionOptions& o) : o_(o) {
   wqkv_ = register_parameter("wqkv", torch::empty({(o.n_head + 2 * o.n_kv_head) * o.head_dim,
                                                    o.d_model}));
   wo_ = register_parameter("wo", torch::empty({o.d_model, o.n_head * o.head_dim}));
+  if (o.qkv_bias) {
+    bqkv_ = register_parameter("bqkv", torch::zeros({(o.n_head + 2 * o.n_kv_head) * o.head_dim}));
+  }
   if (o.qk_norm) {
-    q_norm_ = register_module("q_norm", std::make_shared<RMSNorm>(o.head_dim, o.norm_eps));
-    k_norm_ = register_module("k_norm", std::make_shared<RMSNorm>(o.head_dim, o.norm_eps));
+    const int64_t qd = o.qk_norm_projection ? o.n_head * o.head_dim : o.head_dim;
+    const int64_t kd = o.qk_norm_projection ? o.n_kv_head * o.head_dim : o.head_dim;
+    q_norm_ = register_module("q_norm", std::make_shared<RMSNorm>(qd, o.norm_eps));
+    k_norm_ = register_module("k_norm", std::make_shared<RMSNorm>(kd, o.norm_eps));
   }
 }
 
@@ -183,11 +188,17 @@ at::Tensor Attention::forward(const at::Tensor& x, const RotaryTables& rope,
                               const at::Tensor& bias, const at::Tensor& pos, LayerKV* kv,
                               bool append, int64_t at) {
   const int64_t B = x.size(0), L = x.size(1), H = o_.n_head, Hk = o_.n_kv_head, hd = o_.head_dim;
-  auto qkv = torch::nn::functional::linear(x, wqkv_);  // [B, L, (H + 2Hk) hd]
-  auto q = qkv.narrow(-1, 0, H * hd).view({B, L, H, hd});
-  auto k = qkv.narrow(-1, H * hd, Hk * hd).view({B, L, Hk, hd});
+  auto qkv = torch::nn::functional::linear(x, wqkv_, bqkv_);  // [B, L, (H + 2Hk) hd]
+  auto q = qkv.narrow(-1, 0, H * hd);
+  auto k = qkv.narrow(-1, H * hd, Hk * hd);
+  if (q_norm_ && o_.qk_norm_projection) {
+    q = q_norm_->forward(q);
+    k = k_norm_->forward(k);
+  }
+  q = q.reshape({B, L, H, hd});
+  k = k.reshape({B, L, Hk, hd});
   auto v = qkv.narrow(-1, (H + Hk) * hd, Hk * hd).view({B, L, Hk, hd}).transpose(1, 2);
-  if (q_norm_) {
+  if (q_norm_ && !o_.qk_norm_projection) {
     q = q_norm_->forward(q);
     k = k_norm_->forward(k);
   }
@@ -269,12 +280,16 @@ void init_transformer_weights(torch::nn::Module& m, double std, int64_t n_layer)
   for (auto& kv : m.named_parameters(/*recurse=*/true)) {
     const std::string& name = kv.key();
     at::Tensor& p = kv.value();
+    auto ends_with = [&](const std::string& s) {
+      return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
+    };
     if (p.dim() < 2) {
-      p.fill_(1.0);
+      if (ends_with(".bqkv")) {
+        p.zero_();  // biases start at zero, norm weights at one
+      } else {
+        p.fill_(1.0);
+      }
     } else {
-      auto ends_with = [&](const std::string& s) {
-        return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
-      };
       // Residual-branch output projections are scaled down as in GPT-2 so that the residual
       // stream's variance does not grow with depth.
       p.normal_(0.0, ends_with(".wo") || ends_with(".w_down") ? scaled : std);

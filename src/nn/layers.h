@@ -69,6 +69,10 @@ struct AttentionOptions {
   int64_t head_dim = 0;
   bool qk_norm = false;   ///< RMSNorm over head_dim on q and k before rotary
   double norm_eps = 1e-6;
+  /// With qk_norm: one RMSNorm over the whole q (H hd) and k (Hkv hd) projection (OLMoE) instead
+  /// of one per head (Qwen3).
+  bool qk_norm_projection = false;
+  bool qkv_bias = false;  ///< a bias on the q, k, v projections (Qwen2): `bqkv` [(H + 2 Hkv) hd]
 };
 
 class Attention : public torch::nn::Module {
@@ -85,6 +89,7 @@ class Attention : public torch::nn::Module {
  private:
   AttentionOptions o_;
   at::Tensor wqkv_;  ///< [(H + 2 Hkv) hd, D]
+  at::Tensor bqkv_;  ///< [(H + 2 Hkv) hd] or undefined
   at::Tensor wo_;    ///< [D, H hd]
   std::shared_ptr<RMSNorm> q_norm_, k_norm_;
 };

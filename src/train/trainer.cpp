@@ -323,7 +323,8 @@ TrainerParts build_trainer_parts(const ConfigNode& recipe, std::unique_ptr<DataS
     if (p.init_routers != "keep" && p.init_routers != "fresh") {
       init.fail("routers", "expected keep or fresh, got '" + p.init_routers + "'");
     }
-    resolve_checkpoint(p.init_checkpoint);  // a missing checkpoint fails before training
+    // A missing checkpoint fails before training; an empty name means none (a sweep's switch).
+    if (!p.init_checkpoint.empty()) resolve_checkpoint(p.init_checkpoint);
   }
   // runtime.device / runtime.dtype: parameters live on the device (fp32 master weights); the
   // forward runs under autocast to dtype on CUDA; noise and data are drawn on the CPU and moved,

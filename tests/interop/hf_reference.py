@@ -48,11 +48,16 @@ def make_tokenizer(path, split_regex):
 FAMILIES = {
     # family: (config class, model class, extra config, tied, Qwen-style split regex)
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}, True, False),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, True, True),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24}, False, True),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}, False, False),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                   "shared_expert_intermediate_size": 40, "mlp_only_layers": [1]}, False, True),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                   {"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
                    "norm_topk_prob": True, "mlp_only_layers": [0], "head_dim": 16}, False, True),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2}, False, False),
 }
 
 
@@ -84,11 +89,9 @@ def make(out):
             json.dump({"text": PROBE, "ids": tok.encode(PROBE).ids}, f)
     # Folders that must be refused, each with the field named in the error.
     bad = {
-        "bad_qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
         "bad_deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                             {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                              "n_group": 2, "topk_group": 1}),
-        "bad_olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2}),
     }
     for name, (cc, mc, extra) in bad.items():
         cfg = getattr(transformers, cc)(vocab_size=300, hidden_size=64, intermediate_size=96,
@@ -102,8 +105,10 @@ def make(out):
         "bad_sliding": lambda c: c.update(sliding_window=16),
         "bad_bias": lambda c: c.update(attention_bias=True),
         "bad_unknown": lambda c: c.update(some_new_option=1),
+        "bad_clip": lambda c: c.update(clip_qkv=8.0),
     }.items():
-        src, dst = os.path.join(out, "mixtral" if name == "bad_sliding" else "llama"), os.path.join(out, name)
+        base = {"bad_sliding": "mixtral", "bad_clip": "olmoe"}.get(name, "llama")
+        src, dst = os.path.join(out, base), os.path.join(out, name)
         shutil.copytree(src, dst, dirs_exist_ok=True)
         with open(os.path.join(dst, "config.json")) as f:
             c = json.load(f)

@@ -63,6 +63,64 @@ TEST(ComponentModel, BlockCausalBlockDoesNotDependOnLaterBlocks) {
 // model.attention: causal (an autoregressive model, to check an imported checkpoint against its
 // source): position i sees positions <= i only, as block_causal with blocks of one token does,
 // and decoding token by token against the KV cache gives the full forward's logits.
+// The options that Qwen2 (q/k/v bias), OLMoE (QK-norm over the whole projection) and Qwen2-MoE
+// (a shared expert behind a sigmoid gate) need; their agreement with transformers is
+// E2EHuggingFace's.
+TEST(ComponentModel, QkNormOverTheProjectionQkvBiasAndGatedSharedExperts) {
+  torch::NoGradGuard ng;
+  auto model = [](const std::string& extra, const std::string& kind = "dense_dlm") {
+    torch::manual_seed(0);
+    return build_model(ConfigNode::from_string(
+        "kind: " + kind + "\nvocab_size: 50\nd_model: 32\nn_layer: 2\nn_head: 4\nn_kv_head: 2\n"
+        "d_ff: 48\nmax_seq_len: 16\n" + extra, "model.yaml"));
+  };
+  auto x = torch::randint(0, 50, {2, 10}, torch::kLong);
+  // Per head, q is scale-invariant per head; over the projection only as a whole.
+  for (const char* mode : {"head", "projection"}) {
+    auto m = model(std::string("qk_norm: ") + mode + "\n");
+    auto p = m->named_parameters();
+    EXPECT_EQ(p["layers.0.attn.q_norm.weight"].size(0), std::string(mode) == "head" ? 8 : 32);
+    const auto a = m->forward({x, {}}).logits;
+    auto w = p["layers.0.attn.wqkv"];
+    w.narrow(0, 0, 8).mul_(10.0);  // head 0's q rows
+    const double one_head = max_diff(m->forward({x, {}}).logits, a);
+    w.narrow(0, 8, 24).mul_(10.0);  // every q row scaled alike
+    const double all_heads = max_diff(m->forward({x, {}}).logits, a);
+    if (std::string(mode) == "head") {
+      EXPECT_LT(one_head, 1e-4);
+    } else {
+      EXPECT_GT(one_head, 1e-3);
+      EXPECT_LT(all_heads, 1e-4);
+    }
+  }
+  // The bias starts at zero: the same function as no bias, until it moves.
+  auto plain = model(""), biased = model("qkv_bias: true\n");
+  EXPECT_LT(max_diff(plain->forward({x, {}}).logits, biased->forward({x, {}}).logits), 1e-6);
+  biased->named_parameters()["layers.1.attn.bqkv"].fill_(0.5);
+  EXPECT_GT(max_diff(plain->forward({x, {}}).logits, biased->forward({x, {}}).logits), 1e-4);
+  // A gate of w = 0 halves the shared experts' output.
+  auto moe = [&](const std::string& gate) {
+    return model("moe: {n_expert: 4, d_expert: 16, n_shared: 1, " + gate +
+                     "router: {kind: token_choice, top_k: 2}}\n",
+                 "moe_dlm");
+  };
+  auto gated = moe("shared_gate: true, "), ungated = moe("");
+  auto gp = gated->named_parameters(), up = ungated->named_parameters();
+  gp["layers.0.ffn.shared_gate"].zero_();
+  gp["layers.1.ffn.shared_gate"].zero_();
+  for (const auto& kv : up) {
+    kv.value().copy_(gp[kv.key()]);
+    if (kv.key().find("shared.w_down") != std::string::npos) kv.value().mul_(0.5);
+  }
+  EXPECT_LT(max_diff(gated->forward({x, {}}).logits, ungated->forward({x, {}}).logits), 1e-5);
+  try {
+    model("qk_norm: sideways\n");
+    ADD_FAILURE() << "qk_norm: sideways was accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("qk_norm"), std::string::npos) << e.what();
+  }
+}
+
 TEST(ComponentModel, CausalAttentionSeesOnlyEarlierTokensAndDecodesWithTheCache) {
   torch::NoGradGuard ng;
   auto m = tiny_model("causal");
@@ -72,7 +130,9 @@ TEST(ComponentModel, CausalAttentionSeesOnlyEarlierTokensAndDecodesWithTheCache)
     auto y = x.clone();
     y[1][i] = (x[1][i].item<int64_t>() + 1) % 50;
     auto b = m->forward({y, {}}).logits;
-    if (i > 0) EXPECT_LT(max_diff(a.narrow(1, 0, i), b.narrow(1, 0, i)), 1e-6) << i;
+    if (i > 0) {
+      EXPECT_LT(max_diff(a.narrow(1, 0, i), b.narrow(1, 0, i)), 1e-6) << i;
+    }
     EXPECT_GT(max_diff(a.narrow(1, i, 12 - i), b.narrow(1, i, 12 - i)), 1e-5) << i;
   }
   torch::manual_seed(0);

@@ -7,12 +7,14 @@
 #                                       # [MASK]; config.vocab_size = V + 1 (embedding rows)
 #
 # The backbone: token embedding with a [MASK] row (the last), pre-norm blocks (RMSNorm,
-# rotary attention with grouped KV heads and optional per-head QK-norm, SwiGLU or MoE), final
+# rotary attention with grouped KV heads, an optional q/k/v bias and optional QK-norm per head or
+# over the whole projection, SwiGLU or MoE), final
 # RMSNorm, tied or untied head over the vocab_size - 1 real tokens. Attention: full (bidirectional),
 # causal, or block_causal (a token sees its own block and earlier ones; blocks start at 0).
 # MoE: token-choice routing (softmax or sigmoid scores, softmax before or after top-k, renormalised
 # gates, a scaling factor, group-limited selection, an auxiliary-loss-free selection bias, null
-# experts that output zero) over stacked SwiGLU experts, plus shared experts.
+# experts that output zero) over stacked SwiGLU experts, plus shared experts (optionally scaled by
+# a learned sigmoid gate).
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,7 +28,7 @@ class MixDiffConfig(PretrainedConfig):
     def __init__(self, vocab_size=2, d_model=64, n_layer=1, n_head=1, n_kv_head=1, head_dim=64,
                  d_ff=64, max_seq_len=64, rope_theta=10000.0, qk_norm=False, tie_embeddings=True,
                  attention="full", block_size=32, norm_eps=1e-6, layer_pattern="", moe=None,
-                 mask_token_id=None, **kwargs):
+                 mask_token_id=None, qkv_bias=False, **kwargs):
         self.vocab_size = vocab_size
         self.d_model = d_model
         self.n_layer = n_layer
@@ -36,7 +38,8 @@ class MixDiffConfig(PretrainedConfig):
         self.d_ff = d_ff
         self.max_seq_len = max_seq_len
         self.rope_theta = rope_theta
-        self.qk_norm = qk_norm
+        self.qk_norm = qk_norm  # False, True / "head" (per head) or "projection"
+        self.qkv_bias = qkv_bias
         self.tie_embeddings = tie_embeddings
         self.attention = attention
         self.block_size = block_size
@@ -68,21 +71,25 @@ class Attention(nn.Module):
         super().__init__()
         self.h, self.hk, self.hd = c.n_head, c.n_kv_head, c.head_dim
         self.wqkv = nn.Parameter(torch.empty((self.h + 2 * self.hk) * self.hd, c.d_model))
+        self.bqkv = nn.Parameter(torch.zeros((self.h + 2 * self.hk) * self.hd)) if c.qkv_bias else None
         self.wo = nn.Parameter(torch.empty(c.d_model, self.h * self.hd))
+        self.projection = c.qk_norm == "projection"
         if c.qk_norm:
-            self.q_norm = RMSNorm(self.hd, c.norm_eps)
-            self.k_norm = RMSNorm(self.hd, c.norm_eps)
+            self.q_norm = RMSNorm(self.h * self.hd if self.projection else self.hd, c.norm_eps)
+            self.k_norm = RMSNorm(self.hk * self.hd if self.projection else self.hd, c.norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
     def forward(self, x, cos, sin, bias):
         B, L, _ = x.shape
         h, hk, hd = self.h, self.hk, self.hd
-        qkv = F.linear(x, self.wqkv)
-        q = qkv[..., : h * hd].view(B, L, h, hd)
-        k = qkv[..., h * hd: (h + hk) * hd].view(B, L, hk, hd)
-        v = qkv[..., (h + hk) * hd:].view(B, L, hk, hd).transpose(1, 2)
-        if self.q_norm is not None:
+        qkv = F.linear(x, self.wqkv, self.bqkv)
+        q, k = qkv[..., : h * hd], qkv[..., h * hd: (h + hk) * hd]
+        if self.q_norm is not None and self.projection:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.reshape(B, L, h, hd), k.reshape(B, L, hk, hd)
+        v = qkv[..., (h + hk) * hd:].reshape(B, L, hk, hd).transpose(1, 2)
+        if self.q_norm is not None and not self.projection:
             q, k = self.q_norm(q), self.k_norm(k)
         q = (q * cos + rotate_half(q) * sin).transpose(1, 2)
         k = (k * cos + rotate_half(k) * sin).transpose(1, 2)
@@ -172,6 +179,7 @@ class MoE(nn.Module):
         self.experts = Experts(m["n_expert"], c.d_model, m["d_expert"])
         d_shared = m.get("d_shared", m.get("n_shared", 0) * m["d_expert"])
         self.shared = SwiGLU(c.d_model, d_shared) if m.get("n_shared", 0) > 0 else None
+        self.shared_gate = nn.Parameter(torch.empty(1, c.d_model)) if m.get("shared_gate") else None
 
     def forward(self, x):
         B, L, D = x.shape
@@ -186,7 +194,10 @@ class MoE(nn.Module):
             h = F.silu(xt[tok] @ ex.w_gate[e].t()) * (xt[tok] @ ex.w_up[e].t())
             y.index_add_(0, tok, (h @ ex.w_down[e].t()) * gates[tok, slot].unsqueeze(-1).to(x.dtype))
         if self.shared is not None:
-            y = y + self.shared(xt)
+            s = self.shared(xt)
+            if self.shared_gate is not None:
+                s = s * torch.sigmoid(F.linear(xt, self.shared_gate))
+            y = y + s
         return y.view(B, L, D)
 
 
