@@ -34,7 +34,7 @@ TEST(UnitRegistry, EveryExtensionPointHasItsBuiltIns) {
       {"optimizers", {"adamw"}},
       {"lr_schedules", {"warmup_cosine", "constant"}},
       {"corpora", {"kjv", "fortunes", "wordnet", "text_files"}},
-      {"tokenizers", {"byte_bpe", "gpt2"}},
+      {"tokenizers", {"byte_bpe", "gpt2", "folder"}},
   };
   std::set<std::string> seen;
   for (const auto& r : list_registries()) {

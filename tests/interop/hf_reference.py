@@ -164,6 +164,17 @@ def check(out):
             if ids != probe["ids"]:
                 fail(f"{fam}{sub}: exported tokenizer encodes {ids[:8]}..., source {probe['ids'][:8]}...")
         print(f"OK {fam}: exported tokenizers encode as the source's")
+    # A MixDiff model beyond every transformers architecture (made by hf_test.cpp).
+    x = load_file(os.path.join(out, "llama.ref.safetensors"))["input_ids"]
+    model = transformers.AutoModelForMaskedLM.from_pretrained(os.path.join(out, "custom.dlm"),
+                                                              trust_remote_code=True).eval()
+    with torch.no_grad():
+        got = model(input_ids=x).logits.float()
+    mix = load_file(os.path.join(out, "custom.dlm.mixdiff.safetensors"))["logits"]
+    err = (got - mix).abs().max().item()
+    if err > 1e-4:
+        fail(f"custom: diffusion export vs MixDiff logits differ by {err}")
+    print(f"OK custom (block-causal, sigmoid, groups, aux-free bias, null expert): max |logit diff| {err:.2e}")
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ TEST(E2EHuggingFace, ImportExportAgreeWithTransformersForEveryFamily) {
                                 d + "/" + fam + ".causal.mixdiff.safetensors");
     const double err = (mine - ref.at("logits")).abs().max().item<double>();
     EXPECT_LT(err, 1e-4) << "MixDiff (causal) vs transformers";
+    std::cout << "[ MEASURE  ] " << fam << ": import (causal) vs transformers, max |logit diff| "
+              << err << "\n";
     // The tokenizer came along and encodes as the source's.
     auto probe = nlohmann::json::parse(test::read_text(d + "/" + fam + ".probe.json"));
     Tokenizer tok = Tokenizer::load(resolve_checkpoint(d + "/" + fam + ".run_causal") + "/tokenizer");
@@ -118,13 +120,49 @@ TEST(E2EHuggingFace, ImportExportAgreeWithTransformersForEveryFamily) {
           << "MixDiff -> HF -> MixDiff changed " << name;
     }
   }
-  // transformers loads both exports and agrees; the causal export is bit-equal to the source.
+  // A MixDiff model that no transformers architecture computes: block-causal attention, sigmoid
+  // scores, group-limited selection with an aux-free bias, a null expert, a scaling factor, an
+  // ungated shared expert, QK-norm over the projection and a q/k/v bias: modeling_mixdiff.py.
+  {
+    torch::NoGradGuard ng;
+    const std::string model_yaml =
+        "model:\n  kind: moe_dlm\n  vocab_size: 300\n  d_model: 64\n  n_layer: 3\n  n_head: 4\n"
+        "  n_kv_head: 2\n  d_ff: 96\n  max_seq_len: 64\n  attention: block_causal\n"
+        "  block_size: 4\n  qk_norm: projection\n  qkv_bias: true\n  tie_embeddings: false\n"
+        "  moe:\n    n_expert: 8\n    d_expert: 24\n    n_shared: 1\n    first_k_dense: 1\n"
+        "    router: {kind: token_choice, top_k: 3, score: sigmoid, scaling: 2.5, n_group: 3,\n"
+        "             topk_group: 2, n_null: 1, balancer: {kind: aux_free}}\n";
+    ConfigNode recipe = ConfigNode::from_string(model_yaml, "custom.yaml");
+    torch::manual_seed(3);
+    auto model = build_model(recipe.at("model"));
+    for (auto& kv : model_state(*model)) {
+      if (kv.second.dim() == 1 && kv.second.is_floating_point() && kv.second.size(0) > 1) {
+        kv.second.uniform_(kv.first.find("balancer") != std::string::npos ? -0.3 : 0.5, 1.0);
+      }
+    }
+    CheckpointContent c;
+    c.model = model.get();
+    c.recipe_yaml = recipe.to_yaml();
+    c.tokenizer_dir = resolve_checkpoint(d + "/llama.run_dlm") + "/tokenizer";
+    c.trainer_state = {{"tokens", 0}, {"seed", 0}};
+    save_checkpoint(d + "/custom.run", 0, c, 0);
+    const at::Tensor ids = load_safetensors(d + "/llama.ref.safetensors").at("input_ids").to(torch::kLong);
+    logits_of(d + "/custom.run", ids, d + "/custom.dlm.mixdiff.safetensors");
+    auto ex = test::run_mixdiff({"export-hf", "--ckpt", d + "/custom.run", "--out", d + "/custom.dlm"});
+    ASSERT_EQ(ex.status, 0) << ex.err;
+    auto causal = test::run_mixdiff({"export-hf", "--ckpt", d + "/custom.run", "--out",
+                                     d + "/custom.causal", "--as", "causal"});
+    EXPECT_NE(causal.status, 0);
+    EXPECT_NE(causal.err.find("--as causal: model.attention is block_causal"), std::string::npos)
+        << causal.err;
+  }
+  // transformers loads every export and agrees; the causal export is bit-equal to the source.
   ASSERT_EQ(std::system((env + "'" + py + "' '" + script + "' check '" + d + "' > '" + d +
                          "/check.log' 2>&1").c_str()), 0)
       << test::read_text(d + "/check.log");
   int ok = 0;
   for (const auto& l : test::lines(test::read_text(d + "/check.log"))) ok += l.rfind("OK ", 0) == 0;
-  EXPECT_EQ(ok, 21) << test::read_text(d + "/check.log");
+  EXPECT_EQ(ok, 22) << test::read_text(d + "/check.log");
 
   // Refused, with the field named.
   const std::pair<const char*, const char*> bad[] = {
