@@ -41,8 +41,9 @@ bool byte_level(const json& p, const std::string& path, const std::string& field
 
 }  // namespace
 
-Tokenizer read_hf_tokenizer(const std::string& path, const std::string& eos_in, int64_t vocab_size,
-                            std::vector<std::string>* notes) {
+namespace {
+Tokenizer read_hf_tokenizer_json(const std::string& path, const std::string& eos_in,
+                                 int64_t vocab_size, std::vector<std::string>* notes) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw DataError(str(path, ": cannot open the tokenizer file"));
   std::stringstream ss;
@@ -182,6 +183,16 @@ Tokenizer read_hf_tokenizer(const std::string& path, const std::string& eos_in, 
   ByteLevelBpe bpe(std::move(encoder), std::move(merges), eos);
   bpe.set_pretokenizer(pattern, ignore_merges);
   return Tokenizer("hf_bpe", std::move(bpe));
+}
+}  // namespace
+
+Tokenizer read_hf_tokenizer(const std::string& path, const std::string& eos, int64_t vocab_size,
+                            std::vector<std::string>* notes) {
+  try {
+    return read_hf_tokenizer_json(path, eos, vocab_size, notes);
+  } catch (const json::exception& e) {  // a value of the wrong JSON type somewhere
+    throw DataError(str(path, ": unexpected JSON value: ", e.what()));
+  }
 }
 
 void write_hf_tokenizer(const Tokenizer& tok, const std::string& dir, const std::string& mask_token) {

@@ -482,7 +482,6 @@ int cmd_import_hf(const ImportHfArgs& a) {
   }
 
   // Tokenizer.
-  fs::create_directories(a.out);
   std::string eos;
   if (cfg.raw().contains("eos_token_id") && !cfg.raw()["eos_token_id"].is_null()) {
     json e = cfg.raw()["eos_token_id"];
@@ -507,14 +506,22 @@ int cmd_import_hf(const ImportHfArgs& a) {
     }
     tok = std::make_unique<Tokenizer>(read_hf_tokenizer(a.dir + "/tokenizer.json", eos_token, V, &notes));
   } else if (fs::exists(a.dir + "/vocab.json") && fs::exists(a.dir + "/merges.txt")) {
+    std::string eos_token = "<|endoftext|>";
+    if (!eos.empty()) {
+      json vj = read_json(a.dir + "/vocab.json");
+      for (auto it = vj.begin(); it != vj.end(); ++it) {
+        if (it.value().is_number_integer() && it.value().get<int64_t>() == std::stoll(eos)) eos_token = it.key();
+      }
+    }
     tok = std::make_unique<Tokenizer>(
-        "gpt2", ByteLevelBpe::from_files(a.dir + "/vocab.json", a.dir + "/merges.txt"));
+        "gpt2", ByteLevelBpe::from_files(a.dir + "/vocab.json", a.dir + "/merges.txt", eos_token));
   } else {
     throw InputError(str(a.dir, ": no tokenizer.json (or GPT-2 style vocab.json + merges.txt)"));
   }
   if (tok->vocab_size() != V) {
     throw InputError(str(a.dir, ": the tokenizer has ", tok->vocab_size(), " tokens, vocab_size is ", V));
   }
+  fs::create_directories(a.out);
   tok->save(tok_dir);
 
   CheckpointContent c;
