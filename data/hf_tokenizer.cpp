@@ -24,9 +24,6 @@ using json = nlohmann::json;
 
 namespace {
 
-const char* const kGpt2Pattern =
-    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
-
 [[noreturn]] void refuse(const std::string& path, const std::string& field, const std::string& why) {
   throw DataError(str(path, ": ", field, ": ", why));
 }
@@ -43,7 +40,8 @@ bool byte_level(const json& p, const std::string& path, const std::string& field
 
 namespace {
 Tokenizer read_hf_tokenizer_json(const std::string& path, const std::string& eos_in,
-                                 int64_t vocab_size, std::vector<std::string>* notes) {
+                                 int64_t vocab_size, std::vector<std::string>* notes,
+                                 int64_t eos_id) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw DataError(str(path, ": cannot open the tokenizer file"));
   std::stringstream ss;
@@ -88,7 +86,7 @@ Tokenizer read_hf_tokenizer_json(const std::string& path, const std::string& eos
     if (!byte_level(pre, path, "pre_tokenizer")) {
       refuse(path, "pre_tokenizer.use_regex", "false without a Split before it splits nothing");
     }
-    pattern = kGpt2Pattern;
+    pattern.clear();  // GPT-2's
   } else if (pt == "Sequence") {
     const json& seq = pre.value("pretokenizers", json::array());
     if (seq.size() != 2 || seq[0].value("type", "") != "Split" || seq[1].value("type", "") != "ByteLevel") {
@@ -116,7 +114,6 @@ Tokenizer read_hf_tokenizer_json(const std::string& path, const std::string& eos
   for (auto it = m["vocab"].begin(); it != m["vocab"].end(); ++it) {
     encoder[it.key()] = it.value().get<int32_t>();
   }
-  std::vector<std::string> specials;
   for (const json& a : doc.value("added_tokens", json::array())) {
     const std::string content = a.value("content", std::string());
     const int32_t id = a.value("id", -1);
@@ -126,7 +123,6 @@ Tokenizer read_hf_tokenizer_json(const std::string& path, const std::string& eos
       refuse(path, "added_tokens", str("'", content, "' has id ", id, " and ", it->second, " in model.vocab"));
     }
     encoder[content] = id;
-    if (a.value("special", false)) specials.push_back(content);
   }
   int32_t max_id = -1;
   std::vector<bool> used;
@@ -165,6 +161,12 @@ Tokenizer read_hf_tokenizer_json(const std::string& path, const std::string& eos
     }
   }
   std::string eos = eos_in;
+  if (eos.empty() && eos_id >= 0) {
+    for (const auto& kv : encoder) {
+      if (kv.second == eos_id) eos = kv.first;
+    }
+    if (eos.empty()) refuse(path, "eos", str("no token has the end-of-text id ", eos_id));
+  }
   if (eos.empty()) {
     const std::string cfg = (fs::path(path).parent_path() / "tokenizer_config.json").string();
     if (fs::exists(cfg)) {
@@ -187,9 +189,9 @@ Tokenizer read_hf_tokenizer_json(const std::string& path, const std::string& eos
 }  // namespace
 
 Tokenizer read_hf_tokenizer(const std::string& path, const std::string& eos, int64_t vocab_size,
-                            std::vector<std::string>* notes) {
+                            std::vector<std::string>* notes, int64_t eos_id) {
   try {
-    return read_hf_tokenizer_json(path, eos, vocab_size, notes);
+    return read_hf_tokenizer_json(path, eos, vocab_size, notes, eos_id);
   } catch (const json::exception& e) {  // a value of the wrong JSON type somewhere
     throw DataError(str(path, ": unexpected JSON value: ", e.what()));
   }

@@ -138,11 +138,14 @@ class Tokenizer {
 /// Split regex followed by ByteLevel without its regex; no byte fallback) as a MixDiff tokenizer
 /// of kind hf_bpe. Added tokens join the encoder at their ids; ids below `vocab_size` that nothing
 /// names become reserved tokens "<|reserved_N|>" (models pad their vocabulary). `eos` names the
-/// end-of-text token (empty: tokenizer_config.json's eos_token). What the reader cannot follow is
+/// end-of-text token (empty: the token with id `eos_id` when >= 0, else tokenizer_config.json's
+/// eos_token). Added tokens keep their ids but, as every special token here, are never matched
+/// whole in text (MixDiff's encoder produces no special token from text). What the reader cannot follow is
 /// refused with DataError naming the file and field; a normalizer of NFC is accepted with a note
 /// in `notes` (text already in NFC, which is most text, encodes identically).
 Tokenizer read_hf_tokenizer(const std::string& tokenizer_json, const std::string& eos,
-                            int64_t vocab_size, std::vector<std::string>* notes);
+                            int64_t vocab_size, std::vector<std::string>* notes,
+                            int64_t eos_id = -1);
 
 /// Writes `tokenizer.json` (and tokenizer_config.json) for Hugging Face's `tokenizers` /
 /// PreTrainedTokenizerFast: the same vocabulary, merges and pre-tokenizer; the end-of-text token

@@ -134,7 +134,6 @@ class HfConfig {
     }
   }
   const json& raw() const { return j_; }
-  const std::string& path() const { return path_; }
 
  private:
   std::string path_;
@@ -183,7 +182,9 @@ json node_json(const ConfigNode& n) {
   }
   if (n.is_null()) return nullptr;
   const std::string s = n.as<std::string>();
-  if (s == "true" || s == "false") return s == "true";
+  if (s == "true" || s == "True" || s == "false" || s == "False") {  // as Convert<bool> reads
+    return s == "true" || s == "True";
+  }
   try {
     size_t pos = 0;
     const long long v = std::stoll(s, &pos);
@@ -199,9 +200,6 @@ json node_json(const ConfigNode& n) {
   return s;
 }
 
-/// YAML flow text of a JSON value (JSON is YAML).
-std::string yaml_of(const json& j) { return j.dump(); }
-
 std::string adaptation_recipe(const std::string& name, const json& model, bool moe,
                               const std::string& tokenizer_dir, int64_t seq_len,
                               const std::string& init) {
@@ -209,7 +207,7 @@ std::string adaptation_recipe(const std::string& name, const json& model, bool m
   y << "# Diffusion adaptation of an imported checkpoint (written by mixdiff import-hf):\n"
     << "#   mixdiff data prepare THIS.yaml && mixdiff train THIS.yaml\n"
     << "name: " << name << "\nseed: 0\nruntime: {threads: 1}\n"
-    << "model: " << yaml_of(model) << "\n"
+    << "model: " << model.dump() << "\n"  // JSON is YAML
     << "diffusion:\n  schedule: {kind: linear, eps: 0.001, t_sampling: stratified, t_min: 0.1}\n"
     << "losses:\n  - {kind: masked_diffusion_elbo, weight: 1.0}\n";
   if (moe) y << "  - {kind: load_balance, scope: global, weight: 0.01}\n";
@@ -237,7 +235,8 @@ at::Tensor take(TensorMap& t, const std::string& name, const std::string& dir) {
 
 }  // namespace
 
-int cmd_import_hf(const ImportHfArgs& a) {
+namespace {
+int import_hf(const ImportHfArgs& a) {
   torch::NoGradGuard ng;
   if (a.out.empty()) throw InputError("import-hf: --out RUN is required");
   if (!a.attention.empty() && a.attention != "full" && a.attention != "causal") {
@@ -275,13 +274,18 @@ int cmd_import_hf(const ImportHfArgs& a) {
     cfg.ignore({"architectures", "auto_map", "transformers_version", "dtype", "torch_dtype",
                 "mask_token_id", "vocab_size", "eos_token_id", "bos_token_id", "pad_token_id",
                 "tie_word_embeddings", "layer_pattern"});
-    if (!cfg.has("mixdiff_model")) cfg.refuse("mixdiff_model", "missing (the recipe's model section)");
-    model = cfg.raw()["mixdiff_model"];
-    cfg.get<json>("mixdiff_model");
+    model = cfg.get<json>("mixdiff_model");
+    if (!model.is_object()) cfg.refuse("mixdiff_model", "expected the recipe's model section");
+    // The keys modeling_mixdiff.py reads must say what the model section says: an edited
+    // config.json is refused rather than imported as something else.
     for (const char* k : {"d_model", "n_layer", "n_head", "n_kv_head", "head_dim", "d_ff",
-                          "max_seq_len", "rope_theta", "qk_norm", "qkv_bias", "tie_embeddings", "attention",
-                          "block_size", "norm_eps", "moe"}) {
-      cfg.get<json>(k, json());
+                          "max_seq_len", "rope_theta", "qk_norm", "qkv_bias", "tie_embeddings",
+                          "attention", "block_size", "norm_eps", "moe"}) {
+      const json v = cfg.get<json>(k, json());
+      if (std::string(k) == "moe" || v.is_null() || !model.contains(k)) continue;
+      if (v != model[k]) {
+        cfg.refuse(k, str(v.dump(), " differs from mixdiff_model.", k, " ", model[k].dump()));
+      }
     }
     cfg.check_all_read("mixdiff");
     if (!a.attention.empty()) model["attention"] = a.attention;
@@ -455,8 +459,9 @@ int cmd_import_hf(const ImportHfArgs& a) {
   }
 
   // The model, to check every tensor's name and shape.
-  const std::string name = fs::path(a.out).filename().string();
-  const std::string abs_out = fs::absolute(a.out).lexically_normal().string();
+  std::string abs_out = fs::absolute(a.out).lexically_normal().string();
+  while (abs_out.size() > 1 && abs_out.back() == '/') abs_out.pop_back();  // --out runs/mine/
+  const std::string name = fs::path(abs_out).filename().string();
   const std::string tok_dir = abs_out + "/tokenizer";
   const int64_t max_len = model.value("max_seq_len", int64_t(128));
   const std::string ckpt_recipe =
@@ -467,7 +472,12 @@ int cmd_import_hf(const ImportHfArgs& a) {
   for (auto& kv : model_state(*net)) {
     auto it = mt.find(kv.first);
     if (it == mt.end()) {
-      if (native || kv.first.find(".balancer.") != std::string::npos) continue;  // fresh state
+      // Fresh state: expert-usage statistics (export-hf drops them), and the selection bias that
+      // no Hugging Face family has.
+      if ((native && kv.first.find(".usage_") != std::string::npos) ||
+          (!native && kv.first.find(".balancer.") != std::string::npos)) {
+        continue;
+      }
       throw InputError(str(a.dir, ": MixDiff's tensor '", kv.first, "' has no source"));
     }
     if (it->second.sizes() != kv.second.sizes()) {
@@ -481,36 +491,23 @@ int cmd_import_hf(const ImportHfArgs& a) {
     throw InputError(str(a.dir, ": tensor '", mt.begin()->first, "' has no place in the model"));
   }
 
-  // Tokenizer.
-  std::string eos;
-  if (cfg.raw().contains("eos_token_id") && !cfg.raw()["eos_token_id"].is_null()) {
+  // Tokenizer; the end-of-text token is config.json's eos_token_id when it has one.
+  int64_t eos_id = -1;
+  if (cfg.raw().contains("eos_token_id")) {
     json e = cfg.raw()["eos_token_id"];
     if (e.is_array()) e = e.empty() ? json() : e[0];
-    if (e.is_number_integer()) eos = std::to_string(e.get<int64_t>());  // resolved below
+    if (e.is_number_integer()) eos_id = e.get<int64_t>();
   }
   std::unique_ptr<Tokenizer> tok;
   if (fs::exists(a.dir + "/tokenizer.json")) {
-    std::string eos_token;
-    if (!eos.empty()) {
-      // The id's token: read it from the same file.
-      json tj = read_json(a.dir + "/tokenizer.json");
-      const int64_t id = std::stoll(eos);
-      for (const auto& t : tj.value("added_tokens", json::array())) {
-        if (t.value("id", -1) == id) eos_token = t.value("content", "");
-      }
-      if (eos_token.empty() && tj.contains("model") && tj["model"].contains("vocab")) {
-        for (auto it = tj["model"]["vocab"].begin(); it != tj["model"]["vocab"].end(); ++it) {
-          if (it.value().get<int64_t>() == id) eos_token = it.key();
-        }
-      }
-    }
-    tok = std::make_unique<Tokenizer>(read_hf_tokenizer(a.dir + "/tokenizer.json", eos_token, V, &notes));
+    tok = std::make_unique<Tokenizer>(
+        read_hf_tokenizer(a.dir + "/tokenizer.json", "", V, &notes, eos_id));
   } else if (fs::exists(a.dir + "/vocab.json") && fs::exists(a.dir + "/merges.txt")) {
     std::string eos_token = "<|endoftext|>";
-    if (!eos.empty()) {
+    if (eos_id >= 0) {
       json vj = read_json(a.dir + "/vocab.json");
       for (auto it = vj.begin(); it != vj.end(); ++it) {
-        if (it.value().is_number_integer() && it.value().get<int64_t>() == std::stoll(eos)) eos_token = it.key();
+        if (it.value() == eos_id) eos_token = it.key();
       }
     }
     tok = std::make_unique<Tokenizer>(
@@ -540,10 +537,12 @@ int cmd_import_hf(const ImportHfArgs& a) {
                                      {"model_type", type},
                                      {"notes", notes}}}};
   const std::string dir = save_checkpoint(a.out, 0, c, 0);
-  if (!a.recipe_out.empty()) {
+  if (!a.recipe_out.empty()) {  // diffusion adaptation: bidirectional whatever was imported
+    json adapted = model;
+    adapted["attention"] = "full";
     write_file_atomic(a.recipe_out,
-                      adaptation_recipe(name, model, model.value("kind", "") != "dense_dlm", tok_dir,
-                                        std::min<int64_t>(128, max_len), abs_out));
+                      adaptation_recipe(name, adapted, model.value("kind", "") != "dense_dlm",
+                                        tok_dir, std::min<int64_t>(128, max_len), abs_out));
   }
   std::cout << "import-hf: " << type << " -> " << net->describe() << "\n  "
             << net->num_parameters() << " parameters; attention " << model.value("attention", "full")
@@ -555,6 +554,20 @@ int cmd_import_hf(const ImportHfArgs& a) {
   }
   std::cout << std::endl;
   return 0;
+}
+
+}  // namespace
+
+int cmd_import_hf(const ImportHfArgs& a) {
+  // A config value of the wrong JSON type, or tensors whose shapes do not fit together, is bad
+  // input: one line naming the folder.
+  try {
+    return import_hf(a);
+  } catch (const json::exception& e) {
+    throw InputError(str(a.dir, "/config.json: unexpected value: ", e.what()));
+  } catch (const c10::Error& e) {
+    throw InputError(str(a.dir, ": tensors do not fit the configuration: ", e.what_without_backtrace()));
+  }
 }
 
 int cmd_export_hf(const ExportHfArgs& a) {
@@ -593,6 +606,10 @@ int cmd_export_hf(const ExportHfArgs& a) {
       r.at("balancer").fail("kind", "only aux_free has a transformers implementation");
     }
     if (m.get<double>("capacity_factor", 0.0) > 0) m.fail("capacity_factor", "capacity drops are not exported");
+    if (m.has("block_routing") &&
+        BlockRoutingConfig::from(m.at("block_routing")).policy->restricts()) {
+      m.at("block_routing").fail("kind", "restricted block routing has no transformers implementation");
+    }
     moe["layer_pattern"] = pattern;
   }
   // Which architecture: a standard causal one when the model is causal and one exists for it.

@@ -137,8 +137,9 @@ Command upcycle_command(CLI::App& app) {
 Command import_hf_command(CLI::App& app) {
   auto a = std::make_shared<mixdiff::ImportHfArgs>();
   auto* c = app.add_subcommand(
-      "import-hf", "a Hugging Face model folder (llama, qwen3, mixtral, qwen3_moe, or an export-hf "
-                   "folder) as a MixDiff checkpoint, with a diffusion adaptation recipe");
+      "import-hf", "a Hugging Face model folder (llama, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, "
+                   "olmoe, or an export-hf folder) as a MixDiff checkpoint, with a diffusion "
+                   "adaptation recipe");
   c->add_option("dir", a->dir, "folder with config.json, safetensors and tokenizer.json")->required();
   c->add_option("--out", a->out, "run folder to write")->required();
   c->add_option("--recipe-out", a->recipe_out,

@@ -37,7 +37,8 @@ TransformerOptions TransformerOptions::from(const ConfigNode& c) {
   o.max_seq_len = c.get<int64_t>("max_seq_len");
   o.rope_theta = c.get<double>("rope_theta", 10000.0);
   // qk_norm: false, true (= head: per head, Qwen3) or projection (the whole projection, OLMoE).
-  const std::string qk = c.get<std::string>("qk_norm", "false");
+  std::string qk = c.get<std::string>("qk_norm", "false");
+  if (qk == "True" || qk == "False") qk = qk == "True" ? "true" : "false";  // as booleans read
   if (qk != "false" && qk != "true" && qk != "head" && qk != "projection") {
     c.fail("qk_norm", "expected false, true (per head), head or projection, got '" + qk + "'");
   }

@@ -80,6 +80,7 @@ TEST(E2EHuggingFace, ImportExportAgreeWithTransformersForEveryFamily) {
     // The adaptation recipe names the imported checkpoint; for the MoE family it trains.
     const std::string recipe = test::read_text(d + "/" + fam + ".yaml");
     EXPECT_NE(recipe.find("init: {checkpoint:"), std::string::npos) << recipe;
+    EXPECT_NE(recipe.find("\"attention\":\"full\""), std::string::npos) << recipe;  // diffusion
     if (std::string(fam) == "qwen3_moe") {
       const std::vector<std::string> set = {"--set", "data.path=" + d + "/a2d_data",
                                             "--set", "data.prepare.corpora=[{kind: fortunes}]"};
@@ -155,6 +156,18 @@ TEST(E2EHuggingFace, ImportExportAgreeWithTransformersForEveryFamily) {
     EXPECT_NE(causal.status, 0);
     EXPECT_NE(causal.err.find("--as causal: model.attention is block_causal"), std::string::npos)
         << causal.err;
+    // An export whose config.json was edited away from its recorded model section is refused.
+    fs::create_directories(d + "/custom.edited");
+    for (const char* f : {"model.safetensors", "tokenizer.json", "tokenizer_config.json"}) {
+      fs::copy_file(d + "/custom.dlm/" + f, d + "/custom.edited/" + f);
+    }
+    auto cfg = nlohmann::json::parse(test::read_text(d + "/custom.dlm/config.json"));
+    cfg["block_size"] = 8;
+    test::write_text(d + "/custom.edited/config.json", cfg.dump());
+    auto ed = test::run_mixdiff({"import-hf", d + "/custom.edited", "--out", d + "/custom.edited.run/"});
+    EXPECT_NE(ed.status, 0);
+    EXPECT_NE(ed.err.find("block_size: 8 differs from mixdiff_model.block_size 4"), std::string::npos)
+        << ed.err;
   }
   // transformers loads every export and agrees; the causal export is bit-equal to the source.
   ASSERT_EQ(std::system((env + "'" + py + "' '" + script + "' check '" + d + "' > '" + d +

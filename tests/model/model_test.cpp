@@ -60,9 +60,6 @@ TEST(ComponentModel, BlockCausalBlockDoesNotDependOnLaterBlocks) {
   EXPECT_GT(max_diff(m->forward({z, {}}).logits.narrow(1, 4, 8), a.narrow(1, 4, 8)), 1e-5);
 }
 
-// model.attention: causal (an autoregressive model, to check an imported checkpoint against its
-// source): position i sees positions <= i only, as block_causal with blocks of one token does,
-// and decoding token by token against the KV cache gives the full forward's logits.
 // The options that Qwen2 (q/k/v bias), OLMoE (QK-norm over the whole projection) and Qwen2-MoE
 // (a shared expert behind a sigmoid gate) need; their agreement with transformers is
 // E2EHuggingFace's.
@@ -121,6 +118,9 @@ TEST(ComponentModel, QkNormOverTheProjectionQkvBiasAndGatedSharedExperts) {
   }
 }
 
+// model.attention: causal (an autoregressive model, to check an imported checkpoint against its
+// source): position i sees positions <= i only, as block_causal with blocks of one token does,
+// and decoding token by token against the KV cache gives the full forward's logits.
 TEST(ComponentModel, CausalAttentionSeesOnlyEarlierTokensAndDecodesWithTheCache) {
   torch::NoGradGuard ng;
   auto m = tiny_model("causal");

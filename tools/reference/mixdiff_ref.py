@@ -127,6 +127,9 @@ class Model:
         self.hd = m.get("head_dim", self.D // self.H)
         self.eps = m.get("norm_eps", 1e-6)
         self.qk_norm = m.get("qk_norm", False)
+        assert self.qk_norm in (False, True, "head"), "the reference covers per-head QK-norm only"
+        assert not m.get("qkv_bias", False), "the reference has no q/k/v bias"
+        assert not (m.get("moe") or {}).get("shared_gate", False), "the reference has no shared gate"
         self.tied = m.get("tie_embeddings", True)
         assert m.get("attention", "full") == "full", "the reference covers full attention"
         self.cos, self.sin = rotary(m["max_seq_len"], self.hd, m.get("rope_theta", 10000.0))

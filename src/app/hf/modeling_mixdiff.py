@@ -160,7 +160,8 @@ class Router(nn.Module):
                 gs = grouped.topk(2, -1).values.sum(-1)
             else:
                 gs = grouped.max(-1).values
-            keep = torch.zeros(T, G, dtype=torch.bool).scatter_(1, gs.topk(self.topk_group, -1).indices, True)
+            keep = torch.zeros(T, G, dtype=torch.bool, device=sel.device).scatter_(
+                1, gs.topk(self.topk_group, -1).indices, True)
             sel = sel.masked_fill(~keep.unsqueeze(-1).expand_as(grouped).reshape(T, -1), float("-inf"))
         idx = sel.topk(self.k, -1).indices
         if self.after:
@@ -234,21 +235,27 @@ class MixDiffForMaskedLM(PreTrainedModel):
             if p.dim() >= 2:
                 nn.init.normal_(p, 0.0, 0.02)
 
-    def forward(self, input_ids, labels=None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+        """attention_mask [B, L] (1 real, 0 padding): padding positions are hidden from every
+        query, as MixDiff hides them."""
         c = self.config
         B, L = input_ids.shape
         x = F.embedding(input_ids, self.embed)
         inv = 1.0 / torch.pow(torch.tensor(c.rope_theta, dtype=torch.float64),
                               torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim)
         ang = torch.outer(torch.arange(L, dtype=torch.float64), inv)
-        cos = torch.cat([ang.cos(), ang.cos()], -1).float().to(x.device)[None, :, None, :]
-        sin = torch.cat([ang.sin(), ang.sin()], -1).float().to(x.device)[None, :, None, :]
+        cos = torch.cat([ang.cos(), ang.cos()], -1).to(x.device, x.dtype)[None, :, None, :]
+        sin = torch.cat([ang.sin(), ang.sin()], -1).to(x.device, x.dtype)[None, :, None, :]
         bias = None
         if c.attention != "full":
             size = 1 if c.attention == "causal" else c.block_size
             blk = torch.arange(L, device=x.device) // size
-            bias = torch.zeros(L, L, device=x.device).masked_fill(
+            bias = torch.zeros(L, L, device=x.device, dtype=x.dtype).masked_fill(
                 blk[None, :] > blk[:, None], float("-inf"))
+        if attention_mask is not None:
+            pad = torch.zeros(B, 1, 1, L, device=x.device, dtype=x.dtype).masked_fill(
+                ~attention_mask.bool()[:, None, None, :], float("-inf"))
+            bias = pad if bias is None else bias + pad
         for layer in self.layers:
             x = layer(x, cos, sin, bias)
         x = self.norm(x)
