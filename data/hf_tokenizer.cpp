@@ -8,13 +8,12 @@
 // MixDiff's sequences carry no BOS.
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "core/errors.h"
 #include "core/fs.h"
+#include "core/json_util.h"
 #include "data/tokenizer.h"
 
 namespace mixdiff {
@@ -42,16 +41,7 @@ namespace {
 Tokenizer read_hf_tokenizer_json(const std::string& path, const std::string& eos_in,
                                  int64_t vocab_size, std::vector<std::string>* notes,
                                  int64_t eos_id) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw DataError(str(path, ": cannot open the tokenizer file"));
-  std::stringstream ss;
-  ss << f.rdbuf();
-  json doc;
-  try {
-    doc = json::parse(ss.str());
-  } catch (const json::parse_error& e) {
-    throw DataError(str(path, ": invalid JSON at byte ", e.byte));
-  }
+  const json doc = read_json_file(path, "tokenizer file");
   if (!doc.is_object() || !doc.contains("model") || !doc["model"].is_object()) {
     refuse(path, "model", "expected an object");
   }
@@ -170,8 +160,7 @@ Tokenizer read_hf_tokenizer_json(const std::string& path, const std::string& eos
   if (eos.empty()) {
     const std::string cfg = (fs::path(path).parent_path() / "tokenizer_config.json").string();
     if (fs::exists(cfg)) {
-      std::ifstream cf(cfg);
-      json c = json::parse(cf, nullptr, false);
+      const json c = read_json_file(cfg, "tokenizer config");
       if (c.is_object() && c.contains("eos_token")) {
         const json& e = c["eos_token"];
         eos = e.is_string() ? e.get<std::string>() : e.value("content", std::string());

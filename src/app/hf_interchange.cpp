@@ -20,7 +20,6 @@
 #include <torch/torch.h>
 
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <set>
 #include <sstream>
@@ -32,6 +31,7 @@
 #include "core/config.h"
 #include "core/errors.h"
 #include "core/fs.h"
+#include "core/json_util.h"
 #include "core/safetensors.h"
 #include "data/tokenizer.h"
 #include "model/model.h"
@@ -76,22 +76,10 @@ const std::pair<const char*, const char*> kRefused[] = {
     {"deepseek_v2", "kv_lora_rank: multi-head latent attention (MLA) is not in MixDiff's backbone"},
 };
 
-json read_json(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw InputError(str(path, ": cannot open"));
-  std::stringstream ss;
-  ss << f.rdbuf();
-  try {
-    return json::parse(ss.str());
-  } catch (const json::parse_error& e) {
-    throw InputError(str(path, ": invalid JSON at byte ", e.byte));
-  }
-}
-
 /// config.json, checked key by key.
 class HfConfig {
  public:
-  HfConfig(std::string dir) : path_(dir + "/config.json"), j_(read_json(path_)) {
+  HfConfig(std::string dir) : path_(dir + "/config.json"), j_(read_json_file(path_, "model config")) {
     if (!j_.is_object()) throw InputError(str(path_, ": expected a JSON object"));
   }
   [[noreturn]] void refuse(const std::string& key, const std::string& why) const {
@@ -148,7 +136,7 @@ TensorMap load_hf_tensors(const std::string& dir) {
   if (!fs::exists(index)) {
     throw InputError(str(dir, ": no model.safetensors or model.safetensors.index.json"));
   }
-  json idx = read_json(index);
+  json idx = read_json_file(index, "safetensors index");
   if (!idx.contains("weight_map") || !idx["weight_map"].is_object()) {
     throw InputError(str(index, ": weight_map: expected an object"));
   }
@@ -505,7 +493,7 @@ int import_hf(const ImportHfArgs& a) {
   } else if (fs::exists(a.dir + "/vocab.json") && fs::exists(a.dir + "/merges.txt")) {
     std::string eos_token = "<|endoftext|>";
     if (eos_id >= 0) {
-      json vj = read_json(a.dir + "/vocab.json");
+      json vj = read_json_file(a.dir + "/vocab.json", "tokenizer vocabulary");
       for (auto it = vj.begin(); it != vj.end(); ++it) {
         if (it.value() == eos_id) eos_token = it.key();
       }

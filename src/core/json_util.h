@@ -9,6 +9,7 @@
 #include <string>
 
 #include "core/errors.h"
+#include "core/fs.h"
 
 namespace mixdiff {
 
@@ -19,6 +20,17 @@ inline int64_t json_int(const nlohmann::json& j, const char* key) {
     throw nlohmann::json::type_error::create(302, std::string("'") + key + "' must be an integer", &v);
   }
   return v.get<int64_t>();
+}
+
+/// A whole JSON file (read_file's errors when it cannot be read); DataError "PATH: invalid JSON
+/// at byte N" when it does not parse.
+inline nlohmann::json read_json_file(const std::string& path, const std::string& what = "JSON file") {
+  const std::string text = read_file(path, what);
+  try {
+    return nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw DataError(str(path, ": invalid JSON at byte ", e.byte));
+  }
 }
 
 /// JSON Lines: fn(object, line number) for every non-blank line of `text`; a line that is not a
